@@ -1,0 +1,73 @@
+"""Count parameters, compute and activation memory of an EDM2 network.
+
+Thin CLI over `training.flops` (count_flops.md). `count_flops` and `print_flops`
+are re-exported for scripts that import them from here, as with the original.
+"""
+
+import click
+import torch
+
+from torch_utils import persistence
+from training import flops, presets
+from training.flops import count_flops, print_flops
+
+__all__ = ['count_flops', 'print_flops', 'cmdline']
+
+#----------------------------------------------------------------------------
+
+def _count_preset(name: str, device: str) -> dict:
+    try:
+        net = presets.construct_network_for_preset(name, device=device)  # use_fp16=True as in training
+    except presets.PresetError as err:
+        raise click.BadParameter(str(err), param_hint='--preset') from None
+    return count_flops(net, device=device)
+
+def _count_pickle(src: str, device: str) -> dict:
+    try:
+        return count_flops(src, device=device)
+    except (persistence.PickleLoadError, OSError, ValueError) as err:
+        raise click.ClickException(f'{src}: {err}' if src not in str(err) else str(err)) from None
+
+def _parse_device(device: str) -> str:
+    if device is None:
+        return str(flops.default_device())
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise click.BadParameter(f'"{device}" is not a torch device (e.g. cuda, cuda:1, cpu, meta)', param_hint='--device') from None
+    if parsed.type == 'cuda' and not torch.cuda.is_available():
+        raise click.BadParameter('CUDA is not available on this machine; use cpu or meta', param_hint='--device')
+    return device
+
+@click.command(epilog='''
+\b
+Examples:
+  python count_flops.py https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-s-2147483-0.130.pkl
+  python count_flops.py --preset=edm2-img512-xs
+''')
+@click.argument('net', metavar='PKL|URL', required=False)
+@click.option('--preset', help='Count a freshly built network of this training preset instead of a pickle.', metavar='NAME')
+@click.option('--device', help='Device for the forward pass. On "meta" nothing is computed: counts come from shapes and memory is estimated from tensor sizes.  [default: cuda if available, else meta]', metavar='STR')
+def cmdline(net: str, preset: str, device: str) -> None:
+    """Print parameters, Gflops per sample and activation memory per sample of a network.
+
+    PKL|URL is a network pickle (its "ema" network is counted). Convolutions and
+    matrix products count as multiply-accumulates, which is how the EDM2 paper
+    reports compute (e.g. edm2-img512-xs: 46 Gflops).
+    """
+    try:
+        flops.check_single_process()
+    except RuntimeError as err:
+        raise click.ClickException(str(err)) from None
+    if (net is None) == (preset is None):
+        raise click.UsageError('Give exactly one of PKL|URL or --preset')
+    device = _parse_device(device)
+    result = _count_preset(preset, device) if preset is not None else _count_pickle(net, device)
+    print_flops(result)
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    cmdline()
+
+#----------------------------------------------------------------------------
