@@ -1,0 +1,304 @@
+"""Tests for torch_utils.distributed: init without/with torchrun, signals, CheckpointIO."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _clean_env():
+    """Environment for child processes: no inherited torchrun variables, repo on the path."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "EDM2_TRUST_PICKLE")}
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run_script(tmp_path, source, *args, timeout=60):
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source))
+    return subprocess.run([sys.executable, *args, str(script), str(tmp_path)], cwd=REPO_ROOT, env=_clean_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------
+# Single process, no torchrun.
+
+SINGLE_PROCESS_SCRIPT = """
+    import os, signal, sys, time
+    import torch
+    from torch_utils import distributed as dist, training_stats
+    assert not torch.distributed.is_initialized(), "import must not create a process group"
+    assert "MASTER_PORT" not in os.environ
+    collector = training_stats.Collector()
+    dist.init()
+    expected_backend = "nccl" if torch.cuda.is_available() else "gloo"  # Auto choice without a device.
+    assert torch.distributed.get_backend() == expected_backend, torch.distributed.get_backend()
+    assert (dist.get_rank(), dist.get_world_size(), dist.get_local_rank()) == (0, 1, 0)
+    assert int(os.environ["MASTER_PORT"]) > 0
+    dist.init()  # Idempotent.
+    dist.barrier()
+    training_stats.report("Loss/x", [1.0, 3.0])
+    collector.update()
+    dist.print0("mean", collector.mean("Loss/x"))
+    assert not dist.should_stop() and not dist.should_suspend()
+    dist.request_suspend()
+    dist.update_progress(3, 10)
+    assert dist.should_suspend() and dist.get_progress() == (3, 10)
+    dist.install_signal_handlers()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.05)
+    print("stop after SIGUSR1:", dist.should_stop(), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # Second signal: terminate at once.
+    time.sleep(5)
+    print("still alive", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals needed")
+def test_single_process_init_stats_and_signals(tmp_path):
+    result = _run_script(tmp_path, SINGLE_PROCESS_SCRIPT)
+    assert "mean 2.0" in result.stdout, result.stderr
+    assert "stop after SIGUSR1: True" in result.stdout
+    assert "still alive" not in result.stdout
+    assert result.returncode == -signal.SIGTERM, result.stderr
+    assert "Received signal SIGUSR1" in result.stderr
+
+
+def test_helpers_without_process_group(capsys):
+    assert not torch.distributed.is_initialized()
+    assert dist.get_rank() == 0 and dist.get_world_size() == 1
+    dist.barrier()
+    assert dist.any_rank(True) and not dist.any_rank(False)
+    dist.print0("visible")
+    assert capsys.readouterr().out == "visible\n"
+
+
+# ----------------------------------------------------------------------------
+# Two gloo ranks under torchrun.
+
+TORCHRUN_SCRIPT = """
+    import json, os, sys
+    import torch
+    import dnnlib
+    from torch_utils import distributed as dist, training_stats as ts, misc
+    out_dir = sys.argv[1]
+    collector = ts.Collector(regex="Test/.*")
+    dist.init(device="cpu")
+    rank = dist.get_rank()
+    res = dict(rank=rank, world=dist.get_world_size(), local_rank=dist.get_local_rank(),
+               backend=torch.distributed.get_backend())
+
+    ts.report("Test/values", torch.arange(rank * 3, rank * 3 + 3, dtype=torch.float32))
+    ts.report("Test/values", [float("nan")])
+    ts.report0("Test/only0", 10.0)
+    collector.update()
+    res.update(num=collector.num("Test/values"), mean=collector.mean("Test/values"),
+               std=collector.std("Test/values"), only0=collector.num("Test/only0"))
+    res.update(any=dist.any_rank(rank == 1), none=dist.any_rank(False))
+
+    misc.set_random_seed(0)
+    net = torch.nn.Linear(3, 2)
+    misc.check_ddp_consistency(net)
+    with torch.no_grad():
+        net.weight[0, 0] += rank
+    try:
+        misc.check_ddp_consistency(net)
+        res["ddp_mismatch"] = False
+    except AssertionError:
+        res["ddp_mismatch"] = True
+
+    state = dnnlib.EasyDict(cur_nimg=1000 * (rank + 1))
+    ckpt = dist.CheckpointIO(state=state)
+    ckpt.save(os.path.join(out_dir, "training-state-0000001.pt"), verbose=False)
+    dist.barrier()
+    ckpt.load_latest(out_dir, verbose=False)
+    res["loaded_cur_nimg"] = state.cur_nimg
+
+    if rank == 1:
+        ts.report("Test/extra", 1.0)
+    try:
+        collector.update()
+        res["inconsistent"] = "no error"
+    except ValueError as err:
+        res["inconsistent"] = str(err)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    torch.distributed.destroy_process_group()
+"""
+
+
+def test_torchrun_two_gloo_ranks(tmp_path):
+    result = _run_script(tmp_path, TORCHRUN_SCRIPT, "-m", "torch.distributed.run", "--standalone",
+                         "--nproc_per_node=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    all_values = np.arange(6, dtype=np.float64)
+    for r, res in enumerate(ranks):
+        assert (res["rank"], res["world"], res["local_rank"], res["backend"]) == (r, 2, r, "gloo")
+        assert res["num"] == 6 and res["mean"] == pytest.approx(all_values.mean())
+        assert res["std"] == pytest.approx(all_values.std())
+        assert res["only0"] == 1
+        assert res["any"] is True and res["none"] is False
+        assert res["loaded_cur_nimg"] == 1000  # Only rank 0 wrote the file.
+        assert res["inconsistent"] == "Training statistics are inconsistent between ranks"
+    assert ranks[0]["ddp_mismatch"] is False and ranks[1]["ddp_mismatch"] is True
+
+
+# ----------------------------------------------------------------------------
+# CheckpointIO.
+
+
+class _LossLike:
+    def __init__(self, p_mean=-0.4):
+        self.P_mean = p_mean
+        self.P_std = 1.0
+        self._init_args = ()
+        self._init_kwargs = {"P_mean": p_mean}
+
+
+def _make_objects(seed):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.randn(5, 4)).square().sum().backward()
+    optimizer.step()
+    state = dnnlib.EasyDict(cur_nimg=seed * 1000, total_elapsed_time=float(seed))
+    ema = {"stds": [0.05, 0.1], "emas": [net.state_dict(), net.state_dict()]}
+    return dict(state=state, net=net, loss_fn=_LossLike(-0.4 + seed), optimizer=optimizer, ema=ema, extra=None)
+
+
+def test_checkpoint_roundtrip(tmp_path, capsys):
+    src = _make_objects(seed=1)
+    path = str(tmp_path / "training-state-0001000.pt")
+    dist.CheckpointIO(**src).save(path)
+    assert capsys.readouterr().out == f"Saving {path} ... done\n"
+    dst = _make_objects(seed=2)
+    dist.CheckpointIO(**dst).load(path)
+    assert capsys.readouterr().out == f"Loading {path} ... done\n"
+    assert type(dst["state"]) is dnnlib.EasyDict and dst["state"] == {"cur_nimg": 1000, "total_elapsed_time": 1.0}
+    for a, b in zip(src["net"].state_dict().values(), dst["net"].state_dict().values()):
+        assert torch.equal(a, b)
+    assert dst["loss_fn"].P_mean == src["loss_fn"].P_mean
+    assert dst["optimizer"].state_dict()["state"][0]["step"] == 1
+    assert dst["ema"]["stds"] == [0.05, 0.1]
+
+
+def test_load_latest_picks_numerically_newest(tmp_path):
+    for nimg in (2, 10, 9):
+        objects = _make_objects(seed=nimg)
+        dist.CheckpointIO(**objects).save(str(tmp_path / f"training-state-{nimg}.pt"), verbose=False)
+    (tmp_path / "training-state-99.pt.bak").write_bytes(b"not matching")
+    (tmp_path / "network-snapshot-0000100-0.050.pkl").write_bytes(b"other")
+    dst = _make_objects(seed=0)
+    loaded = dist.CheckpointIO(**dst).load_latest(str(tmp_path), verbose=False)
+    assert loaded == str(tmp_path / "training-state-10.pt") and dst["state"].cur_nimg == 10000
+
+
+def test_load_latest_empty_dir_returns_none(tmp_path):
+    assert dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path)) is None
+    assert dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path / "missing")) is None
+
+
+def test_load_latest_skips_torn_newest_file(tmp_path):
+    good = _make_objects(seed=3)
+    dist.CheckpointIO(**good).save(str(tmp_path / "training-state-0003000.pt"), verbose=False)
+    data = (tmp_path / "training-state-0003000.pt").read_bytes()
+    (tmp_path / "training-state-0004000.pt").write_bytes(data[: len(data) // 2])  # Torn copy.
+    dst = _make_objects(seed=0)
+    with pytest.warns(UserWarning, match="training-state-0004000.pt"):
+        loaded = dist.CheckpointIO(**dst).load_latest(str(tmp_path), verbose=False)
+    assert loaded.endswith("training-state-0003000.pt") and dst["state"].cur_nimg == 3000
+
+
+def test_load_latest_all_torn_raises(tmp_path):
+    (tmp_path / "training-state-0000001.pt").write_bytes(b"\x00" * 10)
+    state = dnnlib.EasyDict(cur_nimg=5)
+    with pytest.warns(UserWarning):
+        with pytest.raises(dist.CheckpointError, match="none of the 1 files"):
+            dist.CheckpointIO(state=state).load_latest(str(tmp_path))
+    assert state.cur_nimg == 5
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_untrusted_checkpoint_is_refused_without_running_code(tmp_path, monkeypatch):
+    marker = str(tmp_path / "pwned")
+    torch.save({"state": _Exploit(marker)}, str(tmp_path / "training-state-0000001.pt"))
+    with pytest.raises(dist.CheckpointError, match="EDM2_TRUST_PICKLE"):
+        dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path), verbose=False)
+    assert not os.path.exists(marker)
+    monkeypatch.setenv("EDM2_TRUST_PICKLE", "1")  # Explicit opt-in restores plain torch.load.
+    with pytest.raises(Exception):
+        dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path), verbose=False)
+    assert os.path.exists(marker)
+
+
+def test_official_style_file_with_easydict_loads(tmp_path):
+    """Files from the original toolkit pickle the EasyDict itself (plain torch.save)."""
+    src = _make_objects(seed=4)
+    official = {"state": src["state"], "net": src["net"].state_dict(), "loss_fn": src["loss_fn"].__dict__,
+                "optimizer": src["optimizer"].state_dict(), "ema": src["ema"], "extra": None,
+                "np_scalar": np.float64(0.5), "misc": dnnlib.EasyDict(arr=np.arange(3), tags={"a", "b"})}
+    torch.save(official, str(tmp_path / "training-state-0004000.pt"))
+    assert dist.load_training_state(str(tmp_path / "training-state-0004000.pt"))["misc"]["tags"] == {"a", "b"}
+    dst = _make_objects(seed=0)
+    dist.CheckpointIO(**dst).load(str(tmp_path / "training-state-0004000.pt"), verbose=False)
+    assert dst["state"] == {"cur_nimg": 4000, "total_elapsed_time": 4.0}
+    assert dst["loss_fn"].P_mean == pytest.approx(3.6)
+
+
+def test_missing_entry_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "training-state-0000001.pt")
+    dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=1)).save(path, verbose=False)
+    with pytest.raises(dist.CheckpointError, match="missing entries \\['net'\\]"):
+        dist.CheckpointIO(state=dnnlib.EasyDict(), net=torch.nn.Linear(1, 1)).load(path)
+
+
+def test_save_is_atomic_and_rank0_only(tmp_path, monkeypatch):
+    path = tmp_path / "training-state-0000001.pt"
+    dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=1)).save(str(path), verbose=False)
+
+    def disk_full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=2)).save(str(path), verbose=False)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [path.name]
+    state = dnnlib.EasyDict()
+    dist.CheckpointIO(state=state).load(str(path), verbose=False)
+    assert state.cur_nimg == 1
+
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    dist.CheckpointIO(state=state).save(str(tmp_path / "training-state-0000002.pt"), verbose=False)
+    assert not (tmp_path / "training-state-0000002.pt").exists()
+
+
+def test_atomic_torch_save_used_by_checkpoint_is_loadable_weights_only(tmp_path):
+    path = str(tmp_path / "s.pt")
+    dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=7)).save(path, verbose=False)
+    assert torch.load(path, weights_only=True)["state"] == {"cur_nimg": 7}  # No extra globals needed.
+    misc.atomic_torch_save({"x": 1}, path)
+    assert torch.load(path, weights_only=True) == {"x": 1}

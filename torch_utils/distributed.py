@@ -1,0 +1,386 @@
+"""Process-group helpers, stop/suspend hooks and checkpoint I/O (spec persistence.md §3, training.md §7).
+
+Importing this module has no side effects: no process group, no CUDA.
+`init()` works for a plain single process (no torchrun needed) and under torchrun;
+it uses NCCL when the job runs on CUDA and Gloo otherwise.
+"""
+
+import _compat_pickle
+import collections
+import os
+import pickle
+import re
+import signal
+import socket
+import sys
+import types
+import warnings
+import zipfile
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+import dnnlib
+
+from . import misc, training_stats
+
+# ----------------------------------------------------------------------------
+# Process group.
+
+_device: Optional[torch.device] = None  # Compute device chosen by init().
+
+
+def _find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _choose_backend(device: Optional[str]) -> str:
+    """'nccl' for CUDA jobs, 'gloo' for CPU jobs, machines without CUDA, and Windows."""
+    if os.name == "nt" or not torch.cuda.is_available():
+        return "gloo"
+    if device is not None and torch.device(device).type != "cuda":
+        return "gloo"
+    return "nccl"
+
+
+def init(device: Optional[str] = None, backend: Optional[str] = None) -> None:
+    """Join (or create) the process group and set up training_stats.
+
+    `device`: 'cpu' forces a CPU job (Gloo); None means CUDA when available.
+    `backend`: override the automatic choice. Env defaults for a single process:
+    MASTER_ADDR=localhost, MASTER_PORT=<free port>, RANK=0, LOCAL_RANK=0, WORLD_SIZE=1.
+    """
+    global _device
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "localhost")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_find_free_port())
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+
+    backend = backend if backend is not None else _choose_backend(device)
+    init_method = "env://?use_libuv=False" if os.name == "nt" else "env://"
+    if backend == "nccl":
+        _device = torch.device("cuda", get_local_rank())
+        torch.cuda.set_device(_device)
+    else:
+        _device = torch.device(device) if device is not None else torch.device("cpu")
+    torch.distributed.init_process_group(backend=backend, init_method=init_method)
+
+    # Cross-process sums run on the CUDA device with NCCL, on the CPU with Gloo.
+    sync_device = None
+    if get_world_size() > 1:
+        sync_device = _device if backend == "nccl" else torch.device("cpu")
+    training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+
+def get_device() -> torch.device:
+    """Compute device picked by init() (CPU before init)."""
+    return _device if _device is not None else torch.device("cpu")
+
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op for a single process)."""
+    if get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """Collective: True on every rank if `flag` is True on at least one rank."""
+    if get_world_size() == 1:
+        return bool(flag)
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_sync_tensor_device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _sync_tensor_device() -> torch.device:
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "gloo"
+    return get_device() if backend == "nccl" else torch.device("cpu")
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Stop / suspend hooks. SIGTERM and SIGUSR1 (sent by cluster schedulers before
+# killing a job) request a clean stop; a second identical signal terminates at once.
+
+_stop_requested = False
+_suspend_requested = False
+_progress = (0, 0)
+_installed_handlers: dict = {}
+
+
+def _handle_stop_signal(signum: int, _frame: Any) -> None:
+    global _stop_requested
+    if _stop_requested:  # Second signal: give up on a clean stop.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _stop_requested = True
+    print(f"Received signal {signal.Signals(signum).name}: stopping after the current step "
+          f"(send it again to terminate at once).", file=sys.stderr, flush=True)
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM and SIGUSR1 set should_stop(); call from the main thread."""
+    for name in ("SIGTERM", "SIGUSR1"):
+        signum = getattr(signal, name, None)
+        if signum is None:  # SIGUSR1 does not exist on Windows.
+            continue
+        try:
+            _installed_handlers[signum] = signal.signal(signum, _handle_stop_signal)
+        except ValueError:  # Not the main thread.
+            warnings.warn("install_signal_handlers() must be called from the main thread; signals not handled")
+            return
+
+
+def should_stop() -> bool:
+    """True once a stop signal was received by this process (see any_rank() to agree across ranks)."""
+    return _stop_requested
+
+
+def should_suspend() -> bool:
+    """True once request_suspend() was called (the job stops at a slice boundary)."""
+    return _suspend_requested
+
+
+def request_suspend() -> None:
+    global _suspend_requested
+    _suspend_requested = True
+
+
+def update_progress(cur: int, total: int) -> None:
+    """Record progress for cluster integration (kept in memory only)."""
+    global _progress
+    _progress = (int(cur), int(total))
+
+
+def get_progress() -> tuple:
+    return _progress
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint I/O (training.md §7).
+
+
+class CheckpointError(RuntimeError):
+    """A training-state file cannot be used; the message names the file."""
+
+
+_READ_ERRORS = (EOFError, OSError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError)
+
+
+def _safe_globals() -> list:
+    """Types allowed inside training-state files besides tensors and containers."""
+    allowed = [dnnlib.EasyDict, np.dtype, np.ndarray, _numpy_core().multiarray.scalar, _numpy_core().multiarray._reconstruct]
+    allowed += [type(np.dtype(name)) for name in ("float16", "float32", "float64", "int32", "int64", "bool")]
+    return allowed
+
+
+def _numpy_core() -> Any:
+    return getattr(np, "_core", None) or getattr(np, "core")
+
+
+def _allowed_globals() -> dict:
+    """'module.name' -> object for the restricted unpickler: torch's weights-only list plus ours."""
+    allowed = {}
+    try:
+        from torch import _weights_only_unpickler as wou
+        allowed.update(wou._get_allowed_globals())
+        allowed.update(wou._get_user_allowed_globals())
+    except (ImportError, AttributeError):  # Private API moved: fall back to the trusted-load hint.
+        pass
+    for obj in _safe_globals():
+        allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    for core_name in ("numpy.core.multiarray", "numpy._core.multiarray"):  # Files from numpy 1.x and 2.x.
+        allowed[f"{core_name}.scalar"] = _numpy_core().multiarray.scalar
+        allowed[f"{core_name}._reconstruct"] = _numpy_core().multiarray._reconstruct
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Plain unpickler that resolves only allow-listed globals (no arbitrary code)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if not hasattr(self, "_allowed"):
+            self._allowed = _allowed_globals()
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # Protocol-2 files use Python 2 names.
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        obj = self._allowed.get(f"{module}.{name}")
+        if obj is None:
+            raise pickle.UnpicklingError(f"unsafe global {module}.{name}; weights only load refused it")
+        return obj
+
+
+_restricted_pickle_module = types.SimpleNamespace(__name__="edm2_restricted_pickle", Unpickler=_RestrictedUnpickler,
+                                                  load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
+
+
+def _trusted() -> bool:
+    return os.environ.get("EDM2_TRUST_PICKLE", "") == "1"
+
+
+def load_training_state(path: str) -> Any:
+    """Read a training-state file without executing arbitrary code (unless EDM2_TRUST_PICKLE=1).
+
+    First `torch.load(weights_only=True)` with our safe globals; files written by the official
+    toolkit hold an EasyDict (a dict subclass the weights-only loader cannot fill), so those are
+    read again with an unpickler restricted to the same allow-list.
+    """
+    if _trusted():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
+
+
+def _plain(value: Any) -> Any:
+    """Copy dict subclasses (EasyDict) inside lists/tuples/dicts to plain dicts so weights_only can read them."""
+    if isinstance(value, dict) and not isinstance(value, collections.OrderedDict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(_plain(item) for item in value)
+    return value
+
+
+def _state_of(name: str, obj: Any) -> Any:
+    """Save rule: None -> None; dict -> itself; state_dict(); __getstate__(); __dict__."""
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj
+    if hasattr(obj, "state_dict"):
+        return obj.state_dict()
+    if hasattr(obj, "__getstate__"):
+        return obj.__getstate__()
+    if hasattr(obj, "__dict__"):
+        return obj.__dict__
+    raise ValueError(f"CheckpointIO: cannot save '{name}' of type {type(obj).__name__}")
+
+
+def _restore(name: str, obj: Any, state: Any) -> None:
+    """Load rule mirroring _state_of."""
+    if obj is None:
+        return
+    if isinstance(obj, dict):
+        obj.clear()
+        obj.update(state)
+    elif hasattr(obj, "load_state_dict"):
+        obj.load_state_dict(state)
+    elif hasattr(obj, "__setstate__"):
+        obj.__setstate__(state)
+    elif hasattr(obj, "__dict__"):
+        obj.__dict__.clear()
+        obj.__dict__.update(state)
+    else:
+        raise ValueError(f"CheckpointIO: cannot load '{name}' into type {type(obj).__name__}")
+
+
+class CheckpointIO:
+    """Save/restore named training objects as one `torch.save` dict (written atomically by rank 0)."""
+
+    def __init__(self, **objects: Any):
+        self._objects = objects
+
+    def save(self, path: str, verbose: bool = True) -> None:
+        if verbose:
+            print0(f"Saving {path} ... ", end="", flush=True)
+        data = {name: _state_of(name, obj) for name, obj in self._objects.items()}
+        if get_rank() == 0:
+            misc.atomic_torch_save(_plain(data), path)
+        if verbose:
+            print0("done")
+
+    def load(self, path: str, verbose: bool = True) -> None:
+        if verbose:
+            print0(f"Loading {path} ... ", end="", flush=True)
+        self._apply(self._read(path))
+        if verbose:
+            print0("done")
+
+    def _apply(self, data: dict) -> None:
+        for name, obj in self._objects.items():
+            _restore(name, obj, data[name])
+
+    def _read(self, path: str) -> dict:
+        """Whole file first, so a bad file never leaves the objects half-restored."""
+        try:
+            data = load_training_state(path)
+        except pickle.UnpicklingError as err:
+            if "unsafe global" in str(err):
+                raise CheckpointError(f"{path}: {err}; set EDM2_TRUST_PICKLE=1 to load it anyway if you trust "
+                                      f"its origin") from None
+            raise
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: not a training-state dict")
+        missing = [name for name in self._objects if name not in data]
+        if missing:
+            raise CheckpointError(f"{path}: missing entries {missing}")
+        return data
+
+    def load_latest(self, run_dir: str, pattern: str = r"training-state-(\d+).pt", verbose: bool = True) -> Optional[str]:
+        """Load the newest readable file in `run_dir` matching `pattern`; None if there is none.
+
+        A newest file that cannot be read (torn, truncated) is skipped with a warning and
+        the previous one is used; if no matching file can be read, CheckpointError is raised.
+        """
+        candidates = _matching_files(run_dir, pattern)
+        if len(candidates) == 0:
+            return None
+        for path in candidates:
+            try:
+                data = self._read(path)
+            except CheckpointError:
+                raise
+            except _READ_ERRORS as err:
+                warnings.warn(f"Skipping unreadable checkpoint {path}: {_one_line(err)}")
+                continue
+            if verbose:
+                print0(f"Loading {path} ... ", end="", flush=True)
+            self._apply(data)
+            if verbose:
+                print0("done")
+            return path
+        raise CheckpointError(f"{run_dir}: none of the {len(candidates)} files matching {pattern} can be read")
+
+
+def _matching_files(run_dir: str, pattern: str) -> list:
+    """Files fully matching `pattern`, newest (largest number in group 1) first."""
+    if not os.path.isdir(run_dir):
+        return []
+    entries = [e.name for e in os.scandir(run_dir) if e.is_file() and re.fullmatch(pattern, e.name)]
+    entries.sort(key=lambda name: float(re.fullmatch(pattern, name).group(1)), reverse=True)
+    return [os.path.join(run_dir, name) for name in entries]
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+# ----------------------------------------------------------------------------
