@@ -1,0 +1,342 @@
+"""Tests of training/dataset.py and training/data_cache.py on tiny generated datasets."""
+
+import json
+import multiprocessing
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from training import data_cache
+from training.dataset import (CenterCropImagenet, FilteredImageDataset, ImageFolderDataset, parse_int_list,
+                              select_filtered)
+from training.image_transforms import center_crop_dhariwal
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ----------------------------------------------------------------------------
+# Dataset builders.
+
+
+def _pixels(seed: int, shape=(8, 8, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def _write_tree(root, files: dict) -> str:
+    """files: {relative path: bytes | np.ndarray (saved as PNG) | dict (saved as JSON)}."""
+    for name, content in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(content, np.ndarray):
+            PIL.Image.fromarray(content).save(path)
+        elif isinstance(content, dict):
+            with open(path, 'w') as f:
+                json.dump(content, f)
+        else:
+            with open(path, 'wb') as f:
+                f.write(content)
+    return str(root)
+
+
+def _zip_tree(root: str, zip_path: str) -> str:
+    with zipfile.ZipFile(zip_path, 'w', compression=zipfile.ZIP_STORED) as z:
+        for dirpath, _dirs, files in os.walk(root):
+            for f in sorted(files):
+                full = os.path.join(dirpath, f)
+                z.write(full, os.path.relpath(full, root).replace('\\', '/'))
+    return zip_path
+
+
+@pytest.fixture(params=['dir', 'zip'])
+def as_kind(request, tmp_path):
+    """Callable turning a file dict into a dataset path of the parametrised kind (folder or zip)."""
+    def make(files: dict) -> str:
+        root = _write_tree(tmp_path / 'ds', files)
+        return root if request.param == 'dir' else _zip_tree(root, str(tmp_path / 'ds.zip'))
+    return make
+
+
+def _labeled_files(n=6) -> dict:
+    files = {f'00000/img{i:08d}.png': _pixels(i) for i in range(n)}
+    files['dataset.json'] = {'labels': [[f'00000/img{i:08d}.png', i % 3] for i in range(n)]}
+    return files
+
+# ----------------------------------------------------------------------------
+# ImageFolderDataset.
+
+
+def test_images_labels_and_shapes(as_kind):
+    ds = ImageFolderDataset(as_kind(_labeled_files()))
+    assert (len(ds), ds.image_shape, ds.resolution, ds.label_shape, ds.name) == (6, [3, 8, 8], 8, [3], 'ds')
+    image, label = ds[4]
+    assert image.dtype == np.uint8 and np.array_equal(image, _pixels(4).transpose(2, 0, 1))
+    assert np.array_equal(label, np.float32([0, 1, 0])) and ds.has_onehot_labels
+    assert ds.get_details(4)['raw_label'] == 1
+
+
+def test_unlabeled_and_use_labels_false(as_kind):
+    files = _labeled_files()
+    ds = ImageFolderDataset(as_kind(files), use_labels=False)
+    assert ds.label_shape == [0] and not ds.has_labels and ds[0][1].shape == (0,)
+
+
+def test_null_labels_and_missing_label(tmp_path):
+    files = {'a.png': _pixels(0), 'b.png': _pixels(1), 'dataset.json': {'labels': None}}
+    assert not ImageFolderDataset(_write_tree(tmp_path / 'n', files)).has_labels
+    files['dataset.json'] = {'labels': [['a.png', 0]]}
+    ds = ImageFolderDataset(_write_tree(tmp_path / 'm', files))
+    with pytest.raises(KeyError, match='b.png'):
+        ds.label_shape
+
+
+def test_float_labels_returned_as_is(tmp_path):
+    files = {'a.png': _pixels(0), 'b.png': _pixels(1),
+             'dataset.json': {'labels': [['a.png', [0.5, 1.5]], ['b.png', [2.0, 3.0]]]}}
+    ds = ImageFolderDataset(_write_tree(tmp_path / 'f', files))
+    assert ds.label_shape == [2] and not ds.has_onehot_labels
+    assert np.array_equal(ds.get_label(1), np.float32([2, 3]))
+
+
+def test_npy_latents_and_modes(as_kind):
+    latent = np.random.default_rng(0).standard_normal([8, 4, 4]).astype(np.float32)
+    gray = _pixels(1, (8, 8))
+    palette = PIL.Image.fromarray(_pixels(2)).convert('P')
+    rgba = _pixels(3, (8, 8, 4))
+    files = {'l.npy': b'', 'g.png': gray, 'p.png': b'', 'r.png': rgba}
+    path = as_kind(files)
+    root = path if os.path.isdir(path) else os.path.join(os.path.dirname(path), 'ds')
+    np.save(os.path.join(root, 'l.npy'), latent)
+    palette.save(os.path.join(root, 'p.png'))
+    if not os.path.isdir(path):
+        os.remove(path)
+        _zip_tree(root, path)
+    ds = ImageFolderDataset(path, use_labels=False)
+    assert ds._image_fnames == ['g.png', 'l.npy', 'p.png', 'r.png']
+    assert np.array_equal(ds._load_raw_image(1), latent)
+    assert np.array_equal(ds._load_raw_image(0), gray[None])                                  # grayscale kept
+    assert np.array_equal(ds._load_raw_image(2), np.array(palette.convert('RGB')).transpose(2, 0, 1))  # palette -> RGB
+    assert np.array_equal(ds._load_raw_image(3), rgba.transpose(2, 0, 1))                      # RGBA kept
+    forced = ImageFolderDataset(path, use_labels=False, force_rgb=True)
+    assert forced._load_raw_image(0).shape == (3, 8, 8)
+
+
+def test_max_size_xflip_and_cache(as_kind):
+    ds = ImageFolderDataset(as_kind(_labeled_files(10)), max_size=4, xflip=True, random_seed=3, cache=True)
+    expected = np.arange(10)
+    np.random.RandomState(3).shuffle(expected)
+    assert list(ds._raw_idx) == sorted(expected[:4]) * 2 and len(ds) == 8
+    plain, flipped = ds[0][0], ds[4][0]
+    assert np.array_equal(flipped, plain[:, :, ::-1]) and ds.get_details(4)['xflip']
+    assert set(ds._cached_images) == {int(ds._raw_idx[0])}
+
+
+def test_path_errors(tmp_path):
+    with pytest.raises(IOError, match='directory or zip'):
+        ImageFolderDataset(str(tmp_path / 'x.tar'))
+    with pytest.raises(IOError, match='No image files'):
+        ImageFolderDataset(_write_tree(tmp_path / 'empty', {'readme.txt': b'x'}))
+    with pytest.raises(IOError, match='resolution'):
+        ImageFolderDataset(_write_tree(tmp_path / 'r', {'a.png': _pixels(0)}), resolution=16)
+
+
+def test_center_crop_resolution_forces_rgb(tmp_path):
+    files = {'a.png': _pixels(0, (16, 16)), 'b.png': _pixels(1, (24, 32, 3))}
+    ds = ImageFolderDataset(_write_tree(tmp_path / 'c', files), resolution=16, center_crop=True, use_labels=False)
+    assert ds.image_shape == [3, 16, 16]
+    assert np.array_equal(ds[0][0], np.repeat(_pixels(0, (16, 16))[None], 3, axis=0))  # quirk F15 fixed
+    assert np.array_equal(ds[1][0], center_crop_dhariwal(_pixels(1, (24, 32, 3)), 16).transpose(2, 0, 1))
+    assert CenterCropImagenet(16)(ds[1][0]) is not None
+
+
+def test_corrupted_images_are_skipped_and_counted(as_kind):
+    files = {'a.png': b'not a png', 'b.png': _pixels(1), 'c.png': b'\x89PNG broken', 'd.png': _pixels(3)}
+    ds = ImageFolderDataset(as_kind(files), use_labels=False)  # first file corrupted: shape from the next
+    items = [ds[i][0] for i in range(len(ds))]
+    assert sorted(ds.skipped) == ['a.png', 'c.png']
+    assert np.array_equal(items[0], _pixels(1).transpose(2, 0, 1))    # never a black image
+    assert np.array_equal(items[2], _pixels(3).transpose(2, 0, 1))
+    assert all(item.any() for item in items)
+
+
+class CountingOpener:
+    """open() replacement that counts the calls (picklable)."""
+
+    def __init__(self, log_path: str):
+        self.log_path = log_path
+
+    def __call__(self, path, mode='rb'):
+        with open(self.log_path, 'a') as log:
+            log.write(f'{os.getpid()} {path}\n')
+        return open(path, mode)
+
+    def calls(self) -> list:
+        with open(self.log_path) as f:
+            return f.read().splitlines()
+
+
+def test_zip_opened_once_per_process(tmp_path):
+    path = _zip_tree(_write_tree(tmp_path / 'z', _labeled_files(8)), str(tmp_path / 'z.zip'))
+    opener = CountingOpener(str(tmp_path / 'opens.log'))
+    ds = ImageFolderDataset(path, opener=opener)
+    for i in range(len(ds)):
+        ds[i]
+    assert len(opener.calls()) == 1
+    state = pickle.loads(pickle.dumps(ds))
+    assert state._zipfile is None and state._raw_labels is None
+    ctx = multiprocessing.get_context('fork')  # workers inherit the open archive and must reopen it
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context=ctx)
+    images = torch.cat([x for x, _ in loader])
+    assert np.array_equal(images.numpy(), np.stack([ds[i][0] for i in range(8)]))
+    assert len({line.split()[0] for line in opener.calls()}) == 3 and len(opener.calls()) == 3
+
+# ----------------------------------------------------------------------------
+# Node-local cache.
+
+
+def test_node_cache_copies_once_and_revalidates(tmp_path):
+    path = _zip_tree(_write_tree(tmp_path / 'z', _labeled_files(4)), str(tmp_path / 'z.zip'))
+    cache = str(tmp_path / 'cache')
+    opener = CountingOpener(str(tmp_path / 'opens.log'))
+    local = data_cache.localize(path, cache_dir=cache, opener=opener, verbose=False)
+    assert os.path.dirname(local) == cache and open(local, 'rb').read() == open(path, 'rb').read()
+    assert data_cache.localize(path, cache_dir=cache, opener=opener, verbose=False) == local
+    assert len(opener.calls()) == 1
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # source changed -> copy again
+    data_cache.localize(path, cache_dir=cache, opener=opener, verbose=False)
+    assert len(opener.calls()) == 2
+    with open(local, 'r+b') as f:  # truncated copy -> copy again
+        f.truncate(10)
+    data_cache.localize(path, cache_dir=cache, opener=opener, verbose=False)
+    assert len(opener.calls()) == 3 and os.path.getsize(local) == os.path.getsize(path)
+    assert data_cache.localize(str(tmp_path / 'z'), cache_dir=cache) == str(tmp_path / 'z')  # folders: as is
+
+
+def _localize_in_child(path, cache, log):
+    data_cache.localize(path, cache_dir=cache, opener=CountingOpener(log), verbose=False)
+
+
+def test_node_cache_one_copy_for_concurrent_processes(tmp_path):
+    path = _zip_tree(_write_tree(tmp_path / 'z', _labeled_files(4)), str(tmp_path / 'z.zip'))
+    log = str(tmp_path / 'opens.log')
+    ctx = multiprocessing.get_context('fork')
+    procs = [ctx.Process(target=_localize_in_child, args=(path, str(tmp_path / 'cache'), log)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    assert len(CountingOpener(log).calls()) == 1
+
+
+def test_dataset_with_node_cache(tmp_path):
+    path = _zip_tree(_write_tree(tmp_path / 'z', _labeled_files(4)), str(tmp_path / 'z.zip'))
+    ds = ImageFolderDataset(path, node_cache=str(tmp_path / 'cache'))
+    assert ds._path.startswith(str(tmp_path / 'cache')) and ds.name == 'z'
+    assert np.array_equal(ds[2][0], _pixels(2).transpose(2, 0, 1)) and ds.label_dim == 3
+
+# ----------------------------------------------------------------------------
+# FilteredImageDataset.
+
+CATEGORY_SCORES = {'cat': [5.0, 2.0, 7.0, 4.0], 'dog': [1.0, 6.0, 3.0], 'eel': [8.0, 0.5]}
+
+
+def _scored_files() -> dict:
+    files, metadata, seed = {}, {}, 0
+    for category, scores in CATEGORY_SCORES.items():
+        for i, score in enumerate(scores):
+            files[f'{category}/{i}.png'] = _pixels(seed)
+            metadata[f'{category}/{i}'] = {'nima': score, 'labels': category}
+            seed += 1
+    files['metadata.json'] = {'metadata': metadata}
+    return files
+
+
+def _kept(ds) -> list:
+    return [ds._image_fnames[i] for i in ds._raw_idx]
+
+
+def test_filter_nima_threshold(as_kind):
+    ds = FilteredImageDataset(as_kind(_scored_files()), nima_threshold=5)
+    assert _kept(ds) == ['cat/0.png', 'cat/2.png', 'dog/1.png', 'eel/0.png']
+
+
+def test_filter_categories(as_kind):
+    ds = FilteredImageDataset(as_kind(_scored_files()), categories='0,2')
+    assert _kept(ds) == ['cat/0.png', 'cat/1.png', 'cat/2.png', 'cat/3.png', 'eel/0.png', 'eel/1.png']
+    assert ds.label_dim == 3  # full dataset's label dimension (quirk F12)
+    assert np.array_equal(ds[5][1], np.float32([0, 0, 1]))
+    with pytest.raises(IOError, match='out of range'):
+        FilteredImageDataset(as_kind(_scored_files()), categories=[3])
+
+
+def test_filter_top_percent_ranks_by_own_score(as_kind):
+    ds = FilteredImageDataset(as_kind(_scored_files()), top_percent=34)  # int(9 * 0.34) = 3 best: 8, 7, 6
+    assert _kept(ds) == ['cat/2.png', 'dog/1.png', 'eel/0.png']  # quirk F8 fixed
+
+
+def test_filter_top_per_category(as_kind):
+    ds = FilteredImageDataset(as_kind(_scored_files()), top_per_category=50)  # 2 of cat, 1 of dog, 1 of eel
+    assert _kept(ds) == ['cat/0.png', 'cat/2.png', 'dog/1.png', 'eel/0.png']
+
+
+def test_filter_combinations_and_max_size(as_kind):
+    path = as_kind(_scored_files())
+    union = FilteredImageDataset(path, top_percent=34, top_per_category=50, nima_threshold=2)
+    assert _kept(union) == ['cat/0.png', 'cat/2.png', 'dog/1.png', 'eel/0.png']
+    both = FilteredImageDataset(path, top_percent=34, top_per_category=50, combine='intersection')
+    assert _kept(both) == ['cat/2.png', 'dog/1.png', 'eel/0.png']
+    capped = FilteredImageDataset(path, categories='0-1', max_size=3.0, random_seed=1, xflip=True)
+    assert len(capped) == 6 and len(set(_kept(capped))) == 3
+    assert all(name.split('/')[0] in ('cat', 'dog') for name in _kept(capped))
+    no_filter = FilteredImageDataset(path, max_size=2)  # max_size applies without filters (quirk F7)
+    assert len(no_filter) == 2
+
+
+def test_filter_metadata_lookups(tmp_path):
+    ds = FilteredImageDataset(_write_tree(tmp_path / 'd', _scored_files()))
+    assert ds.get_metadata(1) == {'nima': 2.0, 'labels': 'cat'}  # quirk F13 fixed
+    assert ds.label_dim == 3 and len(ds) == 9
+
+
+def test_filter_needs_metadata_for_scores_and_uses_dataset_json(tmp_path):
+    path = _write_tree(tmp_path / 'd', _labeled_files(6))
+    with pytest.raises(IOError, match='metadata.json'):
+        FilteredImageDataset(path, nima_threshold=1)
+    ds = FilteredImageDataset(path, categories=[2])
+    assert _kept(ds) == ['00000/img00000002.png', '00000/img00000005.png'] and ds.label_dim == 3
+
+
+def test_select_filtered_is_deterministic_under_ties():
+    scores, cats = [1.0] * 6, [0, 1, 0, 1, 0, 1]
+    assert select_filtered(scores, cats, 2, top_percent=50) == [0, 1, 2]
+    assert select_filtered(scores, cats, 2, top_per_category=40) == [0, 1]
+    assert parse_int_list('0,1,12-14') == [0, 1, 12, 13, 14] and parse_int_list(None) is None
+
+
+ORDER_SCRIPT = '''
+import sys
+from training.dataset import FilteredImageDataset
+ds = FilteredImageDataset(sys.argv[1], top_per_category=60, top_percent=60, max_size=4)
+print([ds._image_fnames[i] for i in ds._raw_idx])
+'''
+
+
+def test_two_processes_see_the_same_order(tmp_path):
+    path = _zip_tree(_write_tree(tmp_path / 'd', _scored_files()), str(tmp_path / 'd.zip'))
+    ds = FilteredImageDataset(path, top_per_category=60, top_percent=60, max_size=4)
+    here = str(_kept(ds))
+    hash_seed = '1' if os.environ.get('PYTHONHASHSEED') != '1' else '2'  # another string-hash order
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, '-c', ORDER_SCRIPT, path], env=env, capture_output=True,
+                            text=True, check=True, cwd=REPO)
+    assert result.stdout.strip().splitlines()[-1] == here and here.count('.png') == 4
+
+
+# ----------------------------------------------------------------------------

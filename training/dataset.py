@@ -1,0 +1,569 @@
+"""Datasets of images or latents stored in a directory or an uncompressed zip (spec data.md §2-3, training.md §8.5).
+
+* `Dataset`: abstract base with max_size sub-sampling, x-flip, in-memory cache, labels.
+* `ImageFolderDataset`: PNG/JPEG/... (PIL) or `.npy` files, labels from `dataset.json`.
+* `FilteredImageDataset`: the fork's selection by `metadata.json` scores and categories.
+* `CenterCropImagenet`: the fork's `preprocess` callable (ADM centre crop to a square resolution).
+
+Reliability beyond the originals: a corrupted file is skipped (replaced by the next readable item) and
+counted in `dataset.skipped`, never turned into a black image; a zip archive is opened once per process
+(reopened after fork); `node_cache=True` reads a node-local copy of the archive (`training.data_cache`).
+"""
+
+import json
+import os
+import sys
+import zipfile
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+
+from training import data_cache
+from training import image_transforms
+
+try:
+    import pyspng
+except ImportError:
+    pyspng = None
+
+# ----------------------------------------------------------------------------
+# Helpers.
+
+
+def parse_int_list(s: Union[None, str, Sequence[int]]) -> Optional[list]:
+    """'0,1,12-14' -> [0, 1, 12, 13, 14]; a list passes through; None stays None (training.md §1)."""
+    if s is None or isinstance(s, (list, tuple)):
+        return None if s is None else [int(x) for x in s]
+    values = []
+    for item in str(s).split(','):
+        lo, sep, hi = item.strip().partition('-')
+        if sep and lo.isdigit() and hi.isdigit():
+            values.extend(range(int(lo), int(hi) + 1))
+        else:
+            values.append(int(item))
+    return values
+
+
+def select_indices(num_items: int, max_size: Optional[float], random_seed: int) -> np.ndarray:
+    """All indices, or a seeded random subset of `max_size` of them in ascending order (spec data.md §2.1)."""
+    indices = np.arange(num_items, dtype=np.int64)
+    if max_size is not None and num_items > int(max_size):
+        np.random.RandomState(random_seed % (1 << 31)).shuffle(indices)
+        indices = np.sort(indices[:int(max_size)])
+    return indices
+
+
+class CorruptImageError(IOError):
+    """A file of the dataset could not be decoded."""
+
+
+def _pil_mode_for_array(image: PIL.Image.Image) -> Optional[str]:
+    """Mode to convert to so that np.array gives meaningful uint8 channels (palette/bilevel/CMYK...), or None."""
+    if image.mode in ('L', 'LA', 'RGB', 'RGBA', 'I;16', 'I', 'F'):
+        return None
+    if image.mode == 'P':
+        return 'RGBA' if 'transparency' in image.info else 'RGB'
+    if image.mode == '1':
+        return 'L'
+    return 'RGB'
+
+# ----------------------------------------------------------------------------
+
+
+class Dataset(torch.utils.data.Dataset):
+    """Abstract base. Subclasses implement `_load_raw_image(raw_idx)` and `_load_raw_labels()`."""
+
+    def __init__(self,
+        name: str,                                  # Name of the dataset.
+        raw_shape: Sequence[int],                   # Shape of the raw image data (NCHW).
+        use_labels: bool = True,                    # Enable conditioning labels? False = label dimension is zero.
+        max_size: Optional[float] = None,           # Artificially limit the size of the dataset. None = no limit.
+        xflip: bool = False,                        # Artificially double the size of the dataset via x-flips.
+        random_seed: int = 0,                       # Random seed to use when applying max_size.
+        cache: bool = False,                        # Cache decoded images in CPU memory?
+        preprocess: Optional[Callable] = None,      # [FORK] CHW array -> CHW array, applied before caching.
+    ):
+        self._name = name
+        self._raw_shape = list(raw_shape)
+        self._use_labels = use_labels
+        self._cache = cache
+        self._preprocess = preprocess
+        self._cached_images = dict()                # {raw_idx: np.ndarray, ...}
+        self._raw_labels = None
+        self._label_shape = None
+        self._full_label_dim = None                 # Lower bound on the one-hot length (FilteredImageDataset).
+        self.skipped = dict()                       # {file name: reason} of corrupted files met by this process.
+
+        self._raw_idx = select_indices(self._raw_shape[0], max_size, random_seed)
+        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
+        if xflip:
+            self._raw_idx = np.tile(self._raw_idx, 2)
+            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+
+    def _get_raw_labels(self) -> np.ndarray:
+        if self._raw_labels is None:
+            self._raw_labels = self._load_raw_labels() if self._use_labels else None
+            if self._raw_labels is None:
+                self._raw_labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
+            assert isinstance(self._raw_labels, np.ndarray)
+            assert self._raw_labels.shape[0] == self._raw_shape[0]
+            assert self._raw_labels.dtype in [np.float32, np.int64]
+            if self._raw_labels.dtype == np.int64:
+                assert self._raw_labels.ndim == 1
+                assert np.all(self._raw_labels >= 0)
+        return self._raw_labels
+
+    def close(self) -> None:  # to be overridden by subclass
+        pass
+
+    def _load_raw_image(self, raw_idx: int) -> np.ndarray:  # to be overridden by subclass
+        raise NotImplementedError
+
+    def _load_raw_labels(self) -> Optional[np.ndarray]:  # to be overridden by subclass
+        raise NotImplementedError
+
+    def _raw_name(self, raw_idx: int) -> str:  # to be overridden by subclass
+        return str(raw_idx)
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _raw_labels=None)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __len__(self) -> int:
+        return self._raw_idx.size
+
+    def _get_image(self, raw_idx: int) -> np.ndarray:
+        image = self._cached_images.get(raw_idx, None)
+        if image is None:
+            image = self._load_raw_image(raw_idx)
+            if self._preprocess is not None:
+                image = self._preprocess(image)
+            if self._cache:
+                self._cached_images[raw_idx] = image
+        return image
+
+    def __getitem__(self, idx: int) -> tuple:
+        # A corrupted file is skipped: the next readable item takes its place (deterministically).
+        for attempt in range(len(self)):
+            j = (idx + attempt) % len(self)
+            raw_idx = int(self._raw_idx[j])
+            if self._raw_name(raw_idx) in self.skipped:
+                continue
+            try:
+                image = self._get_image(raw_idx)
+            except CorruptImageError as err:
+                self._record_skip(raw_idx, err)
+                continue
+            assert list(image.shape) == self._raw_shape[1:], \
+                f'{self._raw_name(raw_idx)}: image shape {list(image.shape)} != dataset shape {self._raw_shape[1:]}'
+            if self._xflip[j]:
+                assert image.ndim == 3  # CHW
+                image = image[:, :, ::-1]
+            return image.copy(), self.get_label(j)
+        raise IOError(f'{self._name}: no readable image left ({len(self.skipped)} corrupted files skipped)')
+
+    def _record_skip(self, raw_idx: int, err: Exception) -> None:
+        name = self._raw_name(raw_idx)
+        self.skipped[name] = str(err)
+        print(f'Skipping corrupted file: {name} ({err})', file=sys.stderr)
+
+    def get_label(self, idx: int) -> np.ndarray:
+        label = self._get_raw_labels()[self._raw_idx[idx]]
+        if label.dtype == np.int64:
+            onehot = np.zeros(self.label_shape, dtype=np.float32)
+            onehot[label] = 1
+            label = onehot
+        return label.copy()
+
+    def get_details(self, idx: int) -> dict:
+        return dict(raw_idx=int(self._raw_idx[idx]), xflip=(int(self._xflip[idx]) != 0),
+                    raw_label=self._get_raw_labels()[self._raw_idx[idx]].copy())
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def image_shape(self) -> list:  # [CHW]
+        return list(self._raw_shape[1:])
+
+    @property
+    def num_channels(self) -> int:
+        assert len(self.image_shape) == 3  # CHW
+        return self.image_shape[0]
+
+    @property
+    def resolution(self) -> int:
+        assert len(self.image_shape) == 3  # CHW
+        assert self.image_shape[1] == self.image_shape[2]
+        return self.image_shape[1]
+
+    @property
+    def label_shape(self) -> list:
+        if self._label_shape is None:
+            raw_labels = self._get_raw_labels()
+            if raw_labels.dtype == np.int64:
+                num_classes = int(np.max(raw_labels)) + 1 if raw_labels.size else 0
+                self._label_shape = [max(num_classes, self._full_label_dim or 0)]
+            else:
+                self._label_shape = list(raw_labels.shape[1:])
+        return list(self._label_shape)
+
+    @property
+    def label_dim(self) -> int:
+        assert len(self.label_shape) == 1
+        return self.label_shape[0]
+
+    @property
+    def has_labels(self) -> bool:
+        return any(x != 0 for x in self.label_shape)
+
+    @property
+    def has_onehot_labels(self) -> bool:
+        return self._get_raw_labels().dtype == np.int64
+
+# ----------------------------------------------------------------------------
+
+
+class CenterCropImagenet:
+    """[FORK] `preprocess` callable: ADM centre crop of a CHW uint8 image to `size` x `size`, forced to RGB.
+
+    Unlike the fork, an image already at the target size is still forced to 3 channels (quirk F15)."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if image.shape[1:] == (self.size, self.size) and image.shape[0] == 3:
+            return image
+        hwc = image.transpose(1, 2, 0)
+        if hwc.shape[2] == 1:
+            hwc = hwc[:, :, 0]
+        rgb = image_transforms.to_rgb_array(PIL.Image.fromarray(hwc))
+        if rgb.shape[:2] != (self.size, self.size):
+            rgb = image_transforms.center_crop_dhariwal(rgb, self.size)
+        return rgb.transpose(2, 0, 1)
+
+# ----------------------------------------------------------------------------
+
+
+class ImageFolderDataset(Dataset):
+    """Images (PIL formats) or latents (`.npy`) in a directory tree or an uncompressed zip archive."""
+
+    def __init__(self,
+        path: str,                                  # Path to directory or zip.
+        resolution: Optional[int] = None,           # Ensure specific resolution, None = anything goes.
+        center_crop: bool = False,                  # [FORK] True: ADM-crop every image to `resolution` (RGB) instead of raising on a mismatch.
+        force_rgb: bool = False,                    # [FORK] Convert every PIL-decoded image to RGB.
+        node_cache: Union[bool, str] = False,       # Read a node-local copy of a zip archive; a str names the cache directory.
+        opener: Optional[Callable] = None,          # open(path, mode) replacement for the underlying storage (benchmarks).
+        **super_kwargs: Any,                        # Additional arguments for the Dataset base class.
+    ):
+        self._source_path = path
+        self._opener = opener
+        self._force_rgb = force_rgb
+        self._zipfile = None
+        self._zipfile_pid = None
+        self._path = self._resolve_path(path, node_cache)
+        self._all_fnames = self._list_files()
+        PIL.Image.init()
+        supported_ext = set(PIL.Image.EXTENSION) | {'.npy'}
+        self._image_fnames = sorted(f for f in self._all_fnames if self._file_ext(f) in supported_ext)
+        if len(self._image_fnames) == 0:
+            raise IOError(f'No image files found in the specified path: {path}')
+        self._image_fnames = self._select_files(self._image_fnames)
+        if len(self._image_fnames) == 0:
+            raise IOError(f'No image files left after filtering: {path}')
+
+        name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        self.skipped = dict()
+        first_shape = self._first_image_shape()
+        if resolution is not None and center_crop:
+            super_kwargs['preprocess'] = CenterCropImagenet(resolution)
+            first_shape = [3, resolution, resolution]
+        elif resolution is not None and (first_shape[1] != resolution or first_shape[2] != resolution):
+            raise IOError(f'Image files do not match the specified resolution: {path}')
+        raw_shape = [len(self._image_fnames)] + list(first_shape)
+        skipped = self.skipped
+        super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
+        self.skipped.update(skipped)
+
+    # Storage -----------------------------------------------------------------
+
+    def _resolve_path(self, path: str, node_cache: Union[bool, str]) -> str:
+        if os.path.isdir(path):
+            return path
+        if self._file_ext(path) != '.zip':
+            raise IOError(f'Path must point to a directory or zip: {path}')
+        if not os.path.isfile(path):
+            raise IOError(f'Dataset zip not found: {path}')
+        if node_cache:
+            cache_dir = node_cache if isinstance(node_cache, str) else None
+            local = data_cache.localize(path, cache_dir=cache_dir, opener=self._opener or open)
+            if local != path:
+                self._opener = None  # the local copy is read directly, not through the slow-storage opener
+            return local
+        return path
+
+    @property
+    def _type(self) -> str:
+        return 'dir' if os.path.isdir(self._path) else 'zip'
+
+    @staticmethod
+    def _file_ext(fname: str) -> str:
+        return os.path.splitext(fname)[1].lower()
+
+    def _list_files(self) -> list:
+        if self._type == 'dir':
+            return [os.path.relpath(os.path.join(root, fname), start=self._path).replace('\\', '/')
+                    for root, _dirs, files in os.walk(self._path) for fname in files]
+        try:
+            return list(self._get_zipfile().namelist())
+        except zipfile.BadZipFile as err:
+            raise IOError(f'Not a valid zip archive: {self._source_path} ({err})') from err
+
+    def _get_zipfile(self) -> zipfile.ZipFile:
+        # One ZipFile per process: reopened after fork, never per image.
+        assert self._type == 'zip'
+        if self._zipfile is None or self._zipfile_pid != os.getpid():
+            fileobj = (self._opener or open)(self._path, 'rb')
+            self._zipfile = zipfile.ZipFile(fileobj)
+            self._zipfile_pid = os.getpid()
+        return self._zipfile
+
+    def _open_file(self, fname: str):
+        if self._type == 'dir':
+            return (self._opener or open)(os.path.join(self._path, fname), 'rb')
+        return self._get_zipfile().open(fname, 'r')
+
+    def _has_file(self, fname: str) -> bool:
+        if getattr(self, '_all_fnames_set', None) is None:
+            self._all_fnames_set = set(self._all_fnames)
+        return fname in self._all_fnames_set
+
+    def close(self) -> None:
+        try:
+            if self._zipfile is not None and self._zipfile_pid == os.getpid():
+                self._zipfile.close()
+        finally:
+            self._zipfile = None
+
+    def __getstate__(self) -> dict:
+        return dict(super().__getstate__(), _zipfile=None, _zipfile_pid=None)
+
+    # Hooks for subclasses ----------------------------------------------------
+
+    def _select_files(self, fnames: list) -> list:
+        return fnames
+
+    def _raw_name(self, raw_idx: int) -> str:
+        return self._image_fnames[raw_idx]
+
+    # Decoding ----------------------------------------------------------------
+
+    def _first_image_shape(self) -> list:
+        """Shape of the first readable image; unreadable ones before it are recorded as skipped."""
+        for raw_idx, fname in enumerate(self._image_fnames):
+            try:
+                return list(self._load_raw_image(raw_idx).shape)
+            except CorruptImageError as err:
+                self.skipped[fname] = str(err)
+                print(f'Skipping corrupted file: {fname} ({err})', file=sys.stderr)
+        raise IOError(f'No readable image files in the specified path: {self._source_path}')
+
+    def _load_raw_image(self, raw_idx: int) -> np.ndarray:
+        fname = self._image_fnames[raw_idx]
+        ext = self._file_ext(fname)
+        try:
+            with self._open_file(fname) as f:
+                if ext == '.npy':
+                    image = np.load(f)
+                    return image.reshape(-1, *image.shape[-2:])
+                if ext == '.png' and pyspng is not None and not self._force_rgb:
+                    image = pyspng.load(f.read())
+                else:
+                    image = self._decode_pil(f)
+        except (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile) as err:
+            raise CorruptImageError(str(err)) from err
+        image = image.reshape(*image.shape[:2], -1)  # HW => HWC
+        return image.transpose(2, 0, 1)  # HWC => CHW
+
+    def _decode_pil(self, f) -> np.ndarray:
+        image = PIL.Image.open(f)
+        image.load()
+        mode = 'RGB' if self._force_rgb and image.mode != 'RGB' else _pil_mode_for_array(image)
+        if mode is not None:
+            image = image.convert(mode)
+        return np.array(image)
+
+    # Labels ------------------------------------------------------------------
+
+    def _read_json(self, fname: str) -> Optional[dict]:
+        if not self._has_file(fname):
+            return None
+        try:
+            with self._open_file(fname) as f:
+                return json.load(f)
+        except (OSError, ValueError) as err:
+            raise IOError(f'{os.path.join(self._source_path, fname)}: cannot read JSON ({err})') from err
+
+    def _dataset_json_labels(self) -> Optional[dict]:
+        """{relative path: label} from dataset.json, or None when absent or null."""
+        data = self._read_json('dataset.json')
+        labels = None if data is None else data.get('labels')
+        return None if labels is None else {str(name): label for name, label in labels}
+
+    def _load_raw_labels(self) -> Optional[np.ndarray]:
+        labels = self._dataset_json_labels()
+        if labels is None:
+            return None
+        missing = [fname for fname in self._image_fnames if fname not in labels]
+        if missing:
+            raise KeyError(f'dataset.json of {self._source_path} has no label for {missing[0]}'
+                           f' ({len(missing)} images unlabeled)')
+        raw = np.array([labels[fname] for fname in self._image_fnames])
+        return raw.astype({1: np.int64, 2: np.float32}[raw.ndim])
+
+# ----------------------------------------------------------------------------
+
+
+def select_filtered(
+    scores: Sequence[float],                        # Per-image score (NIMA), in file order.
+    categories_of: Sequence[Optional[int]],         # Per-image category index (None = no category).
+    num_categories: int,                            # Number of categories of the full dataset.
+    nima_threshold: Optional[float] = None,         # Drop images scoring below this.
+    categories: Optional[Sequence[int]] = None,     # Keep only these category indices.
+    top_percent: Optional[float] = None,            # Keep the best X % of the remaining images, by their own score.
+    top_per_category: Optional[float] = None,       # Keep the best X % of each category (at least one image).
+    combine: str = 'union',                         # 'union' (the fork as implemented) or 'intersection' (its comment).
+) -> list:
+    """Indices of the kept images in ascending order (spec training.md §8.5, fixing quirks F8, F10).
+
+    Every ranking sorts by (score descending, file index ascending), so the result does not depend on
+    the process: all ranks see the same selection in the same order."""
+    if combine not in ('union', 'intersection'):
+        raise ValueError(f"combine must be 'union' or 'intersection', not {combine!r}")
+    if categories is not None:
+        bad = [c for c in categories if not 0 <= c < num_categories]
+        if bad:
+            raise IOError(f'categories: index {bad[0]} out of range; the dataset has {num_categories} categories')
+        categories = set(categories)
+    kept = [i for i, (score, cat) in enumerate(zip(scores, categories_of))
+            if cat is not None
+            and (nima_threshold is None or score >= nima_threshold)
+            and (categories is None or cat in categories)]
+    by_rank = lambda indices: sorted(indices, key=lambda i: (-scores[i], i))
+    selections = []
+    if top_per_category is not None:
+        per_category = dict()
+        for i in kept:
+            per_category.setdefault(categories_of[i], []).append(i)
+        selections.append({i for members in per_category.values()
+                           for i in by_rank(members)[:max(1, int(len(members) * top_per_category / 100))]})
+    if top_percent is not None:
+        selections.append(set(by_rank(kept)[:int(len(kept) * top_percent / 100)]))
+    if not selections:
+        return kept
+    chosen = set.union(*selections) if combine == 'union' else set.intersection(*selections)
+    return sorted(chosen)
+
+# ----------------------------------------------------------------------------
+
+
+class FilteredImageDataset(ImageFolderDataset):
+    """[FORK] `ImageFolderDataset` restricted by per-image scores and categories from `metadata.json`.
+
+    `metadata.json` (dataset root): {"metadata": {"<category>/<file stem>": {"nima": 5.2, "labels": "<category>"}}}.
+    Categories are the sorted top-level folder names; an image's category is its metadata `labels`, else its
+    folder. Without `metadata.json`, the `dataset.json` class labels serve as categories (score filters then
+    need metadata and raise). Labels are the category indices and their one-hot length is that of the FULL
+    dataset, whatever is filtered out (quirk F12). Works on zip archives (quirk F2); `max_size` always applies.
+    """
+
+    def __init__(self,
+        path: str,                                  # Path to directory or zip.
+        resolution: Optional[int] = None,           # Resolution; mismatching images are ADM-cropped (fork).
+        nima_threshold: Optional[float] = None,     # Minimum NIMA score.
+        categories: Union[None, str, Sequence[int]] = None,  # Category indices to keep, e.g. '0,1,12-14'.
+        top_percent: Optional[float] = None,        # Keep the top X % by NIMA.
+        top_per_category: Optional[float] = None,   # Keep the top X % by NIMA in each category.
+        max_size: Optional[float] = None,           # Cap on the dataset size (seeded random subset).
+        combine: str = 'union',                     # How top_percent and top_per_category combine.
+        center_crop: bool = True,                   # Fork behaviour of `resolution`.
+        force_rgb: bool = True,                     # Fork behaviour of PIL decoding.
+        **super_kwargs: Any,                        # Additional arguments for ImageFolderDataset / Dataset.
+    ):
+        self._filter_kwargs = dict(nima_threshold=nima_threshold, categories=parse_int_list(categories),
+                                   top_percent=top_percent, top_per_category=top_per_category, combine=combine)
+        super().__init__(path, resolution=resolution, center_crop=center_crop, force_rgb=force_rgb,
+                         max_size=max_size, **super_kwargs)
+        self._full_label_dim = self._num_categories
+        if self._filtering_active or max_size is not None:
+            print(f'After filtration there are {len(self)} images in the dataset')
+
+    @property
+    def _filtering_active(self) -> bool:
+        return any(self._filter_kwargs[k] is not None
+                   for k in ('nima_threshold', 'categories', 'top_percent', 'top_per_category'))
+
+    def _top_level_dirs(self) -> list:
+        if self._type == 'dir':
+            return sorted(d for d in os.listdir(self._path) if os.path.isdir(os.path.join(self._path, d)))
+        return sorted({name.split('/')[0] for name in self._all_fnames if '/' in name})
+
+    def _load_metadata(self) -> dict:
+        data = self._read_json('metadata.json')
+        return {} if data is None else dict(data.get('metadata') or {})
+
+    def _select_files(self, fnames: list) -> list:
+        self._metadata = self._load_metadata()
+        folders = self._top_level_dirs()
+        folder_index = {name: i for i, name in enumerate(folders)}
+        scores = [float(self.metadata_of(f).get('nima', 0) or 0) for f in fnames]
+        json_labels = None if self._metadata else self._dataset_json_labels()
+        if self._metadata or json_labels is None:
+            self._num_categories = len(folders)
+            cats = [folder_index.get(self._category_name(f)) for f in fnames]
+        else:
+            int_labels = [v for v in json_labels.values() if isinstance(v, int)]
+            self._num_categories = max(int_labels) + 1 if int_labels else 0
+            cats = [json_labels.get(f) if isinstance(json_labels.get(f), int) else None for f in fnames]
+        self._category_of = dict(zip(fnames, cats))
+        if not self._filtering_active:
+            return fnames
+        needs_scores = any(self._filter_kwargs[k] is not None for k in ('nima_threshold', 'top_percent', 'top_per_category'))
+        if needs_scores and not self._metadata:
+            raise IOError(f'{self._source_path}: nima_threshold/top_percent/top_per_category need metadata.json'
+                          ' with per-image scores at the dataset root')
+        kept = select_filtered(scores, cats, self._num_categories, **self._filter_kwargs)
+        return [fnames[i] for i in kept]
+
+    def _category_name(self, fname: str) -> Optional[str]:
+        folder = fname.split('/')[0] if '/' in fname else None
+        return self.metadata_of(fname).get('labels') or folder
+
+    def metadata_of(self, fname: str) -> dict:
+        """Metadata entry of a file (relative path, extension removed from the key), {} if none."""
+        return self._metadata.get(os.path.splitext(fname)[0], None) or {}
+
+    def get_metadata(self, idx: int) -> dict:
+        return self.metadata_of(self._image_fnames[self._raw_idx[idx]])
+
+    def _load_raw_labels(self) -> Optional[np.ndarray]:
+        if not self._metadata:
+            return super()._load_raw_labels()
+        cats = [self._category_of[f] for f in self._image_fnames]
+        missing = [f for f, c in zip(self._image_fnames, cats) if c is None]
+        if missing:
+            raise IOError(f'{self._source_path}: no category for {missing[0]} (metadata "labels" is not a'
+                          f' top-level folder name; {len(missing)} such images)')
+        return np.array(cats, dtype=np.int64)
+
+# ----------------------------------------------------------------------------

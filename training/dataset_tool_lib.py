@@ -1,0 +1,526 @@
+"""Library behind `dataset_tool.py`: input readers, atomic output writers, `convert`, `encode`, `decode`
+and the fork's `process_and_encode` (spec data.md §4).
+
+Every command returns a `SkipLog` listing the inputs it skipped and why (unreadable files, images too
+small for `center-crop-wide`); the CLI prints its summary and, with `--strict`, fails when it is not
+empty. Errors the user must fix raise `DatasetToolError` with a one-line message.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+from torch_utils import distributed
+from torch_utils import misc
+from training import image_transforms
+
+# ----------------------------------------------------------------------------
+# Errors and the skip log.
+
+
+class DatasetToolError(Exception):
+    """A problem with the options or inputs, described in one line."""
+
+
+class SkipLog:
+    """Inputs that were skipped, with the reason for each."""
+
+    def __init__(self, total: int = 0):
+        self.items = []  # [(name, reason), ...]
+        self.total = total  # Number of inputs considered.
+
+    def add(self, name: str, reason: str) -> None:
+        self.items.append((name, reason))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def summary(self, max_listed: int = 10) -> str:
+        if not self.items:
+            return f'Processed {self.total} inputs, skipped none.'
+        lines = [f'Processed {self.total} inputs, skipped {len(self.items)}:']
+        lines += [f'  {name}: {reason}' for name, reason in self.items[:max_listed]]
+        if len(self.items) > max_listed:
+            lines.append(f'  ... and {len(self.items) - max_listed} more')
+        return '\n'.join(lines)
+
+
+UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
+
+# ----------------------------------------------------------------------------
+# Names and encodings.
+
+
+def parse_tuple(s: Optional[str]) -> tuple:
+    """'512x512' or '512,512' -> (512, 512); None -> (None, None)."""
+    if s is None:
+        return None, None
+    parts = s.replace(',', 'x').split('x')
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise DatasetToolError(f'cannot parse tuple {s}')
+    return int(parts[0]), int(parts[1])
+
+
+def archive_name(idx: int, prefix: str, ext: str) -> str:
+    """'NNNNN/<prefix>NNNNNNNN<ext>': 8-digit index, folder = its first five digits (1000 per folder)."""
+    digits = f'{idx:08d}'
+    return f'{digits[:5]}/{prefix}{digits}{ext}'
+
+
+def image_extensions() -> set:
+    PIL.Image.init()
+    return {ext.lower() for ext in PIL.Image.EXTENSION}
+
+
+def has_extension(fname: str, extensions: set) -> bool:
+    return '.' in fname and '.' + fname.rsplit('.', 1)[1].lower() in extensions
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """HWC uint8 RGB array of an encoded image (any PIL mode: grayscale, palette, RGBA, ...)."""
+    with PIL.Image.open(io.BytesIO(data)) as image:
+        return image_transforms.to_rgb_array(image)
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(img).save(buf, format='png', compress_level=0, optimize=False)
+    return buf.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+# ----------------------------------------------------------------------------
+# Input readers (spec data.md §4.1).
+
+
+class Source:
+    """Sorted input names of a directory or zip, their labels, and raw bytes by name. Picklable; the zip is
+    reopened in every process."""
+
+    def __init__(self, path: str, extensions: set):
+        if not os.path.exists(path):
+            raise DatasetToolError(f'Missing input file or directory: {path}')
+        self.path = path
+        self.is_dir = os.path.isdir(path)
+        if not self.is_dir and not zipfile.is_zipfile(path):
+            raise DatasetToolError(f'Only zip archives are supported: {path}')
+        self._zip = None
+        self._zip_pid = None
+        self.names = sorted(n for n in self._list_all() if has_extension(n, extensions))
+        self.labels = self._load_labels()
+
+    def _list_all(self) -> list:
+        if self.is_dir:
+            return [os.path.relpath(os.path.join(root, f), self.path).replace('\\', '/')
+                    for root, _dirs, files in os.walk(self.path) for f in files]
+        return self._zipfile().namelist()
+
+    def _zipfile(self) -> zipfile.ZipFile:
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
+        return self._zip
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _zip=None, _zip_pid=None)
+
+    def read(self, name: str) -> bytes:
+        if self.is_dir:
+            with open(os.path.join(self.path, name), 'rb') as f:
+                return f.read()
+        return self._zipfile().read(name)
+
+    def _read_dataset_json(self) -> Optional[list]:
+        try:
+            data = json.loads(self.read('dataset.json'))
+        except (FileNotFoundError, KeyError):
+            return None
+        except ValueError as err:
+            raise DatasetToolError(f'{self.path}: dataset.json is not valid JSON ({err})') from err
+        return data.get('labels') if isinstance(data, dict) else None
+
+    def _load_labels(self) -> Optional[dict]:
+        pairs = self._read_dataset_json()
+        if pairs is not None:
+            return {name: label for name, label in pairs}
+        if not self.is_dir:
+            return None
+        folders = sorted({n.split('/')[0] if '/' in n else '' for n in self.names})
+        if len(folders) <= 1:
+            return None
+        index = {name: i for i, name in enumerate(folders)}
+        return {n: index[n.split('/')[0] if '/' in n else ''] for n in self.names}
+
+    def label(self, name: str) -> Any:
+        return None if self.labels is None else self.labels.get(name)
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+# ----------------------------------------------------------------------------
+# Output writers (spec data.md §4.2), atomic: a zip is written to a temp file, a folder to a temp folder,
+# and renamed into place only when everything succeeded.
+
+
+class DestWriter:
+    def __init__(self, dest: str):
+        if dest == '':
+            raise DatasetToolError('--dest output filename or directory must not be an empty string')
+        self.dest = dest
+        self.is_zip = dest.lower().endswith('.zip')
+        self._stack = contextlib.ExitStack()
+        self._zip = None
+        self._tmp_dir = None
+
+    def __enter__(self) -> 'DestWriter':
+        parent = os.path.dirname(os.path.abspath(self.dest))
+        os.makedirs(parent, exist_ok=True)
+        if self.is_zip:
+            fileobj = self._stack.enter_context(misc.atomic_open(self.dest, 'wb'))
+            self._zip = self._stack.enter_context(zipfile.ZipFile(fileobj, 'w', compression=zipfile.ZIP_STORED))
+            return self
+        if os.path.isdir(self.dest) and os.listdir(self.dest):
+            raise DatasetToolError('--dest folder must be empty')
+        if os.path.exists(self.dest) and not os.path.isdir(self.dest):
+            raise DatasetToolError(f'--dest exists and is not a folder: {self.dest}')
+        self._tmp_dir = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(self.dest))}.tmp-', dir=parent)
+        return self
+
+    def write(self, name: str, data: bytes) -> None:
+        if self._zip is not None:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # fixed time: reproducible archives
+            info.external_attr = 0o644 << 16
+            self._zip.writestr(info, data, compress_type=zipfile.ZIP_STORED)
+            return
+        path = os.path.join(self._tmp_dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'wb') as f:
+            f.write(data)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.is_zip:
+            return self._stack.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            return False
+        if os.path.isdir(self.dest):
+            os.rmdir(self.dest)  # empty (checked on entry); replaced by the finished folder
+        os.replace(self._tmp_dir, self.dest)
+        return False
+
+
+def dataset_json(labels: list) -> bytes:
+    """`dataset.json` content: label pairs, or null when any item has no label."""
+    if any(label is None for _name, label in labels):
+        labels = None
+    return json.dumps({'labels': labels}).encode('utf-8')
+
+# ----------------------------------------------------------------------------
+# convert (spec data.md §4.3).
+
+
+class DatasetShape:
+    """The size fixed by the first written image; later images must match it."""
+
+    def __init__(self):
+        self.attrs = None
+
+    def check(self, img: np.ndarray) -> None:
+        h, w = img.shape[:2]
+        attrs = dict(width=w, height=h, channels=img.shape[2] if img.ndim == 3 else 1)
+        if self.attrs is None:
+            if w != h:
+                raise DatasetToolError(f'Image dimensions after scale and crop are required to be square.  Got {w}x{h}')
+            if w != 2 ** int(np.floor(np.log2(w))):
+                raise DatasetToolError('Image width/height after scale and crop are required to be power-of-two')
+            self.attrs = attrs
+            return
+        if attrs != self.attrs:
+            diff = ', '.join(f'dataset {k}/cur image {k}: {self.attrs[k]}/{attrs[k]}' for k in attrs if attrs[k] != self.attrs[k])
+            raise DatasetToolError(f'Image attributes must be equal across all images of the dataset.  Got: {diff}')
+
+
+class _ConvertJob:
+    """Decode + transform of one input, picklable for worker processes."""
+
+    def __init__(self, source: Source, transform: Callable):
+        self.source = source
+        self.transform = transform
+
+    def __call__(self, name: str) -> tuple:
+        try:
+            img = decode_rgb(self.source.read(name))
+        except UNREADABLE_ERRORS as err:
+            return None, f'unreadable image ({err})'
+        h, w = img.shape[:2]
+        out = self.transform(img)
+        return (out, None) if out is not None else (None, f'too small for center-crop-wide ({w}x{h})')
+
+
+_worker_job = None
+
+
+def _init_worker(job: Callable) -> None:
+    global _worker_job
+    _worker_job = job
+
+
+def _run_worker_job(item: Any) -> Any:
+    return _worker_job(item)
+
+
+def _ordered_map(job: Callable, items: Sequence, num_workers: int) -> Iterator:
+    """map(job, items) in order, in `num_workers` spawned processes (the job is sent once per worker)."""
+    if num_workers <= 0:
+        yield from map(job, items)
+        return
+    import multiprocessing
+    with multiprocessing.get_context('spawn').Pool(num_workers, initializer=_init_worker, initargs=(job,)) as pool:
+        yield from pool.imap(_run_worker_job, items, chunksize=8)
+
+
+def convert(source: str, dest: str, max_images: Optional[int] = None, transform: Optional[str] = None,
+            resolution: Optional[str] = None, num_workers: int = 0, verbose: bool = True) -> SkipLog:
+    """Convert images in a folder or zip to a PNG dataset (zip or folder) with `dataset.json`."""
+    width, height = parse_tuple(resolution)
+    try:
+        transform_fn = image_transforms.TransformWrapper(transform, width, height)
+    except ValueError as err:
+        raise DatasetToolError(str(err)) from err
+    src = Source(source, image_extensions())
+    names = src.names[:max_images] if max_images is not None else src.names
+    skips, shape, labels = SkipLog(len(names)), DatasetShape(), []
+    with DestWriter(dest) as writer:
+        results = _ordered_map(_ConvertJob(src, transform_fn), names, num_workers)
+        for idx, (name, (img, reason)) in enumerate(tqdm.tqdm(zip(names, results), total=len(names), disable=not verbose)):
+            if img is None:
+                skips.add(name, reason)
+                continue
+            shape.check(img)
+            out_name = archive_name(idx, 'img', '.png')
+            writer.write(out_name, encode_png(img))
+            labels.append([out_name, src.label(name)])
+        writer.write('dataset.json', dataset_json(labels))
+    return skips
+
+# ----------------------------------------------------------------------------
+# encode / decode (spec data.md §4.4-4.5) through training.encoders.StabilityVAEEncoder, batched.
+
+
+def _batches(items: Iterator, batch: int) -> Iterator[list]:
+    """Consecutive items grouped into lists of up to `batch` equal-shape arrays (item[2] is the array)."""
+    group = []
+    for item in items:
+        if group and (len(group) == batch or item[2].shape != group[0][2].shape):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def _make_vae(model_url: str, batch: int, device: torch.device) -> Any:
+    """The VAE, loaded now so that a missing model fails before any input is read."""
+    from training.encoders import StabilityVAEEncoder  # heavy (diffusers); only the VAE commands need it
+    vae = StabilityVAEEncoder(vae_name=model_url, batch_size=batch)
+    vae.init(device)
+    return vae
+
+
+def _iter_arrays(src: Source, names: list, load: Callable, skips: SkipLog, verbose: bool) -> Iterator[tuple]:
+    """(index, name, array) of every readable input; unreadable ones go to the skip log."""
+    for idx, name in enumerate(tqdm.tqdm(names, disable=not verbose)):
+        try:
+            yield idx, name, load(src.read(name))
+        except UNREADABLE_ERRORS as err:
+            skips.add(name, f'unreadable ({err})')
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse', max_images: Optional[int] = None,
+           batch: int = 8, device: Optional[str] = None, verbose: bool = True) -> SkipLog:
+    """Pixels -> raw VAE latents [8, H/8, W/8] (mean, std) as `NNNNN/img-mean-std-NNNNNNNN.npy`."""
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    src = Source(source, image_extensions())
+    names = src.names[:max_images] if max_images is not None else src.names
+    vae, skips, labels = _make_vae(model_url, batch, device), SkipLog(len(names)), []
+    with DestWriter(dest) as writer, torch.no_grad():
+        for group in _batches(_iter_arrays(src, names, decode_rgb, skips, verbose), batch):
+            pixels = torch.from_numpy(np.stack([img for _i, _n, img in group])).permute(0, 3, 1, 2).to(device)
+            latents = vae.encode_pixels(pixels).cpu().numpy().astype(np.float32)
+            for (idx, name, _img), latent in zip(group, latents):
+                out_name = archive_name(idx, 'img-mean-std-', '.npy')
+                writer.write(out_name, encode_npy(latent))
+                labels.append([out_name, src.label(name)])
+        writer.write('dataset.json', dataset_json(labels))
+    return skips
+
+
+def decode(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse', max_images: Optional[int] = None,
+           batch: int = 8, device: Optional[str] = None, seed: int = 0, verbose: bool = True) -> SkipLog:
+    """Raw latents (`.npy`, as written by `encode`) -> PNGs of a posterior sample (fixes quirk E5)."""
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    src = Source(source, {'.npy'})
+    if not src.names:
+        raise DatasetToolError(f'No .npy latents found in {source}')
+    names = src.names[:max_images] if max_images is not None else src.names
+    vae, skips, labels = _make_vae(model_url, batch, device), SkipLog(len(names)), []
+    torch.manual_seed(seed)  # encode_latents draws the posterior sample from the global RNG
+    with DestWriter(dest) as writer, torch.no_grad():
+        for group in _batches(_iter_arrays(src, names, _load_npy, skips, verbose), batch):
+            latents = torch.from_numpy(np.stack([x for _i, _n, x in group])).to(device)
+            pixels = vae.decode(vae.encode_latents(latents)).permute(0, 2, 3, 1).cpu().numpy()
+            for (idx, name, _x), img in zip(group, pixels):
+                out_name = archive_name(idx, 'img', '.png')
+                writer.write(out_name, encode_png(img))
+                labels.append([out_name, src.label(name)])
+        writer.write('dataset.json', dataset_json(labels))
+    return skips
+
+# ----------------------------------------------------------------------------
+# process-and-encode (fork, spec data.md §4.6): category folders -> per-image latents, sharded over ranks.
+
+
+def list_category_images(source: str) -> tuple:
+    """(sorted category folder names, [(category index, file name), ...]) — image files directly inside
+    each immediate sub-folder of `source`, sorted, so that every rank derives the same list."""
+    if not os.path.isdir(source):
+        raise DatasetToolError(f'--source must be a directory with one sub-folder per category: {source}')
+    extensions = image_extensions()
+    categories = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
+    items = [(c, f) for c, name in enumerate(categories)
+             for f in sorted(os.listdir(os.path.join(source, name))) if has_extension(f, extensions)]
+    return categories, items
+
+
+class _CategoryImages(torch.utils.data.Dataset):
+    """Item i of `items`: (i, transformed HWC image or None, reason)."""
+
+    def __init__(self, source: str, categories: list, items: list, transform: Callable):
+        self.source, self.categories, self.items, self.transform = source, categories, items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple:
+        cat, fname = self.items[i]
+        try:
+            with open(os.path.join(self.source, self.categories[cat], fname), 'rb') as f:
+                img = decode_rgb(f.read())
+        except UNREADABLE_ERRORS as err:
+            return i, None, f'unreadable image ({err})'
+        out = self.transform(img)
+        return (i, out, None) if out is not None else (i, None, f'too small for the transform ({img.shape[1]}x{img.shape[0]})')
+
+
+def _collate_keep_skips(batch: list) -> tuple:
+    """Default collate cannot batch None (quirk F24): split the batch into kept images and skips."""
+    kept = [(i, img) for i, img, _reason in batch if img is not None]
+    skipped = [(i, reason) for i, img, reason in batch if img is None]
+    pixels = torch.from_numpy(np.stack([img for _i, img in kept])) if kept else None
+    return [i for i, _img in kept], pixels, skipped
+
+
+def _latent_path(dest: str, categories: list, item: tuple) -> str:
+    cat, fname = item
+    return os.path.join(dest, categories[cat], os.path.splitext(fname)[0] + '.npy')
+
+
+def _drop_duplicate_stems(items: list, skips: SkipLog) -> list:
+    seen, unique = set(), []
+    for cat, fname in items:
+        key = (cat, os.path.splitext(fname)[0])
+        if key in seen:
+            skips.add(fname, 'another file of this category has the same stem (output name clash)')
+            continue
+        seen.add(key)
+        unique.append((cat, fname))
+    return unique
+
+
+def process_and_encode(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse',
+                       resolution: str = '512x512', transform: Optional[str] = None, batch_size: int = 32,
+                       num_workers: int = 4, gpu_batch_size: int = 8, device: Optional[str] = None,
+                       verbose: bool = True) -> tuple:
+    """Encode `source/<category>/<image>` to `dest/<category>/<stem>.npy` (float32 [8, H/8, W/8]) and write
+    `dest/dataset.json` (labels = sorted category index). Runs on every rank of the process group (each takes
+    every world_size-th image); files already present are kept, so an interrupted run resumes.
+    Returns the SkipLog of this rank."""
+    width, height = parse_tuple(resolution)
+    try:
+        transform_fn = image_transforms.TransformWrapper(transform, width, height)
+    except ValueError as err:
+        raise DatasetToolError(str(err)) from err
+    categories, items = list_category_images(source)
+    skips = SkipLog(len(items))
+    items = _drop_duplicate_stems(items, skips)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if rank == 0:
+        for name in categories:
+            os.makedirs(os.path.join(dest, name), exist_ok=True)
+    distributed.barrier()
+
+    shard = [it for it in items[rank::world] if not os.path.isfile(_latent_path(dest, categories, it))]
+    print(f'[Rank {rank}] Total images in shard: {len(items[rank::world])} ({len(shard)} to encode)')
+    device = torch.device(device) if device else distributed.get_device()
+    _encode_shard(_CategoryImages(source, categories, shard, transform_fn), dest, model_url, batch_size,
+                  num_workers, gpu_batch_size, device, skips, verbose and rank == 0)
+    distributed.barrier()
+    if rank == 0:
+        done = [it for it in items if os.path.isfile(_latent_path(dest, categories, it))]
+        labels = [[f'{categories[c]}/{os.path.splitext(f)[0]}.npy', c] for c, f in done]
+        with misc.atomic_open(os.path.join(dest, 'dataset.json'), 'wb') as f:
+            f.write(dataset_json(labels))
+    return skips
+
+
+def _encode_shard(dataset: _CategoryImages, dest: str, model_url: str, batch_size: int, num_workers: int,
+                  gpu_batch_size: int, device: torch.device, skips: SkipLog, verbose: bool) -> None:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=_collate_keep_skips, shuffle=False,
+                                         multiprocessing_context='spawn' if num_workers > 0 else None)
+    print(f'[Rank {distributed.get_rank()}] Processing {len(loader)} batches.')
+    vae = None  # loaded with the first readable image, so a resumed, finished run needs no model
+    with torch.no_grad():
+        for indices, pixels, skipped in tqdm.tqdm(loader, disable=not verbose):
+            for i, reason in skipped:
+                skips.add(dataset.items[i][1], reason)
+            if pixels is None:
+                continue
+            vae = vae or _make_vae(model_url, gpu_batch_size, device)
+            latents = vae.encode_pixels(pixels.permute(0, 3, 1, 2).to(device)).cpu().numpy().astype(np.float32)
+            for i, latent in zip(indices, latents):
+                with misc.atomic_open(_latent_path(dest, dataset.categories, dataset.items[i]), 'wb') as f:
+                    np.save(f, latent)
+
+# ----------------------------------------------------------------------------
+
+
+def sum_over_ranks(value: int) -> int:
+    """Sum of an integer over all ranks (the value itself for a single process)."""
+    if distributed.get_world_size() == 1:
+        return int(value)
+    tensor = torch.tensor([int(value)], dtype=torch.int64, device=distributed._sync_tensor_device())
+    torch.distributed.all_reduce(tensor)
+    return int(tensor.item())
+
+# ----------------------------------------------------------------------------
