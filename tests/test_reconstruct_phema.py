@@ -205,12 +205,12 @@ def test_cli_end_to_end(run_dir, tmp_path):
     [batch] = list(sampling.generate_images(os.path.join(out_dir, names[-1]), seeds=[3], device='cpu',
                                             num_steps=2, verbose=False))
     assert batch.images.shape == (1, 3, 16, 16) and batch.images.dtype == torch.uint8
-    # --skip: only the missing output is computed; nothing left is an error (quirk E4).
+    # --skip: only the missing output is computed; nothing left is a clean no-op (quirk E4).
     res = _cli(f'--indir={run_dir}', f'--outdir={out_dir}', '--outstd=0.070,0.200', '--outprefix=phema', '--skip')
     assert res.exit_code == 0, res.output
     assert 'Reconstructing 1 output pickles in 1 batches' in res.output
     res = _cli(f'--indir={run_dir}', f'--outdir={out_dir}', '--outstd=0.070,0.200', '--skip')
-    assert res.exit_code != 0 and 'already exist' in res.output and 'nothing to do' in res.output
+    assert res.exit_code == 0 and 'already exist' in res.output and 'nothing to do' in res.output
 
 
 def test_cli_outkimg_and_prefix(run_dir, tmp_path):

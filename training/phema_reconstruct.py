@@ -181,9 +181,7 @@ def _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing) -> li
             raise PhemaError(f'Output std {std} must be positive and less than {phema.MAX_STD}')
     if skip_existing and out_dir is not None:
         todo = [std for std in stds if not os.path.isfile(pickle_path(out_dir, out_prefix, out_nimg, std))]
-        if len(todo) == 0:
-            raise PhemaError(f'All {len(stds)} output pickles already exist in {out_dir} (--skip); nothing to do')
-        stds = todo
+        stds = todo # may be empty: a finished job re-run with --skip has nothing to do (quirk E4)
     return stds
 
 
@@ -302,6 +300,10 @@ def reconstruct_phema(in_pkls: Sequence[Any], out_std: float | Sequence[float], 
         raise PhemaError(f'Batch size must be at least 1 (got {max_batch_size})')
     in_pkls, out_nimg = _select_inputs(in_pkls, out_nimg)
     out_stds = _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing)
+    if len(out_stds) == 0:
+        if verbose:
+            print(f'All requested output pickles already exist in {out_dir} (--skip); nothing to do')
+        return iter(())
     batches = _split_batches(out_stds, max_batch_size)
     in_nimg = [pkl.nimg for pkl in in_pkls]
     in_std = [pkl.std for pkl in in_pkls]
