@@ -1,0 +1,161 @@
+"""calculate_metrics.py end to end (click CliRunner, stand-in detectors, tiny image sets and nets)."""
+
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import calculate_metrics
+from tests import detector_standins as standins
+from tests.tiny import make_tiny_precond, write_tiny_snapshot
+from training import detectors
+from training import metrics
+
+
+@pytest.fixture(scope='module')
+def cache_root(tmp_path_factory):
+    return standins.shared_standin_cache(tmp_path_factory)
+
+
+@pytest.fixture
+def cache(cache_root, monkeypatch):
+    standins.use_cache(monkeypatch, cache_root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield cache_root
+    torch.set_num_threads(threads)
+    detectors.clear_detector_cache()
+
+
+@pytest.fixture(scope='module')
+def image_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('images'))
+    standins.write_images(path, 10, size=16)
+    return path
+
+
+def run(*args):
+    result = CliRunner().invoke(calculate_metrics.cmdline, [str(a) for a in args])
+    return result
+
+
+def error_line(result):
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_ref_then_calc_gives_zero(cache, image_dir, tmp_path):
+    dest = tmp_path / 'refs' / 'mine.pkl'
+    result = run('ref', '--data', image_dir, '--dest', dest, '--metrics', 'fid,fd_dinov2', '--workers', 0, '--batch', 4)
+    assert result.exit_code == 0, result.output
+    with open(dest, 'rb') as f:
+        stats = pickle.load(f)
+    assert stats['num_images'] == 10 and stats['fid']['sigma'].shape == (64, 64) and stats['fid']['mu'].dtype == np.float64
+    result = run('calc', '--images', image_dir, '--ref', dest, '--metrics', 'fid,fd_dinov2', '--num', 'all',
+                 '--workers', 0, '--batch', 3)
+    assert result.exit_code == 0, result.output
+    values = {line.split(' = ')[0]: float(line.split(' = ')[1]) for line in result.output.splitlines() if ' = ' in line}
+    assert set(values) == {'fid', 'fd_dinov2'}
+    assert all(abs(v) < 1e-5 for v in values.values()), values
+
+
+def test_three_refs_out_and_hist(cache, image_dir, tmp_path):
+    base_ref = tmp_path / 'first.pkl'
+    assert run('ref', '--data', image_dir, '--dest', base_ref, '--metrics', 'fid', '--workers', 0).exit_code == 0
+    shutil.copy(base_ref, tmp_path / 'second.pkl')
+    metrics.save_stats(metrics.load_stats(str(base_ref), verbose=False), str(tmp_path / 'third.npz'))
+    out = tmp_path / 'results' / 'run1'
+    result = run('calc', '--images', image_dir, '--num', 8, '--metrics', 'fid,nima', '--workers', 0,
+                 '--ref', base_ref, '--ref', tmp_path / 'second.pkl', '--ref', tmp_path / 'third.npz',
+                 '--out', out, '--hist')
+    assert result.exit_code == 0, result.output
+    with open(f'{out}.json') as f:
+        data = json.load(f)
+    assert sorted(data['fid']) == ['first', 'second', 'third']
+    assert len({round(v, 9) for v in data['fid'].values()}) == 1 and data['fid']['first'] > 0  # 8 of 10 images
+    assert data['nima']['sigma'] == pytest.approx(np.sqrt(data['nima']['variance']))
+    assert sum(data['nima']['histogram']) == 8
+    with open(f'{out}.pkl', 'rb') as f:
+        assert set(pickle.load(f)) == {'fid'}
+    with PIL.Image.open(f'{out}-nima.png') as image:
+        assert image.format == 'PNG'
+    assert 'fid on second = ' in result.output
+
+
+def test_fewer_images_than_num(cache, image_dir):
+    line = error_line(run('calc', '--images', image_dir, '--metrics', 'nima', '--workers', 0))
+    assert 'Found 10 images, but expected at least 50000' in line and image_dir in line
+
+
+def test_missing_and_corrupt_reference(cache, image_dir, tmp_path):
+    line = error_line(run('calc', '--images', image_dir, '--ref', tmp_path / 'nope.pkl', '--num', 'all'))
+    assert 'nope.pkl' in line
+    corrupt = tmp_path / 'corrupt.pkl'
+    corrupt.write_bytes(b'\x80\x04garbage')
+    line = error_line(run('calc', '--images', image_dir, '--ref', corrupt, '--num', 'all'))
+    assert 'corrupt.pkl' in line
+    assert not os.path.exists(tmp_path / 'out.json')
+
+
+def test_unknown_metric_and_bad_num(image_dir):
+    assert 'Invalid metric "fidd"' in error_line(run('calc', '--images', image_dir, '--metrics', 'fidd'))
+    assert 'need at least 2' in error_line(run('calc', '--images', image_dir, '--num', 1))
+    assert 'Invalid metric' in error_line(run('ref', '--data', image_dir, '--dest', 'x.pkl', '--metrics', 'x'))
+    assert 'give at least one reference' in error_line(run('calc', '--images', image_dir, '--metrics', 'fid'))
+
+
+def test_bad_dataset_path(cache, tmp_path):
+    line = error_line(run('ref', '--data', tmp_path / 'missing.zip', '--dest', tmp_path / 'r.pkl', '--metrics', 'nima'))
+    assert 'missing.zip' in line
+
+
+def test_gen_with_tiny_network(cache, tmp_path):
+    snapshot = str(tmp_path / 'net.pkl')
+    write_tiny_snapshot(snapshot, net=make_tiny_precond(label_dim=0))
+    out, images = tmp_path / 'gen', tmp_path / 'imgs'
+    result = run('gen', '--net', snapshot, '--num', 4, '--steps', 2, '--batch', 2, '--metrics', 'nima,fd_dinov2',
+                 '--out', out, '--out-images', images)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(images)) == [f'{seed:06d}.png' for seed in range(4)]
+    with open(f'{out}.json') as f:
+        data = json.load(f)
+    assert 1 <= data['nima']['mu'] <= 10 and sum(data['nima']['histogram']) == 4
+    assert data['fd_dinov2'] == {}  # no reference: features only
+    with open(f'{out}.pkl', 'rb') as f:
+        assert pickle.load(f)['fd_dinov2']['mean'].shape == (16,)
+
+
+def test_help_texts():
+    for command in ([], ['calc'], ['gen'], ['ref']):
+        result = run(*command, '--help')
+        assert result.exit_code == 0 and 'Usage' in result.output
+
+
+def test_ref_under_torchrun_matches_single_process(cache, image_dir, tmp_path):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
+    env.update(PYTHONPATH=repo, OMP_NUM_THREADS='1', DNNLIB_CACHE_DIR=cache)
+    dest = tmp_path / 'two-ranks.pkl'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'calculate_metrics.py',
+           'ref', f'--data={image_dir}', f'--dest={dest}', '--metrics=fid,nima', '--batch=3', '--workers=0']
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(dest, 'rb') as f:
+        two = pickle.load(f)
+    one = metrics.calculate_stats_for_files(image_dir, max_batch_size=3, num_workers=0, metrics=['fid', 'nima'],
+                                            verbose=False)
+    assert two['num_images'] == one['num_images'] == 10
+    for metric in ('fid', 'nima'):
+        np.testing.assert_allclose(two[metric]['mu'], one[metric]['mu'], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(two[metric]['sigma'], one[metric]['sigma'], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(two['nima']['histogram'], one['nima']['histogram'])

@@ -1,0 +1,165 @@
+"""score_dataset.py / training.scoring: CSV layout, resume after interruption, no duplicates (F22),
+metadata.json usable by FilteredImageDataset (F14), zip input, bad input."""
+
+import csv
+import json
+import os
+import shutil
+import zipfile
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import score_dataset
+from tests import detector_standins as standins
+from torch_utils import distributed as dist
+from training import dataset as dataset_lib
+from training import detectors
+from training import scoring
+
+
+@pytest.fixture(scope='module')
+def cache_root(tmp_path_factory):
+    return standins.shared_standin_cache(tmp_path_factory)
+
+
+@pytest.fixture
+def cache(cache_root, monkeypatch):
+    standins.use_cache(monkeypatch, cache_root)
+    yield cache_root
+    detectors.clear_detector_cache()
+
+
+@pytest.fixture(scope='module')
+def image_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('dataset'))
+    standins.write_images(path, 11, size=16, folders=2)
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(score_dataset.main, [str(a) for a in args])
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.reader(f))
+
+
+class Interrupting:
+    """Wraps a detector; raises KeyboardInterrupt at call number `at` (simulates Ctrl-C / a crash)."""
+
+    def __init__(self, inner, at):
+        self.inner, self.at, self.calls = inner, at, 0
+        self.max_score, self.feature_dim = inner.max_score, inner.feature_dim
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.inner(images)
+
+
+def test_full_run_layout_and_metadata(cache, image_dir, tmp_path):
+    out = tmp_path / 'scores'
+    result = run('--images', image_dir, '--out', out, '--metric', 'nima', '--batch', 3, '--workers', 0, '--checkpoints', 2)
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / 'results_full.csv')
+    assert rows[0] == ['filename', 'nima']
+    names = [r[0] for r in rows[1:]]
+    assert len(names) == 11 and names == sorted(set(names)) and names[0] == 'c0/img000'
+    assert sorted(os.listdir(out)) == ['metadata.json', 'results_0.csv', 'results_1.csv', 'results_full.csv']
+    scores = {name: float(value) for name, value in rows[1:]}
+    # Default --resolution 512: the ADM crop/resize happens before the detector's own resize.
+    ds = dataset_lib.ImageFolderDataset(image_dir, resolution=512, center_crop=True)
+    image, _ = ds[0]
+    expected = detectors.get_detector('nima')(torch.from_numpy(image[None]))
+    assert scores['c0/img000'] == pytest.approx(float(expected), rel=1e-5)
+    # metadata.json, copied to the dataset root, drives FilteredImageDataset.
+    with open(out / 'metadata.json') as f:
+        metadata = json.load(f)['metadata']
+    assert metadata['c1/img001'] == {'nima': scores['c1/img001'], 'labels': 'c1'}
+    data_copy = tmp_path / 'curated'
+    shutil.copytree(image_dir, data_copy)
+    shutil.copy(out / 'metadata.json', data_copy / 'metadata.json')
+    threshold = sorted(scores.values())[5]
+    kept = dataset_lib.FilteredImageDataset(str(data_copy), nima_threshold=threshold)
+    assert len(kept) == sum(score >= threshold for score in scores.values()) == 6
+
+
+def test_interrupted_run_resumes_to_identical_results(cache, image_dir, tmp_path, monkeypatch):
+    reference = tmp_path / 'reference'
+    scoring.score_dataset(image_dir, str(reference), 'nima', max_batch_size=2, num_workers=0, resolution=None,
+                          verbose=False)
+    resumed = tmp_path / 'resumed'
+    detectors._detector_cache['nima'] = Interrupting(detectors.get_detector('nima'), at=4)
+    with pytest.raises(KeyboardInterrupt):
+        scoring.score_dataset(image_dir, str(resumed), 'nima', max_batch_size=2, num_workers=0, checkpoints=1,
+                              resolution=None, verbose=False)
+    assert sorted(os.listdir(resumed)) == ['results_0.csv', 'results_1.csv', 'results_2.csv']  # 3 batches kept
+    detectors.clear_detector_cache()
+    scores = scoring.score_dataset(image_dir, str(resumed), 'nima', max_batch_size=4, num_workers=0, checkpoints=1,
+                                   resolution=None, verbose=False)
+    assert len(scores) == 11
+    with open(reference / 'results_full.csv', 'rb') as a, open(resumed / 'results_full.csv', 'rb') as b:
+        assert a.read() == b.read()
+    # A third run finds nothing to do and rewrites the same file: no duplicated rows (F22).
+    result = run('--images', image_dir, '--out', resumed, '--metric', 'nima', '--workers', 0, '--resolution', 0)
+    assert result.exit_code == 0 and 'Dataset Already Fully Processed' in result.output
+    with open(reference / 'results_full.csv', 'rb') as a, open(resumed / 'results_full.csv', 'rb') as b:
+        assert a.read() == b.read()
+
+
+def test_stop_signal_writes_checkpoint(cache, image_dir, tmp_path, monkeypatch):
+    calls = iter(range(100))
+    monkeypatch.setattr(dist, 'should_stop', lambda: next(calls) >= 1)  # stop after the second batch
+    out = tmp_path / 'stopped'
+    assert scoring.score_dataset(image_dir, str(out), 'nima', max_batch_size=3, num_workers=0, resolution=None,
+                                 verbose=False) is None
+    assert len(read_csv(out / 'results_0.csv')) == 1 + 6 and not os.path.exists(out / 'results_full.csv')
+
+
+def test_zip_dataset_same_names(cache, image_dir, tmp_path):
+    archive = tmp_path / 'data.zip'
+    with zipfile.ZipFile(archive, 'w') as z:
+        for root, _, files in os.walk(image_dir):
+            for name in files:
+                z.write(os.path.join(root, name), os.path.relpath(os.path.join(root, name), image_dir))
+    out = tmp_path / 'zip-scores'
+    assert run('--images', archive, '--out', out, '--metric', 'ascore', '--workers', 0, '--resolution', 0).exit_code == 0
+    rows = read_csv(out / 'results_full.csv')
+    assert rows[0] == ['filename', 'ascore'] and len(rows) == 12 and rows[1][0] == 'c0/img000'
+
+
+def test_bad_input(cache, image_dir, tmp_path):
+    for metric, message in (('fid', 'not a per-image scorer'), ('foo', 'Invalid metric "foo"')):
+        result = run('--images', image_dir, '--out', tmp_path / 'x', '--metric', metric)
+        assert result.exit_code != 0 and message in result.output
+    result = run('--images', tmp_path / 'nothing', '--out', tmp_path / 'y', '--metric', 'nima')
+    assert result.exit_code != 0 and 'nothing' in result.output
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'results_0.csv').write_text('filename,ascore\na,1.0\n')
+    result = run('--images', image_dir, '--out', other, '--metric', 'nima', '--workers', 0)
+    assert result.exit_code != 0 and 'holds "ascore" scores' in result.output
+
+
+def test_score_under_torchrun_matches_single_process(cache, image_dir, tmp_path):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
+    env.update(PYTHONPATH=repo, OMP_NUM_THREADS='1', DNNLIB_CACHE_DIR=cache)
+    out = tmp_path / 'two-ranks'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'score_dataset.py',
+           f'--images={image_dir}', f'--out={out}', '--metric=nima', '--batch=2', '--workers=0', '--checkpoints=2',
+           '--resolution=0']
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    one = scoring.score_dataset(image_dir, str(tmp_path / 'one'), 'nima', max_batch_size=2, num_workers=0,
+                                resolution=None, verbose=False)
+    rows = read_csv(out / 'results_full.csv')[1:]
+    assert [name for name, _ in rows] == sorted(one)
+    assert all(float(value) == pytest.approx(one[name], rel=1e-6) for name, value in rows)
+    assert len(scoring.checkpoint_files(str(out))) == 2  # 3 batches per rank, checkpoint after the 2nd and at the end

@@ -1,0 +1,540 @@
+"""Evaluation metrics: feature statistics, Fréchet distances, scorer histograms (spec metrics.md §2-4).
+
+* `calculate_stats_for_iterable()` -- accumulate per-metric feature sums in float64 over any
+  iterable of image batches, reduce across ranks, return mean/covariance (and histograms).
+* `calculate_stats_for_files()` / `calculate_stats_for_network()` -- the dataset and
+  generate-on-the-fly sources used by `calculate_metrics.py calc`/`ref` and `gen`.
+* `load_stats()` / `save_stats()` -- EDM2 `.pkl` and EDM v1 `.npz` reference statistics.
+* `frechet_distance()` -- FD in float64 with a stable fallback for singular/complex cases.
+* `calculate_metrics_from_stats()` (official, one reference) and `calculate_results()` (fork:
+  several named references, scorer summaries), `save_results()` (JSON/PKL/histogram PNGs).
+
+Fixes over the originals: scorer `sigma` is the standard deviation (quirk F20; the variance is
+stored as `variance`), one histogram figure per metric (F21), images keep their own resolution
+unless `resolution` is given (F17), result files are written atomically and checked before the
+(long) computation starts.
+"""
+
+import json
+import os
+import pickle
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import scipy.linalg
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
+from torch_utils import persistence
+from training import detectors
+
+HIST_BINS_PER_UNIT = 10  # Histogram: 10 bins per score unit, bin k covers scores rounding to (k+1)/10.
+
+
+class MetricsError(ValueError):
+    """Bad input to a metrics computation; the message is one line naming the file/option at fault."""
+
+# ----------------------------------------------------------------------------
+# Metric names.
+
+
+def parse_metric_list(metrics: Union[str, Sequence[str]]) -> list:
+    """'fid,fd_dinov2' -> ['fid', 'fd_dinov2']; unknown names raise MetricsError."""
+    names = [m.strip() for m in metrics.split(',')] if isinstance(metrics, str) else list(metrics)
+    names = [m for m in names if m]
+    if not names:
+        raise MetricsError('--metrics: no metric given')
+    for name in names:
+        if name not in detectors.detector_classes:
+            raise MetricsError(f'Invalid metric "{name}" (choose from {", ".join(detectors.detector_classes)})')
+    return list(dict.fromkeys(names))
+
+# ----------------------------------------------------------------------------
+# Accumulation (metrics.md §2.1).
+
+
+def _images_of(batch: Any) -> Optional[torch.Tensor]:
+    """The uint8 NCHW images of a batch: dict with 'images', (images, labels) pair, tensor or array."""
+    if isinstance(batch, dict):
+        batch = batch.get('images', None)
+    elif isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if batch is None:
+        return None
+    return torch.as_tensor(batch)
+
+
+def _detector_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """3-channel uint8 images on `device`: grayscale repeated, alpha dropped."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+        raise MetricsError(f'detectors need NCHW images with 1, 3 or 4 channels, got shape {list(images.shape)}'
+                           ' (latent datasets must be decoded first)')
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return images[:, :3].to(device)
+
+
+class StatsAccumulator:
+    """Float64 running sums per metric: S1 = sum f, S2 = sum f f^T, count; scorer histograms."""
+
+    def __init__(self, metrics: Sequence[str], device: torch.device, verbose: bool = True):
+        self.metrics = list(metrics)
+        self.device = torch.device(device)
+        self.detectors = {m: detectors.get_detector(m, verbose=verbose) for m in self.metrics}
+        self.num_images = torch.zeros([], dtype=torch.int64, device=self.device)
+        self.sums = dict()
+
+    def _init_sums(self, metric: str, dim: int) -> None:
+        sums = dict(s1=torch.zeros([dim], dtype=torch.float64, device=self.device),
+                    s2=torch.zeros([dim, dim], dtype=torch.float64, device=self.device))
+        max_score = self.detectors[metric].max_score
+        if max_score is not None:
+            sums['hist'] = torch.zeros([HIST_BINS_PER_UNIT * max_score], dtype=torch.float64, device=self.device)
+        self.sums[metric] = sums
+
+    def add(self, images: torch.Tensor) -> None:
+        images = _detector_input(images, self.device)
+        for metric, detector in self.detectors.items():
+            features = detector(images).to(torch.float64).reshape(images.shape[0], -1)
+            if metric not in self.sums:
+                self._init_sums(metric, features.shape[1])
+            sums = self.sums[metric]
+            sums['s1'] += features.sum(dim=0)
+            sums['s2'] += features.T @ features
+            if 'hist' in sums:
+                # Bin index clamp(round(10 * score), 1, 10 * max_score) - 1.
+                bins = (features[:, 0] * HIST_BINS_PER_UNIT).round().clamp(1, sums['hist'].numel()).to(torch.int64) - 1
+                sums['hist'] += torch.bincount(bins, minlength=sums['hist'].numel()).to(torch.float64)
+        self.num_images += images.shape[0]
+
+    def finish(self) -> dict:
+        """Collective: reduce across ranks, return {'num_images', metric: {'mu', 'sigma'[, 'histogram']}}."""
+        for metric, detector in self.detectors.items():
+            if metric not in self.sums:  # this rank saw no image; the others define the shapes
+                self._init_sums(metric, int(detector.feature_dim))
+        n = int(_all_reduce(self.num_images.clone()).item())
+        if n < 2:
+            raise MetricsError(f'Found {n} images, but need at least 2 to compute statistics')
+        stats = dict(num_images=n)
+        for metric in self.metrics:  # same order on every rank (collectives)
+            sums = self.sums[metric]
+            s1, s2 = _all_reduce(sums['s1'].clone()), _all_reduce(sums['s2'].clone())
+            mu = s1 / n
+            sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)  # unbiased covariance
+            stats[metric] = dict(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy())
+            if 'hist' in sums:
+                stats[metric]['histogram'] = _all_reduce(sums['hist'].clone()).cpu().numpy()
+        return stats
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def calculate_stats_for_iterable(
+    image_iter: Iterable,                   # Batches: dicts with 'images', (images, labels) pairs, or tensors.
+    metrics: Sequence[str] = ('fid', 'fd_dinov2'),
+    verbose: bool = True,
+    dest_path: Optional[str] = None,        # Rank 0 saves the statistics here.
+    device: Union[str, torch.device] = 'cpu',
+    num_batches: Optional[int] = None,      # For progress records; default len(image_iter) when defined.
+) -> Iterator[dnnlib.EasyDict]:
+    """Iterator of progress records {stats, images, batch_idx, num_batches, num_images}; `stats` is None
+    until the last record, which carries the reduced statistics (all ranks get them).
+    The detectors are set up before this returns, so missing weights fail before any work."""
+    acc = StatsAccumulator(parse_metric_list(metrics), device, verbose=verbose)
+    if num_batches is None:
+        num_batches = len(image_iter) if hasattr(image_iter, '__len__') else None
+    return _accumulate(acc, image_iter, dest_path, num_batches)
+
+
+def _accumulate(acc: StatsAccumulator, image_iter: Iterable, dest_path: Optional[str],
+                num_batches: Optional[int]) -> Iterator[dnnlib.EasyDict]:
+    batch_idx = -1
+    for batch_idx, batch in enumerate(image_iter):
+        images = _images_of(batch)
+        if images is not None and images.shape[0] > 0:  # empty generation chunks carry no images (E7)
+            acc.add(images)
+        yield dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=num_batches,
+                              num_images=int(acc.num_images))
+    stats = acc.finish()
+    if dest_path is not None and dist.get_rank() == 0:
+        save_stats(stats, dest_path)
+    yield dnnlib.EasyDict(stats=stats, images=None, batch_idx=batch_idx + 1, num_batches=num_batches,
+                          num_images=stats['num_images'])
+
+
+def run_with_progress(records: Iterator[dnnlib.EasyDict], total: Optional[int], verbose: bool = True) -> dict:
+    """Drain a calculate_stats_for_iterable() generator with a progress bar on rank 0; return stats."""
+    import tqdm
+    stats = None
+    with tqdm.tqdm(total=total, unit='batch', disable=(not verbose or dist.get_rank() != 0)) as bar:
+        for r in records:
+            if r.stats is not None:
+                stats = r.stats
+            else:
+                bar.update(1)
+    return stats
+
+# ----------------------------------------------------------------------------
+# Image sources (metrics.md §3, §4.2).
+
+
+def open_image_dataset(image_path: str, num_images: Optional[int] = None, seed: int = 0,
+                       resolution: Optional[int] = None, **filter_kwargs: Any) -> torch.utils.data.Dataset:
+    """ImageFolderDataset (or FilteredImageDataset when a filter is set) over all or `num_images` images.
+
+    `num_images` larger than the dataset is an error (official); `resolution` ADM-crops every image."""
+    from training import dataset
+    filters = {k: v for k, v in filter_kwargs.items() if v is not None}
+    try:
+        if filters:
+            ds = dataset.FilteredImageDataset(image_path, max_size=num_images, random_seed=seed,
+                                              resolution=resolution, **filters)
+        else:
+            ds = dataset.ImageFolderDataset(image_path, max_size=num_images, random_seed=seed,
+                                            resolution=resolution, center_crop=(resolution is not None))
+    except (IOError, KeyError, ValueError) as err:
+        raise MetricsError(f'{image_path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}') from err
+    if num_images is not None and len(ds) < num_images:
+        raise MetricsError(f'{image_path}: Found {len(ds)} images, but expected at least {num_images}')
+    if len(ds) < 2:
+        raise MetricsError(f'{image_path}: Found {len(ds)} images, but need at least 2 to compute statistics')
+    return ds
+
+
+def rank_batches(num_items: int, max_batch_size: int) -> list:
+    """This rank's index chunks, split like image generation (sampling.md §2 step 5), empty ones dropped."""
+    from training.sampling import split_seeds
+    chunks = split_seeds(num_items, max_batch_size, dist.get_rank(), dist.get_world_size())
+    return [chunk.tolist() for chunk in chunks if len(chunk) > 0]
+
+
+def make_loader(ds: torch.utils.data.Dataset, max_batch_size: int, num_workers: int,
+                prefetch_factor: int = 2) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(ds, batch_sampler=rank_batches(len(ds), max_batch_size),
+                                       num_workers=num_workers,
+                                       prefetch_factor=(prefetch_factor if num_workers > 0 else None),
+                                       multiprocessing_context=('spawn' if num_workers > 0 else None))
+
+
+def calculate_stats_for_files(
+    image_path: str,                        # Directory or zip of images.
+    num_images: Optional[int] = None,       # None = all images; else a seeded random subset (error if fewer).
+    seed: int = 0,                          # Subset seed.
+    max_batch_size: int = 64,
+    num_workers: int = 2,
+    prefetch_factor: int = 2,
+    resolution: Optional[int] = None,       # None = images as stored; int = ADM centre crop (fork: 512).
+    verbose: bool = True,
+    filter_kwargs: Optional[dict] = None,   # [FORK] nima_threshold / top_percent / top_per_category.
+    **stats_kwargs: Any,                    # metrics, dest_path, device.
+) -> dict:
+    """Statistics of a folder/zip of images (rank 0 opens the dataset first)."""
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        if verbose:
+            dist.print0(f'Loading images from {image_path} ...')
+        ds = open_image_dataset(image_path, num_images, seed, resolution, **(filter_kwargs or {}))
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+    loader = make_loader(ds, max_batch_size, num_workers, prefetch_factor)
+    if verbose:
+        dist.print0(f'Calculating statistics for {len(ds)} images...')
+    records = calculate_stats_for_iterable(loader, verbose=verbose, num_batches=len(loader), **stats_kwargs)
+    return run_with_progress(records, len(loader), verbose)
+
+
+def calculate_stats_for_network(
+    net: Any,                               # Path, URL or module.
+    seeds: Sequence[int],
+    gnet: Any = None,
+    max_batch_size: int = 32,
+    out_images: Optional[str] = None,       # Save the generated PNGs here (flat).
+    verbose: bool = True,
+    metrics: Sequence[str] = ('fid', 'fd_dinov2'),
+    device: Union[str, torch.device] = 'cpu',
+    dest_path: Optional[str] = None,
+    **sampler_kwargs: Any,                  # guidance, num_steps, ...
+) -> dict:
+    """Statistics of images generated on the fly by `training.sampling.generate_images`."""
+    from training.sampling import generate_images
+    if len(seeds) < 2:
+        raise MetricsError(f'--num: need at least 2 images to compute statistics, got {len(seeds)}')
+    metrics = parse_metric_list(metrics)
+    image_iter = generate_images(net, gnet=gnet, seeds=seeds, max_batch_size=max_batch_size, outdir=out_images,
+                                 verbose=verbose, device=device, **sampler_kwargs)
+    records = calculate_stats_for_iterable(image_iter, metrics=metrics, verbose=verbose, dest_path=dest_path,
+                                           device=device)
+    return run_with_progress(records, len(image_iter), verbose)
+
+# ----------------------------------------------------------------------------
+# Statistics files (metrics.md §2.2).
+
+
+def _check_stats(stats: Any, path: str) -> dict:
+    if not isinstance(stats, dict):
+        raise MetricsError(f'{path}: not a feature statistics file (a {type(stats).__name__}, expected a dict)')
+    for metric, entry in stats.items():
+        if metric == 'num_images':
+            continue
+        mu = entry.get('mu', None) if isinstance(entry, dict) else None
+        sigma = entry.get('sigma', None) if isinstance(entry, dict) else None
+        if not isinstance(mu, np.ndarray) or not isinstance(sigma, np.ndarray) \
+                or mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise MetricsError(f'{path}: entry "{metric}" is not a pair of mu [D] / sigma [D, D] arrays')
+    return stats
+
+
+def load_stats(path: str, verbose: bool = True) -> dict:
+    """Reference statistics from a `.pkl` (EDM2) or `.npz` (EDM v1, read as 'fid'), path or URL."""
+    if verbose:
+        dist.print0(f'Loading feature statistics from {path} ...')
+    try:
+        with dnnlib.util.open_url(path, verbose=verbose) as f:
+            if path.lower().endswith('.npz'):
+                with np.load(f) as data:
+                    return _check_stats({'fid': dict(mu=data['mu'], sigma=data['sigma'])}, path)
+            return _check_stats(persistence.load_pickle(f), path)
+    except MetricsError:
+        raise
+    except persistence.PickleLoadError as err:
+        raise MetricsError(f'{path}: corrupt or not a statistics pickle ({str(err).split(": ", 1)[-1]})') from err
+    except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
+        raise MetricsError(f'{path}: cannot read reference statistics ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""})') from err
+
+
+def save_stats(stats: dict, path: str) -> None:
+    """Write statistics atomically: `.npz` = EDM v1 format (fid only), else an EDM2 pickle."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.lower().endswith('.npz'):
+        if 'fid' not in stats:
+            raise MetricsError(f'{path}: the EDM v1 .npz format holds fid statistics only; add fid to --metrics')
+        with misc.atomic_open(path, 'wb') as f:
+            np.savez(f, mu=stats['fid']['mu'], sigma=stats['fid']['sigma'])
+        return
+    with misc.atomic_open(path, 'wb') as f:
+        pickle.dump(stats, f)
+
+# ----------------------------------------------------------------------------
+# Fréchet distance (metrics.md §2.3).
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def _trace_sqrt_product_eig(sigma: np.ndarray, sigma_ref: np.ndarray) -> float:
+    """tr sqrt(S1 S2) = nuclear norm of S1^(1/2) S2^(1/2): the eigenvalues of S1 S2 equal those of
+    (S1^(1/2) S2^(1/2))(S1^(1/2) S2^(1/2))^T, i.e. the squared singular values. Real and stable for PSD input."""
+    return float(np.linalg.norm(_psd_sqrt(sigma) @ _psd_sqrt(sigma_ref), ord='nuc'))
+
+
+def _is_singular(sigma: np.ndarray, rcond: float = 1e-10) -> bool:
+    """Numerically singular covariance? Cholesky fails, or its smallest pivot is tiny (cheap test:
+    a rank-deficient matrix always has a pivot at round-off level; min L_ii^2 >= lambda_min)."""
+    try:
+        pivots = np.square(np.diag(np.linalg.cholesky((sigma + sigma.T) / 2)))
+    except np.linalg.LinAlgError:
+        return True
+    return bool(pivots.min() <= rcond * pivots.max())
+
+
+def _trace_sqrt_product_sqrtm(sigma: np.ndarray, sigma_ref: np.ndarray) -> Optional[float]:
+    """tr sqrtm(S1 S2) with scipy (the original's method); None if not finite or not numerically real."""
+    try:
+        with np.errstate(all='ignore'):
+            s = scipy.linalg.sqrtm(sigma @ sigma_ref)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    if not np.all(np.isfinite(s)):
+        return None
+    tr = np.trace(s)
+    return float(tr.real) if abs(tr.imag) <= 1e-6 * max(abs(tr.real), 1.0) else None
+
+
+def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+    """FD = |mu - mu_ref|^2 + tr(S + S_ref - 2 sqrtm(S S_ref)), in float64.
+
+    scipy's sqrtm as the original for regular covariances; for singular ones (fewer images than
+    feature dimensions) or when sqrtm fails or is not numerically real, the trace term comes from
+    the symmetric eigen form, which is exact for positive semi-definite matrices."""
+    mu, mu_ref = np.asarray(mu, np.float64), np.asarray(mu_ref, np.float64)
+    sigma, sigma_ref = np.asarray(sigma, np.float64), np.asarray(sigma_ref, np.float64)
+    if mu.shape != mu_ref.shape or sigma.shape != sigma_ref.shape:
+        raise MetricsError(f'feature dimensions differ: {mu.shape[0]} vs {mu_ref.shape[0]} (reference from another detector?)')
+    trace_sqrt = None
+    if not (_is_singular(sigma) or _is_singular(sigma_ref)):
+        trace_sqrt = _trace_sqrt_product_sqrtm(sigma, sigma_ref)
+    if trace_sqrt is None:
+        trace_sqrt = _trace_sqrt_product_eig(sigma, sigma_ref)
+    return float(np.square(mu - mu_ref).sum() + np.trace(sigma) + np.trace(sigma_ref) - 2 * trace_sqrt)
+
+# ----------------------------------------------------------------------------
+# Metrics from statistics (metrics.md §2.3, §4.4).
+
+
+def calculate_metrics_from_stats(stats: dict, ref: Union[str, dict], metrics: Sequence[str] = ('fid', 'fd_dinov2'),
+                                 verbose: bool = True) -> dict:
+    """[EDM2] {metric: FD against one reference}; metrics missing on either side are skipped."""
+    ref = load_stats(ref, verbose=verbose) if isinstance(ref, str) else ref
+    results = dict()
+    for metric in metrics:
+        if metric not in stats or metric not in ref:
+            if verbose:
+                print(f'No statistics computed for {metric} -- skipping.')
+            continue
+        if verbose:
+            print(f'Calculating {metric}...')
+        results[metric] = frechet_distance(stats[metric]['mu'], stats[metric]['sigma'], ref[metric]['mu'], ref[metric]['sigma'])
+        if verbose:
+            print(f'{metric} = {results[metric]:g}')
+    return results
+
+
+def reference_name(path: str) -> str:
+    """'https://.../img512.pkl' -> 'img512' (results are keyed by it)."""
+    return os.path.splitext(os.path.basename(path.rstrip('/')))[0]
+
+
+def load_references(paths: Sequence[str], verbose: bool = True) -> dict:
+    """{reference name: stats}; names must be distinct."""
+    names = [reference_name(path) for path in paths]
+    for name, path in zip(names, paths):
+        if names.count(name) > 1:
+            raise MetricsError(f'--ref: two references are named "{name}" ({path}); results are keyed by file name')
+    return {name: load_stats(path, verbose=verbose) for name, path in zip(names, paths)}
+
+
+def _scorer_summary(stats_entry: dict) -> Optional[dict]:
+    mu, sigma = np.asarray(stats_entry['mu']), np.asarray(stats_entry['sigma'])
+    if mu.size != 1 or sigma.size != 1:
+        return None
+    variance = float(sigma.reshape(-1)[0])
+    return dict(mu=float(mu.reshape(-1)[0]), sigma=float(np.sqrt(max(variance, 0.0))), variance=variance,
+                histogram=[float(x) for x in stats_entry.get('histogram', [])])
+
+
+def calculate_results(stats: dict, refs: dict, metrics: Sequence[str], verbose: bool = True) -> dict:
+    """[FORK] {'features': {metric: {'mean', 'sigma'}}, 'metrics': {metric: {ref name: FD} or scorer summary}}."""
+    results = dict(features=dict(), metrics=dict())
+    for metric in metrics:
+        if metric not in stats:
+            continue
+        entry = stats[metric]
+        if detectors.is_scorer(metric):
+            summary = _scorer_summary(entry)
+            if summary is None:
+                print(f'{metric}: unexpected statistics shape {np.shape(entry["mu"])} -- skipping.')
+                continue
+            results['metrics'][metric] = summary
+            if verbose:
+                print(f'{metric}: mean = {summary["mu"]:g}, std = {summary["sigma"]:g}')
+            continue
+        results['features'][metric] = dict(mean=entry['mu'], sigma=entry['sigma'])
+        values = dict()
+        for name, ref in refs.items():
+            if metric not in ref:
+                if verbose:
+                    print(f'No {metric} statistics in reference {name} -- skipping.')
+                continue
+            values[name] = frechet_distance(entry['mu'], entry['sigma'], ref[metric]['mu'], ref[metric]['sigma'])
+            if verbose:
+                print(f'{metric} on {name} = {values[name]:g}')
+        results['metrics'][metric] = values
+    return results
+
+# ----------------------------------------------------------------------------
+# Result files (metrics.md §4.4).
+
+
+def result_paths(base: str) -> dict:
+    return dict(json=f'{base}.json', pkl=f'{base}.pkl')
+
+
+def read_existing_results(base: str) -> tuple:
+    """(json dict, pkl dict) already at `base`; unreadable files are an error (checked before computing)."""
+    paths = result_paths(base)
+    data_json, data_pkl = dict(), dict()
+    if os.path.isfile(paths['json']):
+        try:
+            with open(paths['json'], 'r', encoding='utf-8') as f:
+                data_json = json.load(f)
+        except (OSError, ValueError) as err:
+            raise MetricsError(f'{paths["json"]}: existing results are not valid JSON ({err}); move the file away') from err
+        if not isinstance(data_json, dict):
+            raise MetricsError(f'{paths["json"]}: existing results are not a JSON object; move the file away')
+    if os.path.isfile(paths['pkl']):
+        try:
+            data_pkl = persistence.load_pickle(paths['pkl'])
+        except (OSError, pickle.UnpicklingError) as err:
+            raise MetricsError(f'{paths["pkl"]}: existing features file is unreadable; move the file away') from err
+        if not isinstance(data_pkl, dict):
+            raise MetricsError(f'{paths["pkl"]}: existing features file is not a dict; move the file away')
+    return data_json, data_pkl
+
+
+def check_output_base(base: str) -> None:
+    """Fail early: the directory of `base` must be creatable and existing result files readable."""
+    directory = os.path.dirname(os.path.abspath(base))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise MetricsError(f'--out: {directory} is not a directory')
+    read_existing_results(base)
+
+
+def save_results(results: dict, base: str, metrics: Sequence[str], hist: bool = False) -> list:
+    """Merge into BASE.json / BASE.pkl (other metrics and references are kept); with `hist`, write
+    BASE-<metric>.png for every scorer metric. Returns the written paths."""
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    data_json, data_pkl = read_existing_results(base)
+    for metric in metrics:
+        if metric in results['metrics']:
+            data_json.setdefault(metric, dict()).update(results['metrics'][metric])
+    data_pkl.update(results['features'])
+    paths = result_paths(base)
+    with misc.atomic_open(paths['json'], 'w', encoding='utf-8') as f:
+        json.dump(data_json, f, indent=2)
+    with misc.atomic_open(paths['pkl'], 'wb') as f:
+        pickle.dump(data_pkl, f)
+    written = [paths['json'], paths['pkl']]
+    if hist:
+        for metric in metrics:
+            summary = results['metrics'].get(metric, None)
+            if detectors.is_scorer(metric) and summary is not None:
+                written.append(plot_histogram(summary, metric, f'{base}-{metric}.png'))
+    return written
+
+
+def plot_histogram(summary: dict, metric: str, path: str) -> str:
+    """Bar plot of the score histogram (zoom 3..6.5, mean in red) with a full-range inset; own figure."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    counts = np.asarray(summary['histogram'], dtype=np.float64)
+    x = np.arange(1, counts.size + 1) / HIST_BINS_PER_UNIT
+    fig, ax = plt.subplots(figsize=(8, 5))
+    try:
+        ax.bar(x, counts, width=1 / HIST_BINS_PER_UNIT, edgecolor='black')
+        ax.axvline(summary['mu'], color='red')
+        ax.set_xlim(3, 6.5)
+        ax.set_title(f'Histogram of {metric} score')
+        ax.set_xlabel('Score')
+        ax.set_ylabel('Number of images')
+        inset = ax.inset_axes([0.58, 0.58, 0.4, 0.4])
+        inset.bar(x, counts, width=1 / HIST_BINS_PER_UNIT)
+        inset.axvline(summary['mu'], color='red')
+        inset.set_xlim(0, x[-1])
+        inset.set_yticks([])
+        inset.patch.set_alpha(0.6)
+        with misc.atomic_open(path, 'wb') as f:
+            fig.savefig(f, format='png')
+    finally:
+        plt.close(fig)
+    return path
