@@ -1,0 +1,43 @@
+"""A small real image dataset that needs no download: scikit-learn's 8x8 handwritten digits.
+
+The demo exports it as a folder of grayscale PNGs with `dataset.json` labels, the layout that
+`dataset_tool.py convert --source=FOLDER` reads; `convert` then upscales it to the training resolution.
+"""
+
+import json
+import os
+
+import numpy as np
+import PIL.Image
+
+from torch_utils import misc
+
+#----------------------------------------------------------------------------
+
+def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """Return (images [N, 8, 8] uint8 in 0..255, labels [N] int64). scikit-learn ships the data."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ImportError('The digits demo needs scikit-learn: pip install scikit-learn') from err
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).clip(0, 255).astype(np.uint8) # stored as 0..16
+    return images, digits.target.astype(np.int64)
+
+def export_digits(dest: str, max_images: int | None = None) -> int:
+    """Write the digits as `dest/<class>/img<index>.png` plus `dest/dataset.json`; return the image count."""
+    images, labels = load_digits_uint8()
+    if max_images is not None:
+        images, labels = images[:max_images], labels[:max_images]
+    pairs = []
+    for idx, (image, label) in enumerate(zip(images, labels)):
+        fname = f'{label}/img{idx:05d}.png'
+        os.makedirs(os.path.join(dest, str(label)), exist_ok=True)
+        with misc.atomic_open(os.path.join(dest, fname), 'wb') as f:
+            PIL.Image.fromarray(image, 'L').save(f, format='png')
+        pairs.append([fname, int(label)])
+    with misc.atomic_open(os.path.join(dest, 'dataset.json'), 'w') as f:
+        json.dump({'labels': pairs}, f)
+    return len(pairs)
+
+#----------------------------------------------------------------------------
