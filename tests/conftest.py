@@ -1,0 +1,21 @@
+"""Suite-wide isolation: CLIs invoked in-process may start a (single-process) process group and set
+the torchrun variables; undo both after every test so that tests do not depend on their order."""
+import os
+
+import pytest
+import torch
+
+_DIST_VARS = ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE')
+
+
+@pytest.fixture(autouse=True)
+def _isolate_process_group():
+    saved = {name: os.environ.get(name) for name in _DIST_VARS}
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
