@@ -1,0 +1,180 @@
+"""Tests of the train_edm2.py command line: options, errors, resume after SIGKILL, SIGTERM, torchrun, outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train_edm2
+from tests.test_training_loop import write_dataset
+from torch_utils import distributed as dist
+from training.train_config import default_rampup, parse_nimg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+
+# 8x8 images, batch 64: a checkpoint interval of 1024 images is only 16 steps.
+TINY_ARGS = ['--cond=1', '--preset=edm2-cifar10-32x32-cond', '--channels=8', '--channel-mult=1,2', '--num-blocks=1',
+             '--attn-res=4', '--channels-per-head=8', '--dropout=0', '--lr=0.01', '--rampup=0', '--fp16=0',
+             '--workers=0', '--device=cpu', '--batch=64', '--status=1024', '--snapshot=1Ki', '--checkpoint=1Ki']
+
+
+@pytest.fixture(scope='module')
+def data8(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp('data') / 'tiny8'), resolution=8)
+
+
+def cli(outdir, data, *extra):
+    return [sys.executable, os.path.join(REPO, 'train_edm2.py'), f'--outdir={outdir}', f'--data={data}', *TINY_ARGS, *extra]
+
+
+def run(cmd, timeout=120):
+    return subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def load_state(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+#----------------------------------------------------------------------------
+# Options.
+
+def test_parse_nimg_units():
+    assert parse_nimg('128Ki') == 128 << 10 and parse_nimg('8Mi') == 8 << 20 and parse_nimg('2Gi') == 2 << 30
+    assert parse_nimg('4096') == 4096 and parse_nimg(7) == 7 and parse_nimg(None) is None
+    with pytest.raises(ValueError):
+        parse_nimg('1.5Mi')
+
+
+def test_rampup_defaults():
+    assert default_rampup({'rampup': 3.0}, finetuning=True) == 3.0
+    assert default_rampup({}, finetuning=False) == 10.0   # official
+    assert default_rampup({}, finetuning=True) == 0.0     # fork
+
+
+def test_dry_run_prints_resolved_options(data8, tmp_path):
+    dist.init(device='cpu')
+    outdir = tmp_path / 'dry'
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={outdir}', f'--data={data8}', '--preset=edm2-img512-xs',
+                                                     '--cond=0', '--channels=16', '--batch=64', '--duration=1Mi', '-n'])
+    assert result.exit_code == 0, result.output
+    assert 'Dry run; exiting.' in result.output and not outdir.exists()
+    config = json.loads(result.output.split('Training config:')[1].split('\n\n')[0])
+    assert config['total_nimg'] == 1 << 20 and config['batch_size'] == 64
+    assert config['network_kwargs']['model_channels'] == 16 and config['lr_kwargs']['ref_lr'] == 0.012
+    assert config['lr_kwargs']['rampup_Mimg'] == 10.0 and config['max_grad_norm'] == 0 and config['freeze_down'] is False
+    assert config['dataset_kwargs']['class_name'] == 'training.dataset.ImageFolderDataset'
+    assert config['encoder_kwargs']['class_name'] == 'training.encoders.StandardRGBEncoder'
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--preset=nope'], 'Invalid configuration preset "nope"'),
+    (['--duration=1000'], '--duration'),
+    (['--batch=1.5Ki'], 'is not an image count'),
+    (['--categories=0,9'], 'out of range'),
+])
+def test_bad_options_give_one_line_errors(data8, tmp_path, args, message):
+    dist.init(device='cpu')
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "bad"}', f'--data={data8}', *TINY_ARGS[1:], *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_cond_without_labels_is_rejected(tmp_path):
+    dist.init(device='cpu')
+    data = write_dataset(str(tmp_path / 'nolabels'), num_images=4, resolution=8)
+    os.remove(os.path.join(data, 'dataset.json'))
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data}', *TINY_ARGS])
+    assert result.exit_code == 1 and '--cond=True, but no labels found in the dataset' in result.output
+
+#----------------------------------------------------------------------------
+# Real runs in subprocesses.
+
+@pytest.fixture(scope='module')
+def reference_run(data8, tmp_path_factory):
+    """An uninterrupted 3 kimg run."""
+    outdir = str(tmp_path_factory.mktemp('ref') / 'run')
+    result = run(cli(outdir, data8, '--duration=3072'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return outdir
+
+
+def test_sigkill_then_same_command_resumes_to_identical_weights(data8, reference_run, tmp_path):
+    outdir = str(tmp_path / 'killed')
+    cmd = cli(outdir, data8, '--duration=3072')
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state1 = os.path.join(outdir, 'training-state-0000001.pt')
+    deadline = time.time() + 90
+    while not os.path.exists(state1) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'run finished before it could be killed'
+    assert not os.path.exists(os.path.join(outdir, 'training-state-0000003.pt'))
+
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = open(os.path.join(outdir, 'log.txt')).read()
+    assert 'Loading' in log and ('Training from 1 kimg to 3 kimg' in log or 'Training from 2 kimg to 3 kimg' in log)
+    resumed = load_state(os.path.join(outdir, 'training-state-0000003.pt'))
+    reference = load_state(os.path.join(reference_run, 'training-state-0000003.pt'))
+    assert resumed['state']['cur_nimg'] == 3072
+    for key, value in reference['net'].items():
+        assert torch.equal(value, resumed['net'][key]), key
+    for ref_ema, res_ema in zip(reference['ema']['emas'], resumed['ema']['emas']):
+        assert all(torch.equal(v, res_ema[k]) for k, v in ref_ema.items())
+    assert len([line for line in open(os.path.join(outdir, 'stats.jsonl'))]) >= 3
+    assert json.load(open(os.path.join(outdir, 'training_options.json')))['total_nimg'] == 3072
+
+
+def test_snapshots_load_in_generate_images_and_reconstruct_phema(reference_run, tmp_path):
+    from training.phema_reconstruct import reconstruct_from_dir
+    from training.sampling import generate_images
+    snapshot = os.path.join(reference_run, 'network-snapshot-0000003-0.100.pkl')
+    images = [r.images for r in generate_images(net=snapshot, seeds=[0, 1], num_steps=4, device='cpu', verbose=False)]
+    assert images[0].shape == (2, 3, 8, 8) and images[0].dtype == torch.uint8
+    paths = reconstruct_from_dir(indir=reference_run, outdir=str(tmp_path / 'phema'), outstd=[0.07], inprefix='network-snapshot')
+    assert len(paths) == 1 and os.path.isfile(paths[0])
+    result = run([sys.executable, 'generate_images.py', f'--net={paths[0]}', f'--outdir={tmp_path / "img"}', '--seeds=0',
+                  '--steps=4', '--device=cpu'])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.isfile(tmp_path / 'img' / '000000.png')
+
+
+def test_sigterm_writes_a_checkpoint_and_exits(data8, tmp_path):
+    outdir = str(tmp_path / 'term')
+    proc = subprocess.Popen(cli(outdir, data8, '--duration=64Ki', '--checkpoint=64Ki', '--snapshot=64Ki'), env=ENV,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while not os.path.exists(os.path.join(outdir, 'stats.jsonl')) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output[-2000:]
+    assert 'Stopped by signal' in output
+    states = [n for n in os.listdir(outdir) if n.startswith('training-state-')]
+    assert len(states) == 1
+    assert 0 < load_state(os.path.join(outdir, states[0]))['state']['cur_nimg'] < 64 << 10
+
+
+def test_torchrun_two_processes_match_one(data8, tmp_path):
+    args = ['--duration=256']
+    one = run(cli(str(tmp_path / 'one'), data8, *args, '--batch-gpu=16'))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               *cli(str(tmp_path / 'two'), data8, *args)[1:]])
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    state_one = load_state(str(tmp_path / 'one' / 'training-state-0000000.pt'))
+    state_two = load_state(str(tmp_path / 'two' / 'training-state-0000000.pt'))
+    assert state_two['state']['cur_nimg'] == 256
+    for key, value in state_one['net'].items():
+        torch.testing.assert_close(state_two['net'][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert float(state_one['net']['unet.out_gain']) != 0  # the weights did move
+
+#----------------------------------------------------------------------------

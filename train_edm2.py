@@ -1,0 +1,169 @@
+"""Train or fine-tune EDM2 diffusion models: a thin CLI over `training.train_config` and `training.training_loop`."""
+
+import pickle
+import warnings
+
+import click
+import torch
+
+from torch_utils import distributed as dist
+from training import presets
+from training.train_config import ConfigError, check_config, launch_training, parse_nimg, print_training_config, setup_training_config
+from training.training_loop import TrainingDivergedError
+
+warnings.filterwarnings('ignore', 'You are using `torch.load` with `weights_only=False`')
+
+#----------------------------------------------------------------------------
+# Option parsers.
+
+def _nimg(ctx: click.Context, param: click.Parameter, value):
+    if value is None:
+        return None
+    try:
+        nimg = parse_nimg(value)
+    except ValueError:
+        raise click.BadParameter(f'"{value}" is not an image count (e.g. 4096, 128Ki, 8Mi, 2Gi)', ctx, param) from None
+    if nimg < 0:
+        raise click.BadParameter('must not be negative', ctx, param)
+    return nimg
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value):
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(',') if x.strip() != '']
+    except ValueError:
+        raise click.BadParameter(f'"{value}" is not a comma-separated list of integers', ctx, param) from None
+
+
+def _default_device() -> str:
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+#----------------------------------------------------------------------------
+
+EPILOG = """
+Examples:
+
+\b
+# Train XS-sized model for ImageNet-512 using 8 GPUs
+torchrun --standalone --nproc_per_node=8 train_edm2.py \\
+    --outdir=training-runs/00000-edm2-img512-xs \\
+    --data=datasets/img512-sd.zip \\
+    --preset=edm2-img512-xs \\
+    --batch-gpu=32
+
+\b
+# Small pixel-space model on a 32x32 dataset, on the CPU (~minutes)
+python train_edm2.py --outdir=runs/tiny --data=datasets/tiny-32x32.zip --cond=0 \\
+    --preset=edm2-cifar10-32x32-uncond --channels=16 --channel-mult=1,2 \\
+    --num-blocks=1 --batch=32 --duration=64Ki --status=4Ki --snapshot=16Ki \\
+    --checkpoint=16Ki --workers=0
+
+\b
+# Fine-tune a published snapshot on a filtered dataset (the fork's workflow)
+python train_edm2.py --outdir=runs/ft --data=datasets/my-latents \\
+    --preset=base-finetuning --model2finetune=edm2-img512-xs-2147483-0.135.pkl \\
+    --freeze-down=True --max-grad-norm=1 --nima-threshold=5
+
+To resume training, run the same command again: the newest training-state-*.pt
+in --outdir is loaded (an unreadable newest file is skipped). SIGTERM or SIGUSR1
+(cluster preemption) writes a training state at the current step and exits with
+status 0; send the signal twice to exit at once.
+
+Differences from the fork: --model2finetune is optional (without it a fresh
+network is built from the preset, as in the official toolkit); --freeze-down
+defaults to False and --max-grad-norm to 0 (off), so pass them explicitly to get
+the fork's behaviour; the clipping threshold applies to the gradient norm with
+--ls divided out. --rampup defaults to the preset's value, else 0 Mimg when
+fine-tuning (fork) and 10 Mimg otherwise (official). Frozen parameters keep
+their exact values. Dataset filter options select the FilteredImageDataset
+(directories and zip archives).
+
+Results do not depend on the number of processes or --batch-gpu (up to float
+rounding): the noise of each step is drawn for the whole batch from (--seed,
+step). A run whose loss or gradients stay non-finite for --nonfinite-limit
+steps stops with an error; stats.jsonl is strict JSON (non-finite -> null) and
+counts steps with non-finite gradients (Loss/nonfinite_grads).
+"""
+
+@click.command(epilog=EPILOG)
+
+# Main options.
+@click.option('--outdir',           help='Where to save the results', metavar='DIR',              type=str, required=True)
+@click.option('--data',             help='Path to the dataset', metavar='ZIP|DIR',                type=str, required=True)
+@click.option('--cond',             help='Train class-conditional model', metavar='BOOL',         type=bool, default=True, show_default=True)
+@click.option('--preset',           help='Configuration preset: ' + ', '.join(presets.preset_names()), metavar='STR', type=str, default='edm2-img512-s', show_default=True)
+@click.option('--model2finetune',   help='Network snapshot pickle to fine-tune (its EMA network and encoder)  [default: train a fresh network]', metavar='PKL', type=str, default=None)
+
+# Hyperparameters.
+@click.option('--duration',         help='Training duration', metavar='NIMG',                     type=str, default=None, callback=_nimg)
+@click.option('--batch',            help='Total batch size', metavar='NIMG',                      type=str, default=None, callback=_nimg)
+@click.option('--channels',         help='Channel multiplier (model_channels)', metavar='INT',    type=click.IntRange(min=1), default=None)
+@click.option('--dropout',          help='Dropout probability', metavar='FLOAT',                  type=click.FloatRange(min=0, max=1), default=None)
+@click.option('--P_mean', 'P_mean', help='Noise level mean', metavar='FLOAT',                     type=float, default=None)
+@click.option('--P_std', 'P_std',   help='Noise level standard deviation', metavar='FLOAT',       type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--lr',               help='Learning rate max. (alpha_ref)', metavar='FLOAT',       type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--decay',            help='Learning rate decay (t_ref)', metavar='BATCHES',        type=click.FloatRange(min=0), default=None)
+@click.option('--rampup',           help='Learning rate ramp-up in Mimg  [default: preset, else 0 when fine-tuning, 10 otherwise]', metavar='MIMG', type=click.FloatRange(min=0), default=None)
+
+# Architecture knobs (fixed by the presets).
+@click.option('--channel-mult',     help='Per-resolution channel multipliers, e.g. 1,2,3,4  [default: preset]', metavar='LIST', type=str, default=None, callback=_int_list)
+@click.option('--num-blocks',       help='Residual blocks per resolution  [default: preset]', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--attn-res',         help='Resolutions with self-attention, e.g. 16,8  [default: preset]', metavar='LIST', type=str, default=None, callback=_int_list)
+@click.option('--channels-per-head', help='Channels per attention head  [default: 64]', metavar='INT', type=click.IntRange(min=1), default=None)
+
+# Fine-tuning and dataset filtering [fork].
+@click.option('--max-grad-norm',    help='Clip the global gradient norm to this (0 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--freeze-down',      help='Freeze the U-Net downsampling blocks', metavar='BOOL',  type=bool, default=False, show_default=True)
+@click.option('--freeze-attn',      help='Freeze the attention weights', metavar='BOOL',          type=bool, default=False, show_default=True)
+@click.option('--nima-threshold',   help='Keep images with a NIMA score >= this', metavar='FLOAT', type=float, default=None)
+@click.option('--max-size',         help='Cap on the dataset size (seeded random subset)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--categories',       help='Categories to keep, e.g. 0,1,12-14', metavar='LIST',    type=str, default=None)
+@click.option('--top-percent',      help='Keep the top X % by NIMA', metavar='FLOAT',             type=click.FloatRange(min=0, max=100), default=None)
+@click.option('--top-per-category', help='Keep the top X % by NIMA in each category', metavar='FLOAT', type=click.FloatRange(min=0, max=100), default=None)
+
+# Performance-related options.
+@click.option('--batch-gpu',        help='Limit batch size per GPU', metavar='NIMG',              type=str, default='0', show_default=True, callback=_nimg)
+@click.option('--fp16',             help='Enable mixed-precision training (CUDA)', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--dtype',            help='Compute dtype of the network  [default: fp16 on CUDA with --fp16, else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']), default=None)
+@click.option('--plain',            help='Use the official op-for-op network computation (no fast paths)', is_flag=True)
+@click.option('--ls',               help='Loss scaling', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',             type=bool, default=True, show_default=True)
+@click.option('--workers',          help='Data loader worker processes per GPU', metavar='INT',   type=click.IntRange(min=0), default=2, show_default=True)
+@click.option('--device',           help='Compute device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+
+# I/O-related options.
+@click.option('--status',           help='Interval of status prints', metavar='NIMG',             type=str, default='128Ki', show_default=True, callback=_nimg)
+@click.option('--snapshot',         help='Interval of network snapshots', metavar='NIMG',         type=str, default='8Mi', show_default=True, callback=_nimg)
+@click.option('--checkpoint',       help='Interval of training checkpoints', metavar='NIMG',      type=str, default='128Mi', show_default=True, callback=_nimg)
+@click.option('--seed',             help='Random seed', metavar='INT',                            type=int, default=0, show_default=True)
+@click.option('--nonfinite-limit',  help='Stop after this many consecutive steps with non-finite loss/gradients (0 = never)', metavar='INT', type=click.IntRange(min=0), default=100, show_default=True)
+@click.option('-n', '--dry-run',    help='Print training options and exit', is_flag=True)
+
+def cmdline(outdir, dry_run, device, **opts):
+    """Train or fine-tune diffusion models according to the EDM2 recipe from the paper
+    "Analyzing and Improving the Training Dynamics of Diffusion Models"."""
+    torch.multiprocessing.set_start_method('spawn', force=True)
+    dist.init(device=device or _default_device())
+    try:
+        c = setup_training_config(**opts)
+        check_config(c, dist.get_world_size())
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+    print_training_config(outdir, c)
+    if dry_run:
+        dist.print0('Dry run; exiting.')
+        return
+    dist.install_signal_handlers()
+    try:
+        launch_training(outdir, c, device=dist.get_device())
+    except (TrainingDivergedError, ValueError, OSError, pickle.UnpicklingError) as err:
+        raise click.ClickException(str(err)) from None
+
+#----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    cmdline()
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Fine-tuning support (the fork's `--model2finetune`, `--freeze-down`, `--freeze-attn`; training.md §4, §8).
+
+* `load_finetune_source`: the EMA network (as float32) and encoder of a snapshot pickle,
+  loaded with `persistence.load_pickle` (safe by default).
+* `check_compatible` / `match_label_dim`: the dataset must fit the loaded network; its
+  label vectors are zero-padded to the network's `label_dim` (the fork breaks when a
+  filtered dataset has fewer classes, quirk F12).
+* `freeze_parameters` / `hold_frozen_weights`: frozen tensors get no gradient, stay out of
+  the optimizer, and - unlike the fork, where forced weight normalisation still rewrites
+  them - keep their exact values.
+"""
+
+import os
+from typing import Any
+
+import torch
+
+import dnnlib
+from torch_utils import persistence
+
+#----------------------------------------------------------------------------
+
+def load_finetune_source(path: str) -> dnnlib.EasyDict:
+    """EasyDict(net=<float32 EMA network>, encoder=<encoder>) from a snapshot pickle (path or URL)."""
+    if not dnnlib.util.is_url(path) and not os.path.isfile(path):
+        raise FileNotFoundError(f'--model2finetune: {path} does not exist (expected a network snapshot .pkl)')
+    data = persistence.load_pickle(path)
+    if not isinstance(data, dict) or not isinstance(data.get('ema', None), torch.nn.Module):
+        raise ValueError(f'--model2finetune: {path} is not a network snapshot (no "ema" network in it)')
+    net = data['ema'].to(torch.float32)
+    encoder = data.get('encoder', None)
+    if encoder is None:
+        if getattr(net, 'img_channels', None) != 3:
+            raise ValueError(f'--model2finetune: {path} has no encoder and its network is not a 3-channel pixel model')
+        from training.encoders import StandardRGBEncoder
+        encoder = StandardRGBEncoder()
+    return dnnlib.EasyDict(net=net, encoder=encoder)
+
+
+def check_compatible(net: torch.nn.Module, ref_latents: torch.Tensor, ref_label: Any, source: str) -> None:
+    """Raise ValueError if the encoded dataset items or labels do not fit the loaded network."""
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    if list(ref_latents.shape[1:]) != shape:
+        raise ValueError(f'--data: dataset items encode to {list(ref_latents.shape[1:])}, but the network from '
+                         f'{source} expects {shape}')
+    label_dim = int(ref_label.shape[-1]) if hasattr(ref_label, 'shape') and len(ref_label.shape) else 0
+    if label_dim > net.label_dim:
+        raise ValueError(f'--data: the dataset has {label_dim} classes, but the network from {source} has '
+                         f'label_dim={net.label_dim}')
+
+
+def match_label_dim(labels: torch.Tensor, label_dim: int) -> torch.Tensor:
+    """Zero-pad [N, L] label vectors to [N, label_dim] (L <= label_dim)."""
+    labels = labels.reshape(labels.shape[0], -1).to(torch.float32)
+    missing = label_dim - labels.shape[1]
+    if missing == 0:
+        return labels
+    if missing < 0:
+        raise ValueError(f'labels have {labels.shape[1]} entries but the network expects {label_dim}')
+    return torch.nn.functional.pad(labels, (0, missing))
+
+#----------------------------------------------------------------------------
+
+def freeze_parameters(net: torch.nn.Module, freeze_down: bool = False, freeze_attn: bool = False) -> list:
+    """Set requires_grad=False on U-Net parameters whose name (relative to `net.unet`) contains
+    'down' (freeze_down) or 'attn' (freeze_attn); return their names (training.md §4 step 8)."""
+    unet = getattr(net, 'unet', net)
+    frozen = []
+    for name, param in unet.named_parameters():
+        if (freeze_down and 'down' in name) or (freeze_attn and 'attn' in name):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def hold_frozen_weights(net: torch.nn.Module) -> int:
+    """Put every leaf layer whose parameters are all frozen in eval mode; return how many.
+
+    In training mode an MPConv overwrites its weight by its normalised version on every
+    call (forced weight normalisation, eq. 66); in eval mode it does not, so a frozen
+    layer keeps its exact weights while computing the same function. Call after `net.train()`.
+    """
+    count = 0
+    for module in net.modules():
+        params = list(module.parameters(recurse=False))
+        if len(list(module.children())) == 0 and params and not any(p.requires_grad for p in params):
+            module.train(False)
+            count += 1
+    return count
+
+#----------------------------------------------------------------------------

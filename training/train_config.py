@@ -1,0 +1,196 @@
+"""From `train_edm2.py` options to a training config, and launching the run (training.md §1-§2).
+
+The config is a plain dict (an `EasyDict`) whose keys are `training_loop()` kwargs, in
+the official order, with this project's additions at the end:
+
+    dataset_kwargs, encoder_kwargs, [preload_model], total_nimg, batch_size,
+    network_kwargs, loss_kwargs, lr_kwargs, batch_gpu, loss_scaling, cudnn_benchmark,
+    status_nimg, snapshot_nimg, checkpoint_nimg, seed, max_grad_norm, freeze_down,
+    freeze_attn, data_loader_kwargs, fast_kwargs, nonfinite_limit
+"""
+
+import json
+import os
+from typing import Any, Optional, Union
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
+from training import presets
+from training.dataset import parse_int_list
+
+#----------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """Bad option value; the message names the option."""
+
+
+def parse_nimg(s: Union[int, str, None]) -> Optional[int]:
+    """'128Ki' -> 131072, '8Mi' -> 8388608, '2Gi' -> 2147483648, '4096' -> 4096 (training.md §1)."""
+    if s is None or isinstance(s, int):
+        return s
+    s = str(s).strip()
+    for suffix, shift in (('Ki', 10), ('Mi', 20), ('Gi', 30)):
+        if s.endswith(suffix):
+            return int(s[:-len(suffix)]) << shift
+    return int(s)
+
+
+def default_rampup(preset: dict, finetuning: bool) -> float:
+    """LR ramp-up in Mimg when --rampup is not given: the preset's, else 0 when fine-tuning
+    (the fork's value) and the official 10 Mimg when training from scratch."""
+    if preset.get('rampup') is not None:
+        return preset['rampup']
+    return 0.0 if finetuning else 10.0
+
+#----------------------------------------------------------------------------
+
+_FILTER_KEYS = ('nima_threshold', 'categories', 'top_percent', 'top_per_category', 'max_size')
+
+
+def _dataset_kwargs(opts: dict) -> dnnlib.EasyDict:
+    """ImageFolderDataset, or the fork's FilteredImageDataset when a filter option is given."""
+    filters = {key: opts.get(key) for key in _FILTER_KEYS}
+    if filters['categories'] is not None:
+        filters['categories'] = parse_int_list(filters['categories'])
+    if all(value is None for value in filters.values()):
+        return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts['data'], use_labels=opts['cond'])
+    return dnnlib.EasyDict(class_name='training.dataset.FilteredImageDataset', path=opts['data'], use_labels=opts['cond'], **filters)
+
+
+def _check_dataset(dataset_kwargs: dict, cond: bool) -> int:
+    """Open the dataset once; return its channel count."""
+    try:
+        dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+        dist.print0(f'Number of images in the dataset: {len(dataset_obj)}')
+        if cond and not dataset_obj.has_labels:
+            raise ConfigError('--cond=True, but no labels found in the dataset')
+        return dataset_obj.num_channels
+    except (IOError, NotImplementedError) as err:
+        raise ConfigError(f'--data: {err}') from None
+
+
+def _network_kwargs(preset_name: str, opts: dict) -> dnnlib.EasyDict:
+    kwargs = dnnlib.EasyDict(class_name=presets.PRECOND_CLASS_NAME, model_channels=opts['channels'],
+                             dropout=opts['dropout'], use_fp16=opts['fp16'])
+    kwargs.update(presets.NETWORK_EXTRAS.get(preset_name, {}))
+    knobs = dict(channel_mult=opts.get('channel_mult'), num_blocks=opts.get('num_blocks'),
+                 attn_resolutions=opts.get('attn_res'), channels_per_head=opts.get('channels_per_head'))
+    kwargs.update({key: value for key, value in knobs.items() if value is not None})
+    return kwargs
+
+
+def setup_training_config(preset: str = 'edm2-img512-s', check_data: bool = True, **opts: Any) -> dnnlib.EasyDict:
+    """Resolve options (None = take the preset's value) into a training config; raises ConfigError."""
+    opts = dnnlib.EasyDict(opts)
+    try:
+        preset_values = presets.get_preset(preset)
+    except presets.PresetError as err:
+        raise ConfigError(f'--preset: {err}') from None
+    for key, value in preset_values.items():
+        if opts.get(key) is None:
+            opts[key] = value
+    finetuning = opts.get('model2finetune') is not None
+    if opts.get('rampup') is None:
+        opts.rampup = default_rampup(preset_values, finetuning)
+    if opts.channels is None and not finetuning:
+        raise ConfigError(f'--channels: preset "{preset}" defines no network; give --channels or --model2finetune')
+
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = _dataset_kwargs(opts)
+    channels = _check_dataset(c.dataset_kwargs, opts.cond) if check_data else 3
+    encoders = {3: 'training.encoders.StandardRGBEncoder', 8: 'training.encoders.StabilityVAEEncoder'}
+    if channels not in encoders:
+        raise ConfigError(f'--data: Unsupported channel count {channels}')
+    c.encoder_kwargs = dnnlib.EasyDict(class_name=encoders[channels])
+    if finetuning:
+        c.preload_model = opts.model2finetune
+    c.total_nimg = parse_nimg(opts.duration)
+    c.batch_size = parse_nimg(opts.batch)
+    c.network_kwargs = _network_kwargs(preset, opts)
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.training_loop.EDM2Loss', P_mean=opts.P_mean, P_std=opts.P_std)
+    c.lr_kwargs = dnnlib.EasyDict(func_name='training.training_loop.learning_rate_schedule', ref_lr=opts.lr,
+                                  ref_batches=opts.decay, rampup_Mimg=opts.rampup)
+    c.batch_gpu = parse_nimg(opts.get('batch_gpu')) or None
+    c.loss_scaling = opts.get('ls', 1)
+    c.cudnn_benchmark = opts.get('bench', True)
+    c.status_nimg = parse_nimg(opts.get('status', 128 << 10)) or None
+    c.snapshot_nimg = parse_nimg(opts.get('snapshot', 8 << 20)) or None
+    c.checkpoint_nimg = parse_nimg(opts.get('checkpoint', 128 << 20)) or None
+    c.seed = opts.get('seed', 0)
+    c.max_grad_norm = opts.get('max_grad_norm') or 0
+    c.freeze_down = bool(opts.get('freeze_down'))
+    c.freeze_attn = bool(opts.get('freeze_attn'))
+    workers = opts.get('workers', 2)
+    c.data_loader_kwargs = dnnlib.EasyDict(class_name='torch.utils.data.DataLoader', pin_memory=True,
+                                           num_workers=workers, prefetch_factor=2 if workers > 0 else None)
+    c.fast_kwargs = _fast_kwargs(opts.get('plain', False), opts.get('dtype'))
+    c.nonfinite_limit = opts.get('nonfinite_limit', 100)
+    return c
+
+
+def _fast_kwargs(plain: bool, dtype: Optional[str]) -> Optional[dict]:
+    if plain and dtype is not None:
+        raise ConfigError('--dtype cannot be combined with --plain')
+    if plain:
+        return dict(enabled=False)
+    return None if dtype is None else dict(dtype=dtype)
+
+
+def check_config(c: dict, world_size: int) -> None:
+    """Batch sizes and intervals fit together (raises ConfigError naming the option)."""
+    from training.training_loop import check_batch_settings
+    try:
+        check_batch_settings(c['batch_size'], c['batch_gpu'], world_size, c['total_nimg'], None,
+                             c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg'])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+#----------------------------------------------------------------------------
+
+def print_training_config(run_dir: str, c: dict) -> None:
+    dist.print0()
+    dist.print0('Training config:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    dist.print0(f'Output directory:        {run_dir}')
+    dist.print0(f'Dataset path:            {c["dataset_kwargs"]["path"]}')
+    dist.print0(f'Class-conditional:       {c["dataset_kwargs"].get("use_labels", False)}')
+    dist.print0(f'Number of GPUs:          {dist.get_world_size()}')
+    dist.print0(f'Batch size:              {c["batch_size"]}')
+    dist.print0(f'Mixed-precision:         {c["network_kwargs"].get("use_fp16")}')
+    if c.get('preload_model') is not None:
+        dist.print0(f'Fine-tuning from:        {c["preload_model"]}')
+    dist.print0()
+
+
+def _write_options(run_dir: str, c: dict) -> None:
+    """Rank 0: create the run directory and write training_options.json on the first invocation;
+    on later ones warn about options that differ from the stored ones."""
+    path = os.path.join(run_dir, 'training_options.json')
+    if os.path.isfile(path):
+        with open(path, 'rt') as f:
+            stored = json.load(f)
+        current = json.loads(json.dumps(c))
+        changed = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
+        if changed:
+            print(f'Warning: options differ from {path} in: {", ".join(changed)}; resuming with the new values')
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with misc.atomic_open(path, 'wt') as f:
+        json.dump(c, f, indent=2)
+
+
+def launch_training(run_dir: str, c: dict, device: Any = None) -> str:
+    """Write training_options.json, mirror the console to log.txt, run `training_loop`; return its outcome."""
+    from training.training_loop import training_loop
+    if dist.get_rank() == 0:
+        _write_options(run_dir, c)
+    dist.barrier()
+    logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    try:
+        return training_loop(run_dir=run_dir, device=device, **c)
+    finally:
+        logger.close()
+
+#----------------------------------------------------------------------------
