@@ -1,0 +1,122 @@
+"""Generate images with EDM2 networks: a thin CLI over `training.sampling`.
+
+`generate_images` and the other names of the official script are re-exported here so
+that `from generate_images import generate_images, config_presets` keeps working.
+"""
+
+import pickle
+
+import click
+import torch
+import tqdm
+
+from torch_utils import distributed as dist
+from training.sampling import (  # noqa: F401 -- re-exported for compatibility
+    StackedRandomGenerator, config_presets, edm_sampler, generate_images, missing_seeds, model_root,
+    parse_int_list, parse_interval, resolve_options, save_image_grid)
+
+
+def _parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list:
+    try:
+        seeds = parse_int_list(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+    if not seeds:
+        raise click.BadParameter(f'no seeds in "{value}"', ctx, param)
+    return seeds
+
+
+def _parse_interval(ctx: click.Context, param: click.Parameter, value: str) -> tuple:
+    try:
+        return parse_interval(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+
+
+def _default_device() -> str:
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def _fast_path(plain: bool, compute_dtype: str) -> dict:
+    """set_fast() kwargs of the networks; None leaves the network defaults untouched."""
+    if plain and compute_dtype is not None:
+        raise click.BadOptionUsage('dtype', '--dtype cannot be combined with --plain')
+    if plain:
+        return dict(enabled=False)
+    return None if compute_dtype is None else dict(dtype=compute_dtype)
+
+
+def _run(opts: dict, grid: str, skip_existing: bool) -> None:
+    """Generate every batch with a progress bar (rank 0); keep the first batch for --grid."""
+    if skip_existing:
+        opts['seeds'] = missing_seeds(opts['seeds'], opts['outdir'], opts['subdirs'])
+    image_iter = generate_images(**opts)
+    first_images = None
+    with tqdm.tqdm(total=image_iter.num_images, unit='img', disable=(dist.get_rank() != 0)) as progress:
+        for r in image_iter:
+            if first_images is None and r.images is not None:
+                first_images = r.images
+            progress.update(len(r.seeds))
+    if grid is not None and first_images is not None and dist.get_rank() == 0:
+        save_image_grid(first_images, grid)
+
+
+@click.command(context_settings=dict(show_default=True))
+# Main options.
+@click.option('--preset', help=f'Configuration preset, e.g. edm2-img512-s-guid-dino ({len(config_presets)} presets; an unknown name lists them)', metavar='STR', type=str, default=None)
+@click.option('--net', help='Network pickle filename or URL', metavar='PATH|URL', type=str, default=None)
+@click.option('--gnet', help='Reference network for guidance', metavar='PATH|URL', type=str, default=None)
+@click.option('--outdir', help='Where to save the output images', metavar='DIR', type=str, required=True)
+@click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)
+@click.option('--seeds', help='List of random seeds (e.g. 1,2,5-10)', metavar='LIST', type=str, default='16-19', callback=_parse_seeds)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=32)
+@click.option('--net-batch', 'net_batch_size', help='Evaluate the networks on groups of exactly INT images (last one padded) so that images are bit-identical for any --batch and process count  [default: whole batch]', metavar='INT', type=click.IntRange(min=1), default=None)
+# Sampler options.
+@click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=32)
+@click.option('--sigma_min', help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002)
+@click.option('--sigma_max', help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80)
+@click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7)
+@click.option('--guidance', help='Guidance strength  [default: 1; no guidance]', metavar='FLOAT', type=float, default=None)
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
+@click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
+@click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf')
+@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1)
+# Extensions.
+@click.option('--guidance-interval', 'guidance_interval', help='Guide only for sigma in [LO,HI] (Kynkaanniemi et al. 2024)  [default: all sigmas]', metavar='LO,HI', type=str, default=None, callback=_parse_interval)
+@click.option('--unlabeled-guide', 'unlabeled_guide', help="Call the guiding network without class labels (the fork's behaviour)", is_flag=True)
+@click.option('--grid', help='Also save the first batch as one image grid PNG', metavar='PATH', type=str, default=None)
+@click.option('--skip-existing', help='Resume: skip seeds whose PNG already exists in --outdir', is_flag=True)
+@click.option('--device', help='Compute device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--plain', help='Use the official op-for-op network computation (no fast paths)', is_flag=True)
+@click.option('--dtype', 'compute_dtype', help='Compute dtype of the image path  [default: official rule: fp16 on CUDA if the net uses it, else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']), default=None)
+def cmdline(preset, net, gnet, guidance, grid, skip_existing, unlabeled_guide, device, plain, compute_dtype, **opts):
+    """Generate random images using the given model.
+
+    Examples:
+
+    \b
+    # Generate a couple of images and save them as out/*.png
+    python generate_images.py --preset=edm2-img512-s-guid-dino --outdir=out
+
+    \b
+    # Generate 50000 images using 8 GPUs and save them as out/*/*.png
+    torchrun --standalone --nproc_per_node=8 generate_images.py \\
+        --preset=edm2-img64-s-fid --outdir=out --subdirs --seeds=0-49999
+
+    The random numbers of an image depend only on its seed; add --net-batch=8 to make
+    the images bit-identical for any --batch and number of processes (math kernels
+    are chosen by batch size). PNGs are written atomically; --skip-existing resumes.
+    """
+    try:
+        opts.update(resolve_options(preset, net, gnet, guidance))
+        opts.update(guide_labels=not unlabeled_guide, fast_path=_fast_path(plain, compute_dtype))
+        dist.init(device=device or _default_device())
+        opts.update(device=dist.get_device())  # cuda:LOCAL_RANK under torchrun with NCCL
+        _run(opts, grid, skip_existing)
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+if __name__ == '__main__':
+    cmdline()
