@@ -1,9 +1,12 @@
-"""Suite-wide isolation: CLIs invoked in-process may start a (single-process) process group and set
-the torchrun variables; undo both after every test so that tests do not depend on their order."""
+"""Suite-wide isolation: CLIs invoked in-process may start a (single-process) process group, set the
+torchrun variables and leave training statistics behind; undo all three after every test so that tests
+do not depend on their order."""
 import os
 
 import pytest
 import torch
+
+from torch_utils import training_stats
 
 _DIST_VARS = ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE')
 
@@ -14,6 +17,9 @@ def _isolate_process_group():
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    training_stats._sync_called = False
+    training_stats._counters.clear()
+    training_stats._cumulative.clear()
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)

@@ -1,0 +1,87 @@
+"""Tiny EDM2 networks and snapshot pickles shared by the test suite.
+
+`make_tiny_precond()` builds a real `training.networks_edm2.Precond` small
+enough for unit tests (16x16x3, two resolution levels, ~46k parameters).
+`write_tiny_snapshot()` writes a snapshot pickle with the layout of the
+official training loop (spec training.md §7): an `EasyDict` with keys
+`encoder`, `dataset_kwargs`, `loss_fn`, `ema`, the `ema` network being an
+eval-mode, no-grad, float16 copy.
+"""
+
+import copy
+import os
+from typing import Any, Optional
+
+import torch
+
+TINY_KWARGS = dict(
+    img_resolution=16, img_channels=3, label_dim=0, use_fp16=False,
+    model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+    channels_per_head=8,
+)
+
+
+def tiny_kwargs(**overrides: Any) -> dict:
+    """Constructor kwargs of the tiny Precond, updated with `overrides`."""
+    kwargs = copy.deepcopy(TINY_KWARGS)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_tiny_precond(seed: int = 0, train: bool = False, out_gain: Optional[float] = 1.0,
+                      **overrides: Any) -> torch.nn.Module:
+    """A tiny `Precond` in eval mode (or training mode with `train=True`), built from `seed`.
+
+    `out_gain` (default 1) and every `emb_gain` are set to non-zero values so
+    the network output depends on its input, labels and weights (at the
+    official initialisation the output gain is 0 and D(x) = c_skip x).
+    Pass `out_gain=None` to keep the official zero initialisation.
+    """
+    from training import networks_edm2
+    torch.manual_seed(seed)
+    net = networks_edm2.Precond(**tiny_kwargs(**overrides))
+    if out_gain is not None:
+        with torch.no_grad():
+            net.unet.out_gain.fill_(out_gain)
+            for name, param in net.named_parameters():
+                if name.endswith('emb_gain'):
+                    param.fill_(0.5)
+    return net.train(train)
+
+
+def tiny_dataset_kwargs(label_dim: int = 0, path: Optional[str] = None) -> Any:
+    """`dataset_kwargs` as the official training loop stores them in snapshots."""
+    import dnnlib
+    return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=path, use_labels=bool(label_dim))
+
+
+def _default_encoder() -> Any:
+    try:
+        from training.encoders import StandardRGBEncoder
+    except ImportError:   # encoders not written yet: snapshot without encoder
+        return None
+    return StandardRGBEncoder()
+
+
+def write_tiny_snapshot(path: str, net: Optional[torch.nn.Module] = None, encoder: Any = None,
+                        ema_dtype: Optional[torch.dtype] = torch.float16, **extra: Any) -> Any:
+    """Write an official-layout snapshot pickle to `path` and return the dict that was saved.
+
+    `net` defaults to `make_tiny_precond()`; `encoder` to `StandardRGBEncoder()`.
+    The stored `ema` is a deep copy in eval mode without gradients, cast to
+    `ema_dtype` (float16 like the official loop; None keeps the dtype).
+    `extra` items are added to (or replace) the snapshot keys.
+    """
+    import dnnlib
+    from torch_utils import persistence
+    net = make_tiny_precond() if net is None else net
+    encoder = _default_encoder() if encoder is None else encoder
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    if ema_dtype is not None:
+        ema = ema.to(ema_dtype)
+    data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=tiny_dataset_kwargs(getattr(net, 'label_dim', 0)),
+                           loss_fn=None, ema=ema)
+    data.update(extra)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    persistence.save_pickle(data, path)
+    return data
