@@ -17,9 +17,7 @@ def _isolate_process_group():
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    training_stats._sync_called = False
-    training_stats._counters.clear()
-    training_stats._cumulative.clear()
+    training_stats.reset()
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)

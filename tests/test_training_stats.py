@@ -118,3 +118,16 @@ def test_init_multiprocessing_must_precede_first_sync():
 
 def test_default_collector_exists():
     assert isinstance(ts.default_collector, ts.Collector)
+
+
+def test_reset_forgets_everything():
+    ts.reset()
+    ts.report('Reset/x', torch.tensor([1.0, 3.0]))
+    ts.default_collector.update()
+    assert ts.default_collector.mean('Reset/x') == 2.0
+    ts.reset()
+    assert 'Reset/x' not in ts.default_collector.names()
+    ts.init_multiprocessing(rank=0, sync_device=None) # allowed again after a reset
+    ts.report('Reset/x', torch.tensor([5.0]))
+    ts.default_collector.update()
+    assert ts.default_collector.mean('Reset/x') == 5.0

@@ -192,3 +192,16 @@ def _sync(names: list) -> list:
 default_collector = Collector()
 
 # ----------------------------------------------------------------------------
+
+
+def reset() -> None:
+    """Forget every statistic and the sync state, as in a fresh process (tests, notebooks running two jobs).
+
+    Collectors other than `default_collector` keep their own totals and must be recreated afterwards.
+    """
+    global _sync_called
+    _sync_called = False
+    _counters.clear()
+    _cumulative.clear()
+    default_collector._cumulative.clear()
+    default_collector._moments.clear()
