@@ -5,6 +5,7 @@ Everything here is plain Python: no torch, no GPU, no network at import time.
 """
 
 import ctypes
+import errno
 import fnmatch
 import hashlib
 import html
@@ -343,6 +344,7 @@ READ_TIMEOUT_S = 60.0
 BACKOFF_BASE_S = 0.25  # Sleep BACKOFF_BASE_S * 2**attempt between attempts ...
 BACKOFF_MAX_S = 4.0  # ... capped at this.
 MAX_UNREACHABLE_ATTEMPTS = 3  # Stop early when the host cannot be resolved or refuses.
+LOCAL_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # Cache not writable: retrying won't help.
 _CHUNK_BYTES = 1 << 20
 
 
@@ -539,7 +541,8 @@ def _download_with_retries(url: str, cache_dir: str, num_attempts: int, verbose:
             except (requests.RequestException, OSError) as err:
                 last_error = err
                 unreachable = unreachable + 1 if _is_unreachable(err) else 0
-            if attempt + 1 == num_attempts or unreachable >= MAX_UNREACHABLE_ATTEMPTS:
+            local_failure = isinstance(last_error, OSError) and getattr(last_error, "errno", None) in LOCAL_WRITE_ERRNOS
+            if attempt + 1 == num_attempts or unreachable >= MAX_UNREACHABLE_ATTEMPTS or local_failure:
                 break
             if verbose:
                 print(".", end="", flush=True)

@@ -7,6 +7,7 @@ it uses NCCL when the job runs on CUDA and Gloo otherwise.
 
 import _compat_pickle
 import collections
+import datetime
 import os
 import pickle
 import re
@@ -29,6 +30,8 @@ from . import misc, training_stats
 # Process group.
 
 _device: Optional[torch.device] = None  # Compute device chosen by init().
+TIMEOUT_ENV_VAR = "EDM2_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800
 
 
 def _find_free_port() -> int:
@@ -70,13 +73,26 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> None:
         torch.cuda.set_device(_device)
     else:
         _device = torch.device(device) if device is not None else torch.device("cpu")
-    torch.distributed.init_process_group(backend=backend, init_method=init_method)
+    torch.distributed.init_process_group(backend=backend, init_method=init_method, timeout=collective_timeout())
 
     # Cross-process sums run on the CUDA device with NCCL, on the CPU with Gloo.
     sync_device = None
     if get_world_size() > 1:
         sync_device = _device if backend == "nccl" else torch.device("cpu")
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+
+def collective_timeout() -> datetime.timedelta:
+    """Bound on any wait for other ranks (env EDM2_DIST_TIMEOUT, seconds; default 1800): a hung or
+    dead rank makes the others fail with an error after this long instead of waiting forever."""
+    value = os.environ.get(TIMEOUT_ENV_VAR, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV_VAR}={value!r}: expected a number of seconds") from None
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV_VAR}={value!r}: must be positive")
+    return datetime.timedelta(seconds=seconds)
 
 
 def get_device() -> torch.device:
@@ -250,13 +266,18 @@ def load_training_state(path: str) -> Any:
     toolkit hold an EasyDict (a dict subclass the weights-only loader cannot fill), so those are
     read again with an unpickler restricted to the same allow-list.
     """
-    if _trusted():
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
+        if _trusted():
+            return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            with torch.serialization.safe_globals(_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
+    except _READ_ERRORS:
+        raise
+    except Exception as err:  # Garbage bytes surface as struct.error, IndexError, KeyError, ...
+        raise pickle.UnpicklingError(f"corrupt or not a training-state file ({_one_line(err)})") from err
 
 
 def _plain(value: Any) -> Any:
@@ -351,6 +372,8 @@ class CheckpointIO:
         A newest file that cannot be read (torn, truncated) is skipped with a warning and
         the previous one is used; if no matching file can be read, CheckpointError is raised.
         """
+        if get_rank() == 0:
+            _remove_stale_temp_files(run_dir)
         candidates = _matching_files(run_dir, pattern)
         if len(candidates) == 0:
             return None
@@ -369,6 +392,20 @@ class CheckpointIO:
                 print0("done")
             return path
         raise CheckpointError(f"{run_dir}: none of the {len(candidates)} files matching {pattern} can be read")
+
+
+def _remove_stale_temp_files(run_dir: str) -> None:
+    """Delete temp files of atomic writes (misc.atomic_open) that a killed run left behind."""
+    if not os.path.isdir(run_dir):
+        return
+    stale = [e.path for e in os.scandir(run_dir) if e.is_file() and _STALE_TEMP.fullmatch(e.name)]
+    for path in stale:
+        os.remove(path)
+    if stale:
+        print0(f"Removed {len(stale)} incomplete file(s) left by an interrupted run, e.g. {os.path.basename(stale[0])}")
+
+
+_STALE_TEMP = re.compile(r"\..+\.tmp-[0-9a-f]{12}")
 
 
 def _matching_files(run_dir: str, pattern: str) -> list:

@@ -367,9 +367,12 @@ def atomic_open(path: str, mode: str = "wb", **open_kwargs: Any):
         if mode.startswith("x") and os.path.exists(path):
             raise FileExistsError(f"{path} already exists")
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp_path):
+            # Name the file the user asked for (e.g. "[Errno 28] No space left on device: 'out/x.pkl'").
+            raise type(err)(err.errno, err.strerror or str(err), path) from err
         raise
     _fsync_dir(dir_path)
 

@@ -32,6 +32,9 @@ except ImportError:
 # Helpers.
 
 
+MAX_LIST_ITEMS = 10_000_000  # A larger list is a typo (e.g. 0-99999999999), refused before it fills the memory.
+
+
 def parse_int_list(s: Union[None, str, Sequence[int]]) -> Optional[list]:
     """'0,1,12-14' -> [0, 1, 12, 13, 14]; a list passes through; None stays None (training.md §1)."""
     if s is None or isinstance(s, (list, tuple)):
@@ -40,10 +43,29 @@ def parse_int_list(s: Union[None, str, Sequence[int]]) -> Optional[list]:
     for item in str(s).split(','):
         lo, sep, hi = item.strip().partition('-')
         if sep and lo.isdigit() and hi.isdigit():
+            if len(values) + int(hi) - int(lo) + 1 > MAX_LIST_ITEMS:
+                raise ValueError(f'too many items in list "{s}" (more than {MAX_LIST_ITEMS})')
             values.extend(range(int(lo), int(hi) + 1))
         else:
             values.append(int(item))
     return values
+
+
+def _label_array(labels: list, source: str) -> np.ndarray:
+    """dataset.json labels -> int64 class indices (>= 0) or float32 vectors of one length."""
+    where = f'dataset.json of {source}'
+    try:
+        raw = np.array(labels)
+    except ValueError:
+        raise IOError(f'{where}: labels must all be class indices or vectors of the same length') from None
+    if raw.ndim == 1 and raw.dtype.kind in 'iub':
+        if raw.size and raw.min() < 0:
+            raise IOError(f'{where}: negative class label {int(raw.min())}')
+        return raw.astype(np.int64)
+    if raw.ndim == 2 and raw.dtype.kind in 'iubf':
+        return raw.astype(np.float32)
+    raise IOError(f'{where}: labels must be integer class indices or numeric vectors, found {raw.dtype} '
+                  f'with {raw.ndim} dimensions')
 
 
 def select_indices(num_items: int, max_size: Optional[float], random_seed: int) -> np.ndarray:
@@ -161,8 +183,9 @@ class Dataset(torch.utils.data.Dataset):
             except CorruptImageError as err:
                 self._record_skip(raw_idx, err)
                 continue
-            assert list(image.shape) == self._raw_shape[1:], \
-                f'{self._raw_name(raw_idx)}: image shape {list(image.shape)} != dataset shape {self._raw_shape[1:]}'
+            if list(image.shape) != self._raw_shape[1:]:
+                raise IOError(f'{self._raw_name(raw_idx)}: image shape {list(image.shape)} != dataset shape '
+                              f'{self._raw_shape[1:]} (all images must have the same size and channels)')
             if self._xflip[j]:
                 assert image.ndim == 3  # CHW
                 image = image[:, :, ::-1]
@@ -417,8 +440,13 @@ class ImageFolderDataset(Dataset):
     def _dataset_json_labels(self) -> Optional[dict]:
         """{relative path: label} from dataset.json, or None when absent or null."""
         data = self._read_json('dataset.json')
-        labels = None if data is None else data.get('labels')
-        return None if labels is None else {str(name): label for name, label in labels}
+        labels = data.get('labels') if isinstance(data, dict) else data
+        if labels is None:
+            return None
+        if not isinstance(labels, list) or not all(isinstance(e, list) and len(e) == 2 for e in labels):
+            raise IOError(f'{os.path.join(self._source_path, "dataset.json")}: malformed; expected '
+                          f'{{"labels": [["<file>", <label>], ...]}} or {{"labels": null}}')
+        return {str(name): label for name, label in labels}
 
     def _load_raw_labels(self) -> Optional[np.ndarray]:
         labels = self._dataset_json_labels()
@@ -428,8 +456,11 @@ class ImageFolderDataset(Dataset):
         if missing:
             raise KeyError(f'dataset.json of {self._source_path} has no label for {missing[0]}'
                            f' ({len(missing)} images unlabeled)')
-        raw = np.array([labels[fname] for fname in self._image_fnames])
-        return raw.astype({1: np.int64, 2: np.float32}[raw.ndim])
+        absent = [name for name in labels if not self._has_file(name)]
+        if absent:
+            print(f'Warning: dataset.json of {self._source_path} labels {len(absent)} files that do not exist '
+                  f'(e.g. {absent[0]}); ignored', file=sys.stderr)
+        return _label_array([labels[fname] for fname in self._image_fnames], self._source_path)
 
 # ----------------------------------------------------------------------------
 
@@ -520,7 +551,16 @@ class FilteredImageDataset(ImageFolderDataset):
 
     def _load_metadata(self) -> dict:
         data = self._read_json('metadata.json')
-        return {} if data is None else dict(data.get('metadata') or {})
+        metadata = data.get('metadata') if isinstance(data, dict) else data
+        if metadata is None:
+            return {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, dict) for v in metadata.values()):
+            raise IOError(f'{os.path.join(self._source_path, "metadata.json")}: malformed; expected '
+                          f'{{"metadata": {{"<category>/<file stem>": {{"nima": <float>, "labels": "<category>"}}}}}}')
+        bad = [k for k, v in metadata.items() if not isinstance(v.get('nima', 0), (int, float, type(None)))]
+        if bad:
+            raise IOError(f'{os.path.join(self._source_path, "metadata.json")}: "nima" of {bad[0]} is not a number')
+        return metadata
 
     def _select_files(self, fnames: list) -> list:
         self._metadata = self._load_metadata()
