@@ -53,27 +53,25 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> None:
     """Join (or create) the process group and set up training_stats.
 
     `device`: 'cpu' forces a CPU job (Gloo); None means CUDA when available.
-    `backend`: override the automatic choice. Env defaults for a single process:
-    MASTER_ADDR=localhost, MASTER_PORT=<free port>, RANK=0, LOCAL_RANK=0, WORLD_SIZE=1.
+    `backend`: override the automatic choice. Under torchrun the usual env variables are used; without
+    them the job is a single process with rank 0 (nothing is written to os.environ).
     """
     global _device
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "localhost")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_find_free_port())
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-
     backend = backend if backend is not None else _choose_backend(device)
-    init_method = "env://?use_libuv=False" if os.name == "nt" else "env://"
+    init_kwargs = dict(init_method="env://?use_libuv=False" if os.name == "nt" else "env://")
+    if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
+        # Plain single process (no torchrun): a private TCP store on a free port. Unlike the official
+        # code, nothing is written to os.environ, so subprocesses started later do not inherit a port
+        # that is already taken.
+        init_kwargs = dict(init_method=f"tcp://localhost:{_find_free_port()}", rank=0, world_size=1)
     if backend == "nccl":
         _device = torch.device("cuda", get_local_rank())
         torch.cuda.set_device(_device)
     else:
         _device = torch.device(device) if device is not None else torch.device("cpu")
-    torch.distributed.init_process_group(backend=backend, init_method=init_method, timeout=collective_timeout())
+    torch.distributed.init_process_group(backend=backend, timeout=collective_timeout(), **init_kwargs)
 
     # Cross-process sums run on the CUDA device with NCCL, on the CPU with Gloo.
     sync_device = None
