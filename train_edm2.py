@@ -130,6 +130,7 @@ counts steps with non-finite gradients (Loss/nonfinite_grads).
 @click.option('--plain',            help='Use the official op-for-op network computation (no fast paths)', is_flag=True)
 @click.option('--ls',               help='Loss scaling', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',             type=bool, default=True, show_default=True)
+@click.option('--node-cache',       help='Copy a zip dataset once per node to local disk ($EDM2_DATASET_CACHE or the temp dir) and read it from there', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--workers',          help='Data loader worker processes per GPU', metavar='INT',   type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--device',           help='Compute device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
 

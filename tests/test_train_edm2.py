@@ -178,3 +178,12 @@ def test_torchrun_two_processes_match_one(data8, tmp_path):
     assert float(state_one['net']['unet.out_gain']) != 0  # the weights did move
 
 #----------------------------------------------------------------------------
+
+
+def test_node_cache_option_reaches_the_dataset(data8, tmp_path):
+    dist.init(device='cpu')
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "nc"}', f'--data={data8}', '--cond=0',
+                                                     '--preset=edm2-img512-xs', '--channels=16', '--node-cache=1', '-n'])
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output.split('Training config:')[1].split('\n\n')[0])
+    assert config['dataset_kwargs']['node_cache'] is True

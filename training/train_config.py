@@ -53,9 +53,12 @@ def _dataset_kwargs(opts: dict) -> dnnlib.EasyDict:
     filters = {key: opts.get(key) for key in _FILTER_KEYS}
     if filters['categories'] is not None:
         filters['categories'] = parse_int_list(filters['categories'])
+    kwargs = dnnlib.EasyDict(path=opts['data'], use_labels=opts['cond'])
+    if opts.get('node_cache'):
+        kwargs.node_cache = True # slow network storage: read a node-local copy (training.data_cache)
     if all(value is None for value in filters.values()):
-        return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts['data'], use_labels=opts['cond'])
-    return dnnlib.EasyDict(class_name='training.dataset.FilteredImageDataset', path=opts['data'], use_labels=opts['cond'], **filters)
+        return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', **kwargs)
+    return dnnlib.EasyDict(class_name='training.dataset.FilteredImageDataset', **kwargs, **filters)
 
 
 def _check_dataset(dataset_kwargs: dict, cond: bool) -> int:
