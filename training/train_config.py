@@ -190,7 +190,8 @@ def launch_training(run_dir: str, c: dict, device: Any = None) -> str:
     if dist.get_rank() == 0:
         _write_options(run_dir, c)
     dist.barrier()
-    logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    log_file = os.path.join(run_dir, 'log.txt') if dist.get_rank() == 0 else None # only rank 0 writes it (quirk E10)
+    logger = dnnlib.util.Logger(file_name=log_file, file_mode='a', should_flush=True)
     try:
         return training_loop(run_dir=run_dir, device=device, **c)
     finally:
