@@ -21,7 +21,7 @@ import time
 import types
 import urllib.parse
 import uuid
-from typing import Any, BinaryIO, Callable, Optional, Union
+from typing import Any, BinaryIO, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -564,3 +564,38 @@ def _one_line(err: Optional[BaseException]) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 # ----------------------------------------------------------------------------
+
+# ------------------------------------------------------------------------------------------
+# Option parsing shared by the scripts (--seeds, --categories).
+
+_RANGE_RE = re.compile(r'^(\d+)-(\d+)$')
+MAX_LIST_ITEMS = 10_000_000  # A larger list is a typo (e.g. 0-99999999999), refused before it fills the memory.
+
+
+def parse_int_list(s: Union[str, Sequence[int], None]) -> Optional[list]:
+    """Parse '1,2,5-10' into [1, 2, 5, 6, 7, 8, 9, 10] (ranges inclusive).
+
+    None stays None and a list/range passes through as a list. Raises ValueError naming
+    the malformed item.
+    """
+    if s is None or isinstance(s, (list, tuple, range)):
+        return None if s is None else list(s)
+    result = []
+    shown = str(s).encode('unicode_escape').decode('ascii')  # Keep the error message on one line.
+    for item in str(s).split(','):
+        item = item.strip()
+        match = _RANGE_RE.match(item)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if lo > hi:
+                raise ValueError(f'invalid range "{item}" in "{shown}": start exceeds end')
+            if len(result) + hi - lo + 1 > MAX_LIST_ITEMS:
+                raise ValueError(f'too many items in "{shown}" (more than {MAX_LIST_ITEMS})')
+            result.extend(range(lo, hi + 1))
+            continue
+        try:
+            result.append(int(item))
+        except ValueError:
+            shown_item = item.encode('unicode_escape').decode('ascii')
+            raise ValueError(f'invalid item "{shown_item}" in "{shown}": expected an integer or a range like 5-10') from None
+    return result

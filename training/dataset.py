@@ -20,6 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from dnnlib.util import parse_int_list
 from training import data_cache
 from training import image_transforms
 
@@ -30,25 +31,6 @@ except ImportError:
 
 # ----------------------------------------------------------------------------
 # Helpers.
-
-
-MAX_LIST_ITEMS = 10_000_000  # A larger list is a typo (e.g. 0-99999999999), refused before it fills the memory.
-
-
-def parse_int_list(s: Union[None, str, Sequence[int]]) -> Optional[list]:
-    """'0,1,12-14' -> [0, 1, 12, 13, 14]; a list passes through; None stays None (training.md §1)."""
-    if s is None or isinstance(s, (list, tuple)):
-        return None if s is None else [int(x) for x in s]
-    values = []
-    for item in str(s).split(','):
-        lo, sep, hi = item.strip().partition('-')
-        if sep and lo.isdigit() and hi.isdigit():
-            if len(values) + int(hi) - int(lo) + 1 > MAX_LIST_ITEMS:
-                raise ValueError(f'too many items in list "{s}" (more than {MAX_LIST_ITEMS})')
-            values.extend(range(int(lo), int(hi) + 1))
-        else:
-            values.append(int(item))
-    return values
 
 
 def _label_array(labels: list, source: str) -> np.ndarray:

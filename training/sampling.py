@@ -19,7 +19,6 @@ Contents, in the order a sampling run uses them:
 
 import math
 import os
-import re
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from dnnlib.util import parse_int_list  # noqa: F401 (re-exported: --seeds, as in the official script)
 from torch_utils import persistence
 
 # ----------------------------------------------------------------------------
@@ -112,39 +112,6 @@ def resolve_options(preset: Optional[str] = None, net: Optional[str] = None, gne
 
 # ----------------------------------------------------------------------------
 # Option parsing.
-
-_RANGE_RE = re.compile(r'^(\d+)-(\d+)$')
-MAX_LIST_ITEMS = 10_000_000  # A larger list is a typo (e.g. 0-99999999999), refused before it fills the memory.
-
-
-def parse_int_list(s: Union[str, Sequence[int], None]) -> Optional[list]:
-    """Parse '1,2,5-10' into [1, 2, 5, 6, 7, 8, 9, 10] (ranges inclusive).
-
-    None stays None and a list/range passes through as a list. Raises ValueError naming
-    the malformed item.
-    """
-    if s is None or isinstance(s, (list, tuple, range)):
-        return None if s is None else list(s)
-    result = []
-    shown = str(s).encode('unicode_escape').decode('ascii')  # Keep the error message on one line.
-    for item in str(s).split(','):
-        item = item.strip()
-        match = _RANGE_RE.match(item)
-        if match:
-            lo, hi = int(match.group(1)), int(match.group(2))
-            if lo > hi:
-                raise ValueError(f'invalid range "{item}" in "{shown}": start exceeds end')
-            if len(result) + hi - lo + 1 > MAX_LIST_ITEMS:
-                raise ValueError(f'too many items in "{shown}" (more than {MAX_LIST_ITEMS})')
-            result.extend(range(lo, hi + 1))
-            continue
-        try:
-            result.append(int(item))
-        except ValueError:
-            shown_item = item.encode('unicode_escape').decode('ascii')
-            raise ValueError(f'invalid item "{shown_item}" in "{shown}": expected an integer or a range like 5-10') from None
-    return result
-
 
 def parse_interval(s: Union[str, Sequence[float], None]) -> Optional[tuple]:
     """Parse 'LO,HI' into a (lo, hi) tuple of floats with 0 <= lo <= hi; None stays None."""
