@@ -24,6 +24,7 @@ HELP_FILES = {
     'dataset': 'dataset_tool',
     'flops': 'count_flops',
     'score': 'score_dataset',
+    'demo': 'demo',
 }
 
 def _find_command(module) -> click.Command:
