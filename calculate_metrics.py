@@ -131,6 +131,11 @@ _out_option = click.option('--out', help='Save results as OUT.json and OUT.pkl (
 _hist_option = click.option('--hist', help='With --out, plot score histograms as OUT-<metric>.png', is_flag=True)
 
 
+@cmdline.result_callback()
+def _finish(*_args, **_kwargs) -> None:
+    dist.shutdown()  # after a successful subcommand: every rank leaves the process group together
+
+
 @cmdline.command()
 @click.option('--images', 'image_path', help='Path to the images', metavar='PATH|ZIP', type=str, required=True)
 @_ref_option

@@ -76,6 +76,11 @@ def cmdline():
     """
 
 
+@cmdline.result_callback()
+def _finish(*_args, **_kwargs) -> None:
+    distributed.shutdown()  # process-and-encode under torchrun: every rank leaves the process group together
+
+
 @cmdline.command()
 @click.option('--source', help='Input directory or archive name', metavar='PATH', type=str, required=True)
 @click.option('--dest', help='Output directory or archive name (.zip)', metavar='PATH', type=str, required=True)

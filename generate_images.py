@@ -116,6 +116,7 @@ def cmdline(preset, net, gnet, guidance, grid, skip_existing, unlabeled_guide, d
         _run(opts, grid, skip_existing)
     except (ValueError, OSError, pickle.UnpicklingError) as e:
         raise click.ClickException(str(e)) from None
+    dist.shutdown()
 
 
 if __name__ == '__main__':

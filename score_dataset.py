@@ -48,6 +48,7 @@ def main(image_path: str, out_dir: str, metric: str, max_batch_size: int, num_wo
         raise click.ClickException(text.splitlines()[0] if text else type(err).__name__) from None
     if scores is not None:
         dist.print0(f'Scored {len(scores)} images; results in {out_dir}')
+    dist.shutdown()
 
 
 if __name__ == '__main__':

@@ -161,6 +161,7 @@ def cmdline(outdir, dry_run, device, **opts):
         launch_training(outdir, c, device=dist.get_device())
     except (TrainingDivergedError, ValueError, OSError, pickle.UnpicklingError) as err:
         raise click.ClickException(str(err)) from None
+    dist.shutdown()
 
 #----------------------------------------------------------------------------
 

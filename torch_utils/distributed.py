@@ -93,6 +93,17 @@ def collective_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+def shutdown() -> None:
+    """End of a successful job: wait for every rank, then leave the process group. Without this a rank
+    whose peers have already exited can abort in Gloo's teardown ("terminate called without an active
+    exception"). Call it only on the success path: after a failure, the other ranks are stopped by torchrun."""
+    if not torch.distributed.is_initialized():
+        return
+    if get_world_size() > 1:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def get_device() -> torch.device:
     """Compute device picked by init() (CPU before init)."""
     return _device if _device is not None else torch.device("cpu")
