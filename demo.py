@@ -82,7 +82,8 @@ def main(outdir: str, kimg: int, resolution: str, toy: bool, device: str | None)
 
     toy_dir = os.path.join(outdir, 'toy')
     if toy:
-        run_step('Toy example: autoguidance in 2D', ['toy_example.py', 'demo', f'--outdir={toy_dir}', *device_args], env)
+        run_step('Toy example: autoguidance in 2D', ['toy_example.py', 'demo', f'--outdir={toy_dir}', '--main-iter=2048',
+                                                       *device_args], env) # half the official 4096: keeps the demo short
 
     src_dir = os.path.join(outdir, 'digits-src')
     if not os.path.isfile(os.path.join(src_dir, 'dataset.json')):

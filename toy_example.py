@@ -110,7 +110,7 @@ def plot(net, gnet, guidance, save, cfg_gnet, grid, samples_scale, device):
 
 @cmdline.command()
 @click.option('--outdir', help='Where to put the models and toy-example.png', metavar='DIR', type=str, default='toy-demo', show_default=True)
-@click.option('--main-iter', help='Training iterations of the main model (official: 4096)', metavar='INT', type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option('--main-iter', help='Training iterations of the main model (official snapshot: iter4096)', metavar='INT', type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option('--guide-iter', help='Training iterations of the guides', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
 @click.option('--guidance', help='Guidance weight', metavar='FLOAT', type=float, default=3, show_default=True)
 @click.option('--grid', help='Grid resolution of the density plots', metavar='INT', type=click.IntRange(min=8), default=400, show_default=True)

@@ -588,7 +588,7 @@ def train_or_load(outdir: str, classes: str, hidden_dim: int, total_iter: int, d
     print(f'Saved {path}')
     return net.to(device if device is not None else default_device())
 
-def run_demo(outdir: str, main_iter: int = 2048, guide_iter: int = 512, guidance: float = 3, device=None,
+def run_demo(outdir: str, main_iter: int = 4096, guide_iter: int = 512, guidance: float = 3, device=None,
              grid_resolution: int = 400, samples_scale: float = 1.0, progress: bool = True) -> str:
     """Train the main model (class A, 64 wide), the autoguidance guide (class A, 32 wide,
     early) and a CFG guide (classes AB, 32 wide, early); save the figure to
