@@ -190,3 +190,20 @@ def test_unreadable_existing_results_fail_early(tmp_path):
 def test_duplicate_reference_names(tmp_path):
     with pytest.raises(metrics.MetricsError, match='two references are named "img"'):
         metrics.load_references([str(tmp_path / 'a' / 'img.pkl'), str(tmp_path / 'b' / 'img.npz')], verbose=False)
+
+
+def test_failed_pickle_write_keeps_both_old_result_files(tmp_path, monkeypatch):
+    mu, sigma = random_stats(6, 5)
+    stats = dict(num_images=20, fid=dict(mu=mu, sigma=sigma))
+    results = metrics.calculate_results(stats, dict(a=dict(fid=dict(mu=mu, sigma=sigma))), ['fid'], verbose=False)
+    base = str(tmp_path / 'results')
+    metrics.save_results(results, base, ['fid'])
+    old_json, old_pkl = open(base + '.json').read(), open(base + '.pkl', 'rb').read()
+    results['metrics']['fid']['a'] = 123.0
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(metrics.pickle, 'dump', full_disk)
+    with pytest.raises(OSError):
+        metrics.save_results(results, base, ['fid'])
+    assert open(base + '.json').read() == old_json and open(base + '.pkl', 'rb').read() == old_pkl

@@ -499,10 +499,10 @@ def save_results(results: dict, base: str, metrics: Sequence[str], hist: bool = 
             data_json.setdefault(metric, dict()).update(results['metrics'][metric])
     data_pkl.update(results['features'])
     paths = result_paths(base)
-    with misc.atomic_open(paths['json'], 'w', encoding='utf-8') as f:
-        json.dump(data_json, f, indent=2)
-    with misc.atomic_open(paths['pkl'], 'wb') as f:
-        pickle.dump(data_pkl, f)
+    # Both files are complete on disk before either replaces its predecessor: a failure leaves both old.
+    with misc.atomic_open(paths['json'], 'w', encoding='utf-8') as f_json, misc.atomic_open(paths['pkl'], 'wb') as f_pkl:
+        json.dump(data_json, f_json, indent=2)
+        pickle.dump(data_pkl, f_pkl)
     written = [paths['json'], paths['pkl']]
     if hist:
         for metric in metrics:
