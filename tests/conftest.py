@@ -23,3 +23,23 @@ def _isolate_process_group():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope='session')
+def cache_root(tmp_path_factory):
+    """Download and torch.hub caches seeded with small stand-in detector weights (built once per run)."""
+    from tests import detector_standins
+    return detector_standins.shared_standin_cache(tmp_path_factory)
+
+
+@pytest.fixture
+def cache(cache_root, monkeypatch):
+    """Point DNNLIB_CACHE_DIR / torch.hub at the stand-ins; one thread for the small detectors."""
+    from tests import detector_standins
+    from training import detectors
+    detector_standins.use_cache(monkeypatch, cache_root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield cache_root
+    torch.set_num_threads(threads)
+    detectors.clear_detector_cache()

@@ -15,16 +15,6 @@ from tests import detector_standins as standins
 from training import detectors
 
 
-@pytest.fixture(scope='module')
-def cache_root(tmp_path_factory):
-    return standins.shared_standin_cache(tmp_path_factory)
-
-
-@pytest.fixture
-def cache(cache_root, monkeypatch):
-    standins.use_cache(monkeypatch, cache_root)
-    yield cache_root
-    detectors.clear_detector_cache()
 
 
 @pytest.fixture(autouse=True)

@@ -9,24 +9,10 @@ import PIL.Image
 import pytest
 import torch
 
-from tests import detector_standins as standins
 from training import detectors
 from training import metrics
 
 
-@pytest.fixture(scope='module')
-def cache_root(tmp_path_factory):
-    return standins.shared_standin_cache(tmp_path_factory)
-
-
-@pytest.fixture
-def cache(cache_root, monkeypatch):
-    standins.use_cache(monkeypatch, cache_root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield cache_root
-    torch.set_num_threads(threads)
-    detectors.clear_detector_cache()
 
 
 def random_stats(dim, seed, n=None):

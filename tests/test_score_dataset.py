@@ -19,16 +19,6 @@ from training import detectors
 from training import scoring
 
 
-@pytest.fixture(scope='module')
-def cache_root(tmp_path_factory):
-    return standins.shared_standin_cache(tmp_path_factory)
-
-
-@pytest.fixture
-def cache(cache_root, monkeypatch):
-    standins.use_cache(monkeypatch, cache_root)
-    yield cache_root
-    detectors.clear_detector_cache()
 
 
 @pytest.fixture(scope='module')
