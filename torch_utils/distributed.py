@@ -8,6 +8,7 @@ it uses NCCL when the job runs on CUDA and Gloo otherwise.
 import _compat_pickle
 import collections
 import datetime
+import gc
 import os
 import pickle
 import re
@@ -99,6 +100,9 @@ def shutdown() -> None:
     exception"). Call it only on the success path: after a failure, the other ranks are stopped by torchrun."""
     if not torch.distributed.is_initialized():
         return
+    # Objects that hold the process group (e.g. a DistributedDataParallel wrapper caught in a reference
+    # cycle) must go now, not during interpreter teardown, where their communication threads abort.
+    gc.collect()
     if get_world_size() > 1:
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()
