@@ -204,10 +204,11 @@ def test_sampler_maps_noise_to_gaussian_and_guidance_sharpens():
 def test_sample_stats_ground_truth_vs_noise():
     gm = toy.gt('A')
     good = toy.sample_stats(gm.sample(16384, generator=torch.Generator().manual_seed(4)))
-    assert good['in_support'] > 0.9 and good['branches'] == good['num_branches'] == 127
+    assert good['in_support'] > 0.9 and good['branches'] == good['num_branches'] == 127 and good['far_off'] < 0.01
     assert good['tips'] == good['num_tips'] == 64 and np.bincount(toy.branch_depths()).tolist() == [2 ** d for d in range(7)]
     bad = toy.sample_stats(torch.randn(4096, 2) * 0.05 + torch.tensor([-0.8, -0.8]))   # class-B region
     assert bad['in_support'] < 0.01 and bad['branches'] <= 2 and bad['mean_logp'] < good['mean_logp'] - 10
+    assert bad['far_off'] == 1.0  # every sample of the class-B region is far off the class-A tree
     table = toy.format_stats_table([('gt', good), ('bad', bad)])
     assert '127 / 127' in table and '64 / 64' in table and len(table.splitlines()) == 3
 

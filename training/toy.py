@@ -400,25 +400,30 @@ def branch_depths() -> np.ndarray:
     visit(0)
     return np.array(depths)
 
+FAR_OFF_LOGP = -50 # a sample below this ground-truth log-density is far off the tree (it dominates the mean)
+
 def sample_stats(samples: torch.Tensor) -> dict:
     """Mean ground-truth log-density of the samples, fraction inside the class-A
-    outline, and how many of the 127 class-A branches (and of their 64 tips)
+    outline, fraction far off the tree (log p < FAR_OFF_LOGP: a few such samples
+    decide the mean), and how many of the 127 class-A branches (and of their 64 tips)
     receive a sample inside the outline (assigned to the most responsible component)."""
     gt_model = gt('A', samples.device)
     logp = gt_model.logp(samples)
+    far_off = (logp < FAR_OFF_LOGP).float().mean().item()
     inside = logp >= support_threshold(samples.device)
     branch = (gt_model.responsibilities_argmax(samples[inside]) // COMPONENTS_PER_BRANCH).unique().cpu().numpy()
     is_tip = branch_depths() == MAX_DEPTH - 1
-    return dict(mean_logp=logp.mean().item(), median_logp=logp.median().item(),
+    return dict(mean_logp=logp.mean().item(), median_logp=logp.median().item(), far_off=far_off,
                 in_support=inside.float().mean().item(), branches=len(branch), num_branches=BRANCHES_PER_CLASS,
                 tips=int(is_tip[branch].sum()), num_tips=int(is_tip.sum()))
 
 def format_stats_table(rows: list[tuple[str, dict]]) -> str:
     """Plain-text table, one row per (label, sample_stats(...))."""
-    lines = [f'{"samples":<36} {"mean logp":>10} {"median logp":>12} {"in A-support":>13} {"branches hit":>13} {"tips hit":>9}']
+    lines = [f'{"samples":<36} {"mean logp":>10} {"median logp":>12} {"in A-support":>13} {"far off":>8} '
+             f'{"branches hit":>13} {"tips hit":>9}']
     for label, s in rows:
         lines.append(f'{label:<36} {s["mean_logp"]:10.3f} {s["median_logp"]:12.3f} {s["in_support"] * 100:12.2f}% '
-                     f'{s["branches"]:>7d} / {s["num_branches"]} {s["tips"]:>4d} / {s["num_tips"]}')
+                     f'{s["far_off"] * 100:7.2f}% {s["branches"]:>7d} / {s["num_branches"]} {s["tips"]:>4d} / {s["num_tips"]}')
     return '\n'.join(lines)
 
 #----------------------------------------------------------------------------
