@@ -14,6 +14,7 @@ import calculate_metrics
 from tests import detector_standins as standins
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
 from training import metrics
+from tests.procs import child_env
 
 
 
@@ -128,8 +129,7 @@ def test_ref_under_torchrun_matches_single_process(cache, image_dir, tmp_path):
     import subprocess
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
-    env.update(PYTHONPATH=repo, OMP_NUM_THREADS='1', DNNLIB_CACHE_DIR=cache)
+    env = child_env(DNNLIB_CACHE_DIR=cache)
     dest = tmp_path / 'two-ranks.pkl'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'calculate_metrics.py',
            'ref', f'--data={image_dir}', f'--dest={dest}', '--metrics=fid,nima', '--batch=3', '--workers=0']

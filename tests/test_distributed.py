@@ -15,17 +15,14 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from tests.procs import child_env
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _clean_env():
     """Environment for child processes: no inherited torchrun variables, repo on the path."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "EDM2_TRUST_PICKLE")}
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return child_env()
 
 
 def _run_script(tmp_path, source, *args, timeout=60):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests import tiny
+from tests.procs import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,9 +62,7 @@ def files(tmp_path_factory):
 
 
 def _cli(*args, timeout=120, env=None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, **(env or {}))
-    for name in ('EDM2_TRUST_PICKLE', 'MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE'):
-        full_env.pop(name, None)  # An in-process dist.init() of another test leaves these behind.
+    full_env = child_env(**(env or {}))
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
 

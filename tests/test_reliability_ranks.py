@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from tests.procs import child_env
 from torch_utils import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,10 +61,8 @@ def _torchrun(tmp_path, script_args: list, fail_mode: str, fail_at: int, timeout
               limit_s: float = 90) -> tuple:
     wrapper = tmp_path / 'sabotage.py'
     wrapper.write_text(WRAPPER)
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO, FAIL_MODE=fail_mode, FAIL_AT_CALL=str(fail_at),
-               EDM2_DIST_TIMEOUT=timeout_env, TORCHELASTIC_ERROR_FILE='')
-    for name in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE'):
-        env.pop(name, None)  # An in-process dist.init() of another test leaves these behind.
+    env = child_env(FAIL_MODE=fail_mode, FAIL_AT_CALL=str(fail_at), EDM2_DIST_TIMEOUT=timeout_env,
+                    TORCHELASTIC_ERROR_FILE='')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(wrapper),
            *script_args]
     start = time.time()

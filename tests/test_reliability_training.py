@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from tests.procs import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--cond=1', '--preset=edm2-cifar10-32x32-cond', '--channels=8', '--channel-mult=1,2', '--num-blocks=1',
@@ -24,10 +25,7 @@ ARGS = ['--cond=1', '--preset=edm2-cifar10-32x32-cond', '--channels=8', '--chann
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
-    for name in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'EDM2_TRUST_PICKLE'):
-        env.pop(name, None)  # An in-process dist.init() of another test leaves these behind.
-    return env
+    return child_env()
 
 
 @pytest.fixture(scope='module')

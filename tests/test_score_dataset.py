@@ -17,6 +17,7 @@ from torch_utils import distributed as dist
 from training import dataset as dataset_lib
 from training import detectors
 from training import scoring
+from tests.procs import child_env
 
 
 
@@ -139,8 +140,7 @@ def test_score_under_torchrun_matches_single_process(cache, image_dir, tmp_path)
     import subprocess
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
-    env.update(PYTHONPATH=repo, OMP_NUM_THREADS='1', DNNLIB_CACHE_DIR=cache)
+    env = child_env(DNNLIB_CACHE_DIR=cache)
     out = tmp_path / 'two-ranks'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'score_dataset.py',
            f'--images={image_dir}', f'--out={out}', '--metric=nima', '--batch=2', '--workers=0', '--checkpoints=2',
