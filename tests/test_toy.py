@@ -183,12 +183,6 @@ def test_embedded_source_imports_only_official_environment():
 #----------------------------------------------------------------------------
 # Sampling and measurements.
 
-def test_time_steps():
-    t = toy.edm_time_steps(32)
-    assert len(t) == 33 and t[-1] == 0
-    assert t[0].item() == pytest.approx(5, rel=1e-5) and t[-2].item() == pytest.approx(0.002, rel=1e-5)
-    assert bool((t[1:] < t[:-1]).all())
-
 def test_sampler_maps_noise_to_gaussian_and_guidance_sharpens():
     s = 0.3
     narrow = toy.GaussianMixture([1.0], [[0.0, 0.0]], [np.eye(2) * s ** 2])

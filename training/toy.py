@@ -320,13 +320,6 @@ class TrainingViz:
 #----------------------------------------------------------------------------
 # Sampling (toy.md §5): deterministic Heun sampler with EDM time steps.
 
-def edm_time_steps(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 5, rho: float = 7,
-                   device=None) -> torch.Tensor:
-    """t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, t_N = 0 (sampling.md §3.3)."""
-    i = torch.arange(num_steps, dtype=torch.float32, device=device)
-    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([t, torch.zeros_like(t[:1])])
-
 def guided_denoiser(net, gnet=None, guidance: float = 1):
     """D(x; sigma) = x + sigma^2 * score, score = score_g + w (score_net - score_g) with a guide."""
     def denoise(x, sigma):
@@ -341,6 +334,7 @@ def do_sample(net, x_init: torch.Tensor, guidance: float = 1, gnet=None, num_ste
               sigma_min: float = 0.002, sigma_max: float = 5, rho: float = 7) -> torch.Tensor:
     """Integrate the probability-flow ODE from x_init (at sigma_max); returns the
     trajectory [num_steps + 1, ..., 2]. `net`/`gnet` are ToyModels or GaussianMixtures."""
+    from training.sampling import edm_time_steps   # not at module level: the pickled source must load in the official tools
     denoise = guided_denoiser(net, gnet, guidance)
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, device=x_init.device)
     x = x_init.to(torch.float32)
