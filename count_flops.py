@@ -5,10 +5,10 @@ are re-exported for scripts that import them from here, as with the original.
 """
 
 import click
-import torch
 
 from torch_utils import persistence
 from training import flops, presets
+from training.cli import DeviceType
 from training.flops import count_flops, print_flops
 
 __all__ = ['count_flops', 'print_flops', 'cmdline']
@@ -28,17 +28,6 @@ def _count_pickle(src: str, device: str) -> dict:
     except (persistence.PickleLoadError, OSError, ValueError) as err:
         raise click.ClickException(f'{src}: {err}' if src not in str(err) else str(err)) from None
 
-def _parse_device(device: str) -> str:
-    if device is None:
-        return str(flops.default_device())
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise click.BadParameter(f'"{device}" is not a torch device (e.g. cuda, cuda:1, cpu, meta)', param_hint='--device') from None
-    if parsed.type == 'cuda' and not torch.cuda.is_available():
-        raise click.BadParameter('CUDA is not available on this machine; use cpu or meta', param_hint='--device')
-    return device
-
 @click.command(epilog='''
 \b
 Examples:
@@ -47,7 +36,7 @@ Examples:
 ''')
 @click.argument('net', metavar='PKL|URL', required=False)
 @click.option('--preset', help='Count a freshly built network of this training preset instead of a pickle.', metavar='NAME')
-@click.option('--device', help='Device for the forward pass. On "meta" nothing is computed: counts come from shapes and memory is estimated from tensor sizes.  [default: cuda if available, else meta]', metavar='STR')
+@click.option('--device', help='Device for the forward pass. On "meta" nothing is computed: counts come from shapes and memory is estimated from tensor sizes.  [default: cuda if available, else meta]', metavar='STR', type=DeviceType(allow_meta=True))
 def cmdline(net: str, preset: str, device: str) -> None:
     """Print parameters, Gflops per sample and activation memory per sample of a network.
 
@@ -61,7 +50,7 @@ def cmdline(net: str, preset: str, device: str) -> None:
         raise click.ClickException(str(err)) from None
     if (net is None) == (preset is None):
         raise click.UsageError('Give exactly one of PKL|URL or --preset')
-    device = _parse_device(device)
+    device = device or str(flops.default_device())
     result = _count_preset(preset, device) if preset is not None else _count_pickle(net, device)
     print_flops(result)
 

@@ -11,6 +11,7 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
+from training.cli import DEVICE
 from training.sampling import (  # noqa: F401 -- re-exported for compatibility
     StackedRandomGenerator, config_presets, edm_sampler, generate_images, missing_seeds, model_root,
     parse_int_list, parse_interval, resolve_options, save_image_grid)
@@ -87,7 +88,7 @@ def _run(opts: dict, grid: str, skip_existing: bool) -> None:
 @click.option('--unlabeled-guide', 'unlabeled_guide', help="Call the guiding network without class labels (the fork's behaviour)", is_flag=True)
 @click.option('--grid', help='Also save the first batch as one image grid PNG', metavar='PATH', type=str, default=None)
 @click.option('--skip-existing', help='Resume: skip seeds whose PNG already exists in --outdir', is_flag=True)
-@click.option('--device', help='Compute device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--device', help='Compute device  [default: cuda if available, else cpu]', metavar='STR', type=DEVICE, default=None)
 @click.option('--plain', help='Use the official op-for-op network computation (no fast paths)', is_flag=True)
 @click.option('--dtype', 'compute_dtype', help='Compute dtype of the image path  [default: official rule: fp16 on CUDA if the net uses it, else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']), default=None)
 def cmdline(preset, net, gnet, guidance, grid, skip_existing, unlabeled_guide, device, plain, compute_dtype, **opts):
