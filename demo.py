@@ -20,11 +20,24 @@ import numpy as np
 import PIL.Image
 
 from training import demo_digits
+from training.cli import DEVICE
+
+# The toolkit's scripts sit next to this file; running them by absolute path lets the demo start from any
+# directory (Python puts a script's own folder first on sys.path, so their imports still resolve).
+SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 
 #----------------------------------------------------------------------------
 
+def script_path(name: str) -> str:
+    """A toolkit script by absolute path, shown relative to the current directory when it lies inside it."""
+    path = os.path.join(SCRIPT_DIR, name)
+    relative = os.path.relpath(path)
+    return path if relative.startswith('..') else relative
+
 def run_step(title: str, args: list[str], env: dict | None = None) -> None:
-    """Run one toolkit command, echoing it; stop the demo with its exit code if it fails."""
+    """Run one toolkit command (args[0]: a script next to demo.py), echoing it; stop the demo with its exit
+    code if it fails."""
+    args = [script_path(args[0]), *args[1:]]
     print(f'\n=== {title}\n$ python {" ".join(args)}', flush=True)
     start = time.time()
     result = subprocess.run([sys.executable, *args], env=env)
@@ -64,12 +77,12 @@ def tile_class_grid(sample_dirs: list[str], dest: str) -> tuple[np.ndarray, np.n
 
 @click.command(epilog='Example:\n\n\b\n  python demo.py --outdir=demo-out')
 @click.option('--outdir', help='Where to put everything', metavar='DIR', type=str, default='demo-out', show_default=True)
-@click.option('--kimg', help='Training duration of the digits model, in thousands of images', metavar='INT',
+@click.option('--kimg', help='Training duration of the digits model, in thousands (Ki = 1024) of images', metavar='INT',
               type=click.IntRange(min=1), default=96, show_default=True)
 @click.option('--resolution', help='Training resolution of the digits', metavar='INT',
               type=click.Choice(['16', '32']), default='16', show_default=True)
 @click.option('--toy/--no-toy', help='Include the 2D toy example', default=True, show_default=True)
-@click.option('--device', help='Compute device  [default: cuda if available, else cpu]', metavar='STR', type=str)
+@click.option('--device', help='Compute device  [default: cuda if available, else cpu]', metavar='STR', type=DEVICE)
 def main(outdir: str, kimg: int, resolution: str, toy: bool, device: str | None) -> None:
     """Run the toolkit end to end on embedded data (no download): toy autoguidance figure, then a small
     class-conditional digits model trained, EMA-reconstructed, sampled and checked."""

@@ -55,7 +55,7 @@ def _std_list(ctx: click.Context, param: click.Parameter, value):
 
 @click.command(epilog=HELP_EXAMPLES)
 @click.option('--indir', help='Directory containing the input pickles', metavar='DIR', type=str, required=True)
-@click.option('--inprefix', help='Use only inputs whose file-name prefix equals this', metavar='STR', type=str)
+@click.option('--inprefix', help='Use only inputs whose file-name prefix equals this (needed when --indir holds several prefixes)', metavar='STR', type=str)
 @click.option('--instd', help='Use only inputs with these stds, e.g. 0.050,0.100', metavar='LIST',
               type=str, callback=_std_list)
 @click.option('--outdir', help='Where to save the reconstructed network pickles', metavar='DIR', type=str,

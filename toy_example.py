@@ -9,6 +9,7 @@ import click
 import torch
 
 from training import toy
+from training.cli import DEVICE
 
 URL_BASE = 'https://nvlabs-fi-cdn.nvidia.com/edm2/toy-example'
 DEFAULT_NET = f'{URL_BASE}/clsA-layers04-dim64/iter4096.pkl'
@@ -57,7 +58,7 @@ def cmdline():
 @click.option('--iters', help='Training iterations', metavar='INT', type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option('--batch', help='Batch size', metavar='INT', type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option('--seed', help='Random seed', metavar='INT', type=int, default=0, show_default=True)
-@click.option('--device', help='Torch device [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--device', help='Torch device [default: cuda if available, else cpu]', metavar='STR', type=DEVICE, default=None)
 def train(outdir, cls, layers, dim, viz, iters, batch, seed, device):
     """Train a 2D toy model on the ground-truth mixture (exact score matching)."""
     pkl_pattern = None
@@ -77,7 +78,7 @@ def train(outdir, cls, layers, dim, viz, iters, batch, seed, device):
 @click.option('--cfg-gnet', help='Also measure classifier-free guidance with this (class AB) guide', metavar='PKL|URL', type=str, default=None)
 @click.option('--grid', help='Grid resolution of the density plots', metavar='INT', type=click.IntRange(min=8), default=400, show_default=True)
 @click.option('--samples-scale', help='Scale the number of samples per panel', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option('--device', help='Torch device [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--device', help='Torch device [default: cuda if available, else cpu]', metavar='STR', type=DEVICE, default=None)
 def plot(net, gnet, guidance, save, cfg_gnet, grid, samples_scale, device):
     """Draw the 2x4 figure and print sample statistics per panel.
 
@@ -86,6 +87,10 @@ def plot(net, gnet, guidance, save, cfg_gnet, grid, samples_scale, device):
     outline, and how many of the 127 branches receive samples inside it."""
     import matplotlib
     if save is not None:
+        try:
+            toy.figure_format(save)   # fail now, not after minutes of drawing
+        except ValueError as err:
+            raise click.ClickException(f'--save: {err}') from err
         matplotlib.use('Agg')
     device = _device(device)
     print('Loading models...')
@@ -115,7 +120,7 @@ def plot(net, gnet, guidance, save, cfg_gnet, grid, samples_scale, device):
 @click.option('--guidance', help='Guidance weight', metavar='FLOAT', type=float, default=3, show_default=True)
 @click.option('--grid', help='Grid resolution of the density plots', metavar='INT', type=click.IntRange(min=8), default=400, show_default=True)
 @click.option('--samples-scale', help='Scale the number of samples per panel', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option('--device', help='Torch device [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--device', help='Torch device [default: cuda if available, else cpu]', metavar='STR', type=DEVICE, default=None)
 def demo(outdir, main_iter, guide_iter, guidance, grid, samples_scale, device):
     """Quick demo: train main model, autoguidance guide and CFG guide, save the
     figure and print how each sampler matches the ground truth. Snapshots in

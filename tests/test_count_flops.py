@@ -157,6 +157,7 @@ def test_cli_counts_a_preset():
 
 @pytest.mark.parametrize('args, env, message', [
     (['--preset=edm2-img512-xs'], {'WORLD_SIZE': '2'}, 'Distributed execution is not supported'),
+    (['--preset=edm2-img512-xs'], {'WORLD_SIZE': 'x'}, 'WORLD_SIZE="x" is not an integer'),
     ([], {}, 'Give exactly one of PKL|URL or --preset'),
     (['--preset=nope'], {}, 'Invalid configuration preset "nope"; valid presets: edm2-img512-xxs'),
     (['--preset=base-finetuning'], {}, '--model2finetune'),

@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 import PIL.Image
+import pytest
+from click.testing import CliRunner
 
 import demo
 from training import demo_digits
@@ -49,11 +51,26 @@ def test_tile_class_grid_puts_one_class_per_row(tmp_path):
 
 
 def test_demo_end_to_end_tiny(tmp_path):
+    # Started from outside the repository, with a relative --outdir: the steps must find the scripts by themselves.
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run([sys.executable, 'demo.py', f'--outdir={tmp_path}', '--no-toy', '--kimg=1', '--device=cpu'],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'demo.py'), '--outdir=out', '--no-toy', '--kimg=1',
+                             '--device=cpu'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f'$ python {os.path.join(ROOT, "train_edm2.py")} ' in result.stdout   # the echoed command works from here
+    tmp_path = tmp_path / 'out'
     assert 'of the samples as the requested class' in result.stdout
     assert (tmp_path / 'samples-per-class.png').is_file()
     assert len(list((tmp_path / 'samples').glob('class*/*.png'))) == 100
     assert list((tmp_path / 'phema').glob('phema-*-0.100.pkl'))
+
+
+@pytest.mark.parametrize('device', ['bogus', 'cuda:99'])
+def test_bad_device_is_refused_before_any_step(tmp_path, monkeypatch, device):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(demo.main, ['--outdir=out', f'--device={device}'], catch_exceptions=False)
+    assert result.exit_code == 2 and '--device' in result.output and '===' not in result.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_kimg_help_says_ki():
+    assert 'thousands (Ki = 1024) of images' in ' '.join(CliRunner().invoke(demo.main, ['--help']).output.split())

@@ -254,3 +254,34 @@ def test_cli_mixed_architectures(tmp_path):
     (run / 'net-0000003-0.100.pkl').write_bytes(b'not a pickle')
     os.remove(run / 'net-0000002-0.100.pkl')
     res = _bad([f'--indir={run}', f'--outdir={tmp_path / "out"}', '--outstd=0.1'], 'net-0000003-0.100.pkl')
+
+
+def test_cli_unusable_outdir_fails_before_loading_inputs(run_dir, tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(pr, '_load_input', lambda path, reference: loaded.append(path))
+    afile = tmp_path / 'afile'
+    afile.write_text('x')
+    for outdir in [afile, afile / 'sub']:
+        res = _bad([f'--indir={run_dir}', f'--outdir={outdir}', '--outstd=0.1'], '--outdir')
+        error = [line for line in res.output.splitlines() if line.startswith('Error:')]
+        assert len(error) == 1 and 'is not a directory' in error[0] and 'Loading' not in res.output
+    assert loaded == [] and afile.read_text() == 'x'
+    with pytest.raises(pr.PhemaError, match='Output directory'):  # the library checks too
+        pr.reconstruct_phema(pr.list_input_pickles(run_dir), 0.1, out_dir=str(afile / 'sub'), verbose=False)
+    _bad([f'--indir={run_dir}', f'--outdir={tmp_path}', '--outstd=0.1'], 'WORLD_SIZE="x" is not an integer',
+         env={'WORLD_SIZE': 'x'})
+
+
+def test_cli_refuses_mixed_prefixes_without_inprefix(run_dir, tmp_path):
+    indir = tmp_path / 'in'
+    indir.mkdir()
+    for name in sorted(os.listdir(run_dir))[:6]:
+        os.symlink(os.path.join(run_dir, name), indir / name)
+    res = _cli(f'--indir={indir}', f'--outdir={indir}', '--outstd=0.07')   # one prefix: the official behaviour
+    assert res.exit_code == 0, res.output
+    res = _bad([f'--indir={indir}', f'--outdir={indir}', '--outstd=0.15'], '--inprefix')
+    error = [line for line in res.output.splitlines() if line.startswith('Error:')]
+    assert len(error) == 1 and '2 prefixes (network-snapshot, phema)' in error[0] and 'Loading' not in res.output
+    assert len(os.listdir(indir)) == 7
+    res = _cli(f'--indir={indir}', f'--outdir={indir}', '--outstd=0.15', '--inprefix=network-snapshot')
+    assert res.exit_code == 0 and 'Loading 6 input pickles' in res.output, res.output

@@ -153,6 +153,15 @@ def test_training_writes_snapshots_and_is_deterministic(tmp_path):
     last = toy.load_toy_net(str(tmp_path / 'run' / 'iter0004.pkl'), 'cpu')
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), last.state_dict().values()))
 
+def test_training_saves_the_final_model_when_iters_is_not_a_multiple(tmp_path):
+    kwargs = dict(num_layers=1, hidden_dim=8, batch_size=32, pkl_iter=4, viz_iter=None, device='cpu', progress=False)
+    net = toy.do_train(total_iter=6, pkl_pattern=str(tmp_path / 'a' / 'iter%04d.pkl'), **kwargs)
+    assert sorted(os.listdir(tmp_path / 'a')) == ['iter0004.pkl', 'iter0006.pkl']
+    last = toy.load_toy_net(str(tmp_path / 'a' / 'iter0006.pkl'), 'cpu')
+    assert all(torch.equal(p, q) for p, q in zip(net.state_dict().values(), last.state_dict().values()))
+    toy.do_train(total_iter=3, pkl_pattern=str(tmp_path / 'b' / 'iter%04d.pkl'), **kwargs)   # fewer than pkl_iter
+    assert os.listdir(tmp_path / 'b') == ['iter0003.pkl']
+
 def test_learning_rate_and_ema_schedule():
     assert toy.learning_rate(0, 1e-2, 512) == 1e-2 and toy.learning_rate(2048, 1e-2, 512) == pytest.approx(5e-3)
     betas = toy.ema_betas(0.010, 4)
@@ -250,3 +259,21 @@ def test_training_viz_without_display_warns_and_trains():
     with pytest.warns(UserWarning, match='visualisation disabled'):
         net = toy.do_train(num_layers=1, hidden_dim=8, batch_size=32, total_iter=2, viz_iter=1, device='cpu', progress=False)
     assert isinstance(net, toy.ToyModel)
+
+@pytest.mark.parametrize('command', [['train', '--viz', 'False', '--iters', '1'], ['plot', '--save', 'x.png'], ['demo']])
+@pytest.mark.parametrize('device', ['bogus', 'cuda:99'])
+def test_cli_bad_device_is_refused_at_parse_time(tmp_path, monkeypatch, command, device):
+    monkeypatch.chdir(tmp_path)   # nothing may be written (e.g. demo's default toy-demo/)
+    result = CliRunner().invoke(toy_example.cmdline, [*command, '--device', device], catch_exceptions=False)
+    assert result.exit_code == 2 and '--device' in result.output and 'Traceback' not in result.output
+    assert os.listdir(tmp_path) == []
+
+def test_cli_plot_unsupported_save_format_fails_before_loading(tmp_path):
+    # --net does not exist: if the models were loaded first, the error would name --net instead.
+    result = CliRunner().invoke(toy_example.cmdline, ['plot', '--net', str(tmp_path / 'missing.pkl'),
+                                                      '--save', str(tmp_path / 'fig.xyz')])
+    error = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert result.exit_code == 1 and len(error) == 1, result.output
+    assert '--save' in error[0] and '.xyz' in error[0] and 'png' in error[0] and 'Loading' not in result.output
+    assert os.listdir(tmp_path) == []
+    assert toy.figure_format('a/b.PDF') == 'pdf' and toy.figure_format('noext') == 'png'

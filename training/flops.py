@@ -288,7 +288,13 @@ def print_flops(result: dict, print_fn: Callable[[str], Any] = print) -> None:
 
 def check_single_process() -> None:
     """count_flops refuses distributed execution (count_flops.md)."""
-    if int(os.environ.get('WORLD_SIZE', '1')) != 1:
+    value = os.environ.get('WORLD_SIZE', '1')
+    try:
+        world_size = int(value)
+    except ValueError:
+        raise RuntimeError(f'WORLD_SIZE="{value}" is not an integer; count_flops.py runs as a single process '
+                           '(unset WORLD_SIZE)') from None
+    if world_size != 1:
         raise RuntimeError('Distributed execution is not supported')
 
 #----------------------------------------------------------------------------

@@ -185,6 +185,19 @@ def _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing) -> li
     return stds
 
 
+def check_out_dir(out_dir: str, label: str = 'Output directory') -> None:
+    """Fail before the long pass over the inputs (PhemaError naming `label`) when out_dir is not a
+    directory and cannot be created. Nothing is created here, so a failing run leaves nothing behind."""
+    path = os.path.abspath(out_dir)
+    while not os.path.lexists(path):  # the nearest existing ancestor decides whether makedirs can work
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = '' if path == os.path.abspath(out_dir) else f' ({path} is a file)'
+        raise PhemaError(f'{label}: {out_dir} is not a directory{where}')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PhemaError(f'{label}: {out_dir} is not writable ({path}: permission denied)')
+
+
 def _split_batches(stds: list[float], max_batch_size: int) -> list[list[int]]:
     """Indices of `stds` in nearly equal consecutive chunks (numpy array_split semantics)."""
     num_batches = (len(stds) - 1) // max_batch_size + 1
@@ -257,7 +270,10 @@ def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, out_dir, out_prefix
         pkl_path = None
         if out_dir is not None:
             pkl_path = pickle_path(out_dir, out_prefix, out_nimg, std)
-            os.makedirs(out_dir, exist_ok=True)
+            try:
+                os.makedirs(out_dir, exist_ok=True)
+            except OSError as err:  # checked up front; this covers a directory changed during the pass
+                raise PhemaError(f'Cannot create output directory {out_dir}: {err.strerror}') from None
             persistence.save_pickle(pkl_data, pkl_path)
         out.append(dnnlib.EasyDict(net=pkl_data['ema'], nimg=out_nimg, std=std, pkl_data=pkl_data, pkl_path=pkl_path))
     yield dnnlib.EasyDict(step_idx=step0 + len(in_pkls) - 1, num_steps=num_steps, out=out)
@@ -300,6 +316,8 @@ def reconstruct_phema(in_pkls: Sequence[Any], out_std: float | Sequence[float], 
         raise PhemaError(f'Batch size must be at least 1 (got {max_batch_size})')
     in_pkls, out_nimg = _select_inputs(in_pkls, out_nimg)
     out_stds = _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing)
+    if out_dir is not None:
+        check_out_dir(out_dir)
     if len(out_stds) == 0:
         if verbose:
             print(f'All requested output pickles already exist in {out_dir} (--skip); nothing to do')
@@ -326,18 +344,33 @@ def _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg, out_dir, out_p
 # Command-line driver used by reconstruct_phema.py.
 
 
+def _check_single_prefix(in_pkls: Sequence[Any], indir: str) -> None:
+    """Refuse a mix such as network-snapshot-* and phema-*: earlier reconstructions are only
+    approximations of power-function EMAs, and entering them as exact ones distorts the fit."""
+    prefixes = sorted({pkl.prefix for pkl in in_pkls})
+    if len(prefixes) > 1:
+        raise PhemaError(f'{indir} holds input pickles with {len(prefixes)} prefixes ({", ".join(prefixes)}); '
+                         'choose one with --inprefix (usually network-snapshot; reconstructions are not '
+                         'power-function EMAs and would distort the fit)')
+
+
 def reconstruct_from_dir(indir: str, outdir: str, outstd: Sequence[float], inprefix: str | None = None,
                          instd: Sequence[float] | None = None, outprefix: str = 'phema', outkimg: int | None = None,
                          skip: bool = False, batch: int = 8) -> list[str]:
     """Discover snapshots in `indir`, reconstruct `outstd` at `outkimg` into
     `outdir` with a progress bar; returns the written paths."""
-    if int(os.environ.get('WORLD_SIZE', '1')) != 1:
+    world_size = os.environ.get('WORLD_SIZE', '1')
+    if not world_size.strip().isdigit():
+        raise PhemaError(f'WORLD_SIZE="{world_size}" is not an integer; reconstruct_phema.py runs as a single process')
+    if int(world_size) != 1:
         raise PhemaError('Distributed execution is not supported')
     in_pkls = list_input_pickles(indir, in_std=instd, in_prefix=inprefix)
     if len(in_pkls) == 0:
         filters = ''.join([f' with prefix "{inprefix}"' if inprefix is not None else '',
                            f' with std in {list(instd)}' if instd is not None else ''])
         raise PhemaError(f'No input pickles named <prefix>-<kimg>-<std>.pkl found in {indir}{filters}')
+    _check_single_prefix(in_pkls, indir)
+    check_out_dir(outdir, '--outdir')  # before the first pass over the inputs, which can take hours
     out_nimg = None if outkimg is None else kimg_to_nimg(outkimg)
     records = reconstruct_phema(in_pkls, out_std=outstd, out_nimg=out_nimg, out_dir=outdir, out_prefix=outprefix,
                                 skip_existing=skip, max_batch_size=batch)

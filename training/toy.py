@@ -284,7 +284,8 @@ def do_train(classes: str = 'A', num_layers: int = 4, hidden_dim: int = 64, batc
             torch._foreach_lerp_(ema_params, net_params, 1 - betas[i])   # p_ema += (1 - beta)(p_net - p_ema)
         if i % 64 == 0:
             bar.set_postfix(loss=f'{loss.item():.4f}', refresh=False)
-        if pkl_pattern is not None and (i + 1) % pkl_iter == 0:
+        # Also keep the final model when --iters is not a multiple of pkl_iter (4096 = 16 x 256 is unaffected).
+        if pkl_pattern is not None and ((i + 1) % pkl_iter == 0 or i + 1 == total_iter):
             save_snapshot(ema, pkl_pattern % (i + 1))
         if viz is not None and (i + 1) % viz_iter == 0:
             viz.update(ema)
@@ -544,11 +545,21 @@ def plot_figure(net, gnet, guidance: float = 3, device=None, grid_resolution: in
         fig.tight_layout()
     return fig, stats
 
+def figure_format(path: str) -> str:
+    """The matplotlib format for path's extension (png if none); ValueError if matplotlib
+    cannot write it. Checked before drawing, which takes minutes at the default settings."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    fmt = os.path.splitext(path)[1].lstrip('.').lower() or 'png'
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f'{path}: matplotlib cannot write .{fmt} files (use one of: {", ".join(sorted(supported))})')
+    return fmt
+
 def save_figure(fig, path: str) -> None:
     """Write the figure atomically (format from the extension), creating directories."""
     from torch_utils.misc import atomic_open
+    fmt = figure_format(path)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    fmt = os.path.splitext(path)[1].lstrip('.').lower() or 'png'
     with atomic_open(path, 'wb') as f:
         fig.savefig(f, format=fmt, dpi=80)
 
