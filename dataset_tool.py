@@ -12,6 +12,7 @@ import PIL.Image
 
 from torch_utils import distributed
 from training import dataset_tool_lib as lib
+from training.cli import DEVICE
 
 PIL.Image.init()
 
@@ -43,11 +44,20 @@ def _run(func, strict: bool, **kwargs) -> None:
         sys.exit(1)
 
 
+def _check_resolution(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """--resolution is parsed up front, so a bad value is a usage error before any work."""
+    try:
+        lib.parse_tuple(value)
+    except lib.DatasetToolError as err:
+        raise click.BadParameter(str(err).removeprefix('--resolution: ')) from None
+    return value
+
+
 common_vae_options = [
     click.option('--model-url', help='VAE model to use (Hugging Face name or local folder)', metavar='URL',
                  type=str, default='stabilityai/sd-vae-ft-mse', show_default=True),
     click.option('--batch', help='Images per VAE batch', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True),
-    click.option('--device', help='Torch device (default: cuda if available, else cpu)', metavar='STR', type=str, default=None),
+    click.option('--device', help='Torch device (default: cuda if available, else cpu)', metavar='STR', type=DEVICE, default=None),
 ]
 
 
@@ -87,7 +97,7 @@ def _finish(*_args, **_kwargs) -> None:
 @click.option('--max-images', help='Maximum number of images to output', metavar='INT', type=click.IntRange(min=0))
 @click.option('--transform', help='Input crop/resize mode', metavar='MODE',
               type=click.Choice(['center-crop', 'center-crop-wide', 'center-crop-dhariwal']))
-@click.option('--resolution', help='Output resolution (e.g., 512x512)', metavar='WxH', type=str)
+@click.option('--resolution', help='Output resolution (e.g., 512x512)', metavar='WxH', type=str, callback=_check_resolution)
 @click.option('--workers', help='Decoding processes (0 = in this process)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--strict', help='Exit with an error if any input was skipped', is_flag=True)
 def convert(source, dest, max_images, transform, resolution, workers, strict):
@@ -135,13 +145,14 @@ def decode(model_url, batch, device, source, dest, max_images, seed, strict):
 @click.option('--source', help='Directory with one sub-folder of images per category', metavar='PATH', type=str, required=True)
 @click.option('--dest', help='Output directory (dest/<category>/<stem>.npy + dataset.json)', metavar='PATH', type=str, required=True)
 @click.option('--model-url', help='VAE model to use', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
-@click.option('--resolution', help='Output resolution', metavar='WxH', type=str, default='512x512', show_default=True)
+@click.option('--resolution', help='Output resolution', metavar='WxH', type=str, default='512x512', show_default=True,
+              callback=_check_resolution)
 @click.option('--transform', help='Crop mode (default: plain LANCZOS resize to the resolution)', metavar='MODE',
               type=click.Choice(['center-crop', 'center-crop-wide', 'center-crop-dhariwal']))
 @click.option('--batch-size', help='DataLoader batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--num-workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=4, show_default=True)
 @click.option('--gpu-batch-size', help='VAE micro-batch size', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
-@click.option('--device', help="'cpu' to force CPU (default: cuda:<local rank> if available)", metavar='STR', type=str, default=None)
+@click.option('--device', help="'cpu' to force CPU (default: cuda:<local rank> if available)", metavar='STR', type=DEVICE, default=None)
 @click.option('--strict', help='Exit with an error if any input was skipped (on any rank)', is_flag=True)
 def process_and_encode(source, dest, model_url, resolution, transform, batch_size, num_workers, gpu_batch_size, device, strict):
     """Resize/crop and VAE-encode a category-folder dataset, sharded over ranks (torchrun) and resumable.

@@ -306,3 +306,159 @@ def test_process_and_encode_under_torchrun(tmp_path, tiny_vae):
     assert [n for n, _ in skips.items] == ['broken.jpg'] and os.path.getmtime(dest / 'dogs' / 'im2.npy') == mtime
 
 # ----------------------------------------------------------------------------
+# Review fixes: permissions, damaged inputs, option checks, empty results, --dest checks, shapes, stale temps.
+
+
+def _squares(root, sizes: dict) -> str:
+    """A flat folder of random RGB PNGs: {file name: (w, h)}."""
+    os.makedirs(root, exist_ok=True)
+    for i, (name, (w, h)) in enumerate(sizes.items()):
+        PIL.Image.fromarray(_rgb(i, w, h)).save(os.path.join(root, name))
+    return str(root)
+
+
+def test_folder_output_mode_follows_umask_or_replaced_folder(tmp_path):
+    src = _squares(tmp_path / 'src', {'a.png': (8, 8)})
+    old = os.umask(0o022)
+    try:
+        lib.convert(src, str(tmp_path / 'new'), verbose=False)
+        (tmp_path / 'mine').mkdir()
+        os.chmod(tmp_path / 'mine', 0o750)
+        lib.convert(src, str(tmp_path / 'mine'), verbose=False)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / 'new').st_mode & 0o777) == oct(0o755)  # not mkdtemp's 0700
+    assert oct(os.stat(tmp_path / 'mine').st_mode & 0o777) == oct(0o750)
+
+
+def _zip_with_bad_crc(tmp_path) -> str:
+    src = _squares(tmp_path / 'src', {'a.png': (8, 8), 'b.png': (8, 8)})
+    path = str(tmp_path / 'src.zip')
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
+        for name in ('a.png', 'b.png'):
+            z.write(os.path.join(src, name), name)
+    data = bytearray(open(path, 'rb').read())
+    data[60] ^= 0xFF  # inside a.png's stored bytes: its CRC no longer matches
+    open(path, 'wb').write(bytes(data))
+    return path
+
+
+def test_corrupt_zip_member_is_a_counted_skip(tmp_path):
+    skips = lib.convert(_zip_with_bad_crc(tmp_path), str(tmp_path / 'o.zip'), verbose=False)
+    assert [n for n, _ in skips.items] == ['a.png'] and 'Bad CRC' in skips.items[0][1]
+    assert sorted(_read_zip(str(tmp_path / 'o.zip'))) == ['00000/img00000001.png', 'dataset.json']
+
+
+def test_damaged_source_messages_name_the_cause(tmp_path):
+    data = open(_zip_with_bad_crc(tmp_path), 'rb').read()
+    (tmp_path / 'trunc.zip').write_bytes(data[:100])
+    result = _cli('convert', f'--source={tmp_path}/trunc.zip', f'--dest={tmp_path}/o.zip')
+    assert result.exit_code == 1 and 'not a valid zip archive (truncated or corrupt?)' in result.output
+    src = _squares(tmp_path / 'broken', {'b.png': (8, 8)})
+    (tmp_path / 'broken' / 'a.png').write_bytes(b'garbage')
+    skips = lib.convert(src, str(tmp_path / 'o.zip'), verbose=False)
+    assert skips.items == [('a.png', 'unreadable image (cannot identify image file format)')]  # no '<_io.BytesIO ...>'
+    _squares(tmp_path / 'mix', {'a.png': (8, 8), 'b.png': (16, 16)})
+    with pytest.raises(lib.DatasetToolError, match=r'^b\.png: .*: 8/16.*use --resolution=WxH \(and --transform\)'):
+        lib.convert(str(tmp_path / 'mix'), str(tmp_path / 'm.zip'), verbose=False)
+
+
+@pytest.mark.parametrize('cmd', ['encode', 'decode', 'process-and-encode'])
+@pytest.mark.parametrize('device, message', [('bogus', 'is not a torch device'), ('cuda:99', 'CUDA')])
+def test_cli_device_is_checked_when_parsed(tmp_path, cmd, device, message):
+    result = _cli(cmd, f'--source={tmp_path}/missing', f'--dest={tmp_path}/o', f'--device={device}')
+    assert result.exit_code == 2 and "Invalid value for '--device'" in result.output and message in result.output
+
+
+@pytest.mark.parametrize('content', [{'labels': [['a.png', 1, 2]]}, {'labels': {'a.png': 1}}, [1, 2], {'x': 1}])
+def test_malformed_dataset_json_structure_is_one_line(tmp_path, content):
+    src = _squares(tmp_path / 'src', {'a.png': (8, 8)})
+    (tmp_path / 'src' / 'dataset.json').write_text(json.dumps(content))
+    with pytest.raises(lib.DatasetToolError, match=r'malformed dataset\.json: expected \{"labels"'):
+        lib.convert(src, str(tmp_path / 'o.zip'), verbose=False)
+
+
+@pytest.mark.parametrize('cmd', ['convert', 'process-and-encode'])
+@pytest.mark.parametrize('value', ['0x0', '16x0', '-1x8'])
+def test_cli_resolution_must_be_positive(tmp_path, cmd, value):
+    result = _cli(cmd, f'--source={tmp_path}', f'--dest={tmp_path}/o', f'--resolution={value}', '--transform=center-crop')
+    assert result.exit_code == 2 and "Invalid value for '--resolution'" in result.output
+    with pytest.raises(lib.DatasetToolError, match='--resolution'):
+        lib.parse_tuple(value)
+
+
+def test_center_crop_wide_refuses_tall_resolution(tmp_path):
+    src = _squares(tmp_path / 'src', {'t.png': (16, 40)})
+    with pytest.raises(lib.DatasetToolError, match='height must not exceed width.*center-crop-wide'):
+        lib.convert(src, str(tmp_path / 'o.zip'), transform='center-crop-wide', resolution='16x32', verbose=False)
+
+
+@pytest.mark.parametrize('dest', ['o.zip', 'outdir'])
+def test_no_usable_images_is_an_error_leaving_no_output(tmp_path, dest):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(lib.DatasetToolError, match='No image files found in .*empty'):
+        lib.convert(str(tmp_path / 'empty'), str(tmp_path / dest), verbose=False)
+    src = _squares(tmp_path / 'small', {'a.png': (8, 8), 'b.png': (9, 9)})
+    with pytest.raises(lib.DatasetToolError, match=r'all 2 were skipped \(first: a\.png: too small'):
+        lib.convert(src, str(tmp_path / dest), transform='center-crop-wide', resolution='32x16', verbose=False)
+    with pytest.raises(lib.DatasetToolError, match='No image files found in .*lat.zip'):  # latents, not pixels
+        with zipfile.ZipFile(tmp_path / 'lat.zip', 'w') as z:
+            z.writestr('00000/img-mean-std-00000000.npy', lib.encode_npy(np.zeros([8, 2, 2], np.float32)))
+        lib.encode(str(tmp_path / 'lat.zip'), str(tmp_path / dest), model_url='/nonexistent', device='cpu', verbose=False)
+    assert sorted(os.listdir(tmp_path)) == ['empty', 'lat.zip', 'small']
+
+
+def test_process_and_encode_needs_category_folders(tmp_path):
+    src = _squares(tmp_path / 'flat', {'a.png': (8, 8)})
+    with pytest.raises(lib.DatasetToolError, match='no category sub-folders'):
+        lib.process_and_encode(src, str(tmp_path / 'dest'), model_url='/nonexistent', resolution='8x8', verbose=False)
+    assert not os.path.exists(tmp_path / 'dest')
+
+
+def test_zip_dest_that_is_a_folder_is_refused_up_front(tmp_path, monkeypatch):
+    src = _squares(tmp_path / 'src', {'a.png': (8, 8)})
+    (tmp_path / 'd.zip').mkdir()
+    monkeypatch.setattr(lib, 'decode_rgb', lambda _data: pytest.fail('an input was read'))
+    with pytest.raises(lib.DatasetToolError, match='--dest is an existing folder, not a zip file'):
+        lib.convert(src, str(tmp_path / 'd.zip'), verbose=False)
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs Linux /proc')
+def test_unwritable_dest_error_names_dest_not_temp(tmp_path):
+    src = _squares(tmp_path / 'src', {'a.png': (8, 8)})
+    result = _cli('convert', f'--source={src}', '--dest=/proc/edm2-test.zip')
+    assert result.exit_code == 1 and "'/proc/edm2-test.zip'" in result.output and '.tmp-' not in result.output
+
+
+def test_stale_temp_outputs_are_reported_and_removed(tmp_path, capsys):
+    src = _squares(tmp_path / 'src', {'a.png': (8, 8)})
+    (tmp_path / '.o.zip.tmp-0123456789ab').write_bytes(b'partial')
+    (tmp_path / '.out.tmp-abcdef').mkdir()
+    (tmp_path / '.out.tmp-abcdef' / 'x.png').write_bytes(b'partial')
+    (tmp_path / '.other.zip.tmp-0123456789ab').write_bytes(b'not ours')
+    lib.convert(src, str(tmp_path / 'o.zip'), verbose=False)
+    lib.convert(src, str(tmp_path / 'out'), verbose=False)
+    err = capsys.readouterr().err
+    assert '.o.zip.tmp-0123456789ab' in err and '.out.tmp-abcdef' in err and 'interrupted' in err
+    assert sorted(os.listdir(tmp_path)) == ['.other.zip.tmp-0123456789ab', 'o.zip', 'out', 'src']
+
+
+def test_encode_checks_image_shapes(tmp_path, tiny_vae):
+    cases = [({'a.png': (16, 8)}, r'a\.png: .*square'), ({'a.png': (12, 12)}, r'a\.png: .*multiple of 8'),
+             ({'a.png': (8, 8), 'b.png': (16, 16)}, r'b\.png: .*must be equal')]
+    for i, (sizes, message) in enumerate(cases):
+        src = _squares(tmp_path / f'src{i}', sizes)
+        with pytest.raises(lib.DatasetToolError, match=message):
+            lib.encode(src, str(tmp_path / 'e.zip'), model_url=tiny_vae[0], device='cpu', verbose=False)
+    assert not os.path.exists(tmp_path / 'e.zip')
+
+
+def test_decode_refuses_latents_of_the_wrong_shape(tmp_path, tiny_vae):
+    with zipfile.ZipFile(tmp_path / 'lat.zip', 'w') as z:
+        z.writestr('00000/img-mean-std-00000000.npy', lib.encode_npy(np.zeros([4, 2, 2], np.float32)))
+    result = _cli('decode', f'--model-url={tiny_vae[0]}', f'--source={tmp_path}/lat.zip', f'--dest={tmp_path}/d.zip',
+                  '--device=cpu')
+    assert result.exit_code == 1 and 'img-mean-std-00000000.npy: expected a latent array of shape [8, h, w]' in result.output
+    assert not os.path.exists(tmp_path / 'd.zip')
+
+# ----------------------------------------------------------------------------

@@ -185,3 +185,16 @@ def test_dataset_tool_convert_skips_or_names_corrupt_input(tmp_path):
     else:  # Or a clear refusal that names it and leaves no output.
         assert 'b.png' in result.stderr and 'Traceback' not in result.stderr
         assert not dest.exists()
+
+
+def test_dataset_tool_corrupt_zip_member_is_a_counted_skip(tmp_path):
+    source = _make(tmp_path / 'src', {'a.png': _png(16), 'b.png': _png(16, value=9)}, as_zip=True)
+    with open(source, 'rb') as f:
+        data = bytearray(f.read())
+    data[data.index(b'a.png') + 8] ^= 0xFF  # inside a.png's compressed bytes, just after its local header
+    with open(source, 'wb') as f:
+        f.write(bytes(data))
+    dest = tmp_path / 'out.zip'
+    result = _cli('dataset_tool.py', 'convert', f'--source={source}', f'--dest={dest}', '--strict')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'a.png: unreadable image' in result.stderr and '--strict: 1 inputs were skipped' in result.stderr

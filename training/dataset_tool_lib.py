@@ -11,8 +11,11 @@ import io
 import json
 import os
 import shutil
+import stat
+import sys
 import tempfile
 import zipfile
+import zlib
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -23,6 +26,7 @@ import tqdm
 from torch_utils import distributed
 from torch_utils import misc
 from training import image_transforms
+from training.cli import check_device
 
 # ----------------------------------------------------------------------------
 # Errors and the skip log.
@@ -55,20 +59,26 @@ class SkipLog:
         return '\n'.join(lines)
 
 
-UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
+# What reading one input can raise when its bytes are bad; a zip member with a bad CRC or a damaged
+# deflate stream raises BadZipFile / zlib.error, which are not OSErrors.
+UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError,
+                     zipfile.BadZipFile, zlib.error)
 
 # ----------------------------------------------------------------------------
 # Names and encodings.
 
 
 def parse_tuple(s: Optional[str]) -> tuple:
-    """'512x512' or '512,512' -> (512, 512); None -> (None, None)."""
+    """'512x512' or '512,512' -> (512, 512); None -> (None, None). Sizes must be positive."""
     if s is None:
         return None, None
     parts = s.replace(',', 'x').split('x')
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise DatasetToolError(f'cannot parse tuple {s}')
-    return int(parts[0]), int(parts[1])
+        raise DatasetToolError(f'--resolution: cannot parse tuple {s} (expected WxH, e.g. 512x512)')
+    width, height = int(parts[0]), int(parts[1])
+    if width <= 0 or height <= 0:
+        raise DatasetToolError(f'--resolution: width and height must be positive, got {s}')
+    return width, height
 
 
 def archive_name(idx: int, prefix: str, ext: str) -> str:
@@ -88,7 +98,12 @@ def has_extension(fname: str, extensions: set) -> bool:
 
 def decode_rgb(data: bytes) -> np.ndarray:
     """HWC uint8 RGB array of an encoded image (any PIL mode: grayscale, palette, RGBA, ...)."""
-    with PIL.Image.open(io.BytesIO(data)) as image:
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+    except PIL.UnidentifiedImageError:
+        # PIL's message names the in-memory buffer ('<_io.BytesIO object at 0x...>'), which is noise.
+        raise PIL.UnidentifiedImageError('cannot identify image file format') from None
+    with image:
         return image_transforms.to_rgb_array(image)
 
 
@@ -116,10 +131,10 @@ class Source:
             raise DatasetToolError(f'Missing input file or directory: {path}')
         self.path = path
         self.is_dir = os.path.isdir(path)
-        if not self.is_dir and not zipfile.is_zipfile(path):
-            raise DatasetToolError(f'Only zip archives are supported: {path}')
         self._zip = None
         self._zip_pid = None
+        if not self.is_dir:
+            self._open_zip()
         self.names = sorted(n for n in self._list_all() if has_extension(n, extensions))
         self.labels = self._load_labels()
 
@@ -128,6 +143,17 @@ class Source:
             return [os.path.relpath(os.path.join(root, f), self.path).replace('\\', '/')
                     for root, _dirs, files in os.walk(self.path) for f in files]
         return self._zipfile().namelist()
+
+    def _open_zip(self) -> None:
+        """Open the source zip now, telling a file that is not a zip from a damaged zip."""
+        with open(self.path, 'rb') as f:
+            is_zip = f.read(2) == b'PK'  # every zip (local header or empty-archive record) starts so
+        try:
+            self._zipfile()
+        except zipfile.BadZipFile:
+            if is_zip:
+                raise DatasetToolError(f'{self.path}: not a valid zip archive (truncated or corrupt?)') from None
+            raise DatasetToolError(f'Only zip archives are supported: {self.path}') from None
 
     def _zipfile(self) -> zipfile.ZipFile:
         if self._zip is None or self._zip_pid != os.getpid():
@@ -151,7 +177,13 @@ class Source:
             return None
         except ValueError as err:
             raise DatasetToolError(f'{self.path}: dataset.json is not valid JSON ({err})') from err
-        return data.get('labels') if isinstance(data, dict) else None
+        labels = data.get('labels') if isinstance(data, dict) else []
+        pairs_ok = isinstance(labels, list) and all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in labels)
+        if not isinstance(data, dict) or 'labels' not in data or not (labels is None or pairs_ok):
+            raise DatasetToolError(f'{self.path}: malformed dataset.json: expected '
+                                   '{"labels": [[file name, label], ...]} or {"labels": null}')
+        return labels
 
     def _load_labels(self) -> Optional[dict]:
         pairs = self._read_dataset_json()
@@ -178,28 +210,65 @@ class Source:
 # and renamed into place only when everything succeeded.
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 class DestWriter:
+    """Atomic writer of a zip or folder dataset. `--dest` is checked when the writer is created, so a
+    caller creates it before any long work (loading a VAE, reading the inputs)."""
+
     def __init__(self, dest: str):
         if dest == '':
             raise DatasetToolError('--dest output filename or directory must not be an empty string')
         self.dest = dest
         self.is_zip = dest.lower().endswith('.zip')
+        self._parent = os.path.dirname(os.path.abspath(dest))
+        self._tmp_prefix = f'.{os.path.basename(os.path.abspath(dest))}.tmp-'  # as atomic_open names it
         self._stack = contextlib.ExitStack()
         self._zip = None
         self._tmp_dir = None
+        self._check_dest()
 
-    def __enter__(self) -> 'DestWriter':
-        parent = os.path.dirname(os.path.abspath(self.dest))
-        os.makedirs(parent, exist_ok=True)
+    def _check_dest(self) -> None:
         if self.is_zip:
-            fileobj = self._stack.enter_context(misc.atomic_open(self.dest, 'wb'))
-            self._zip = self._stack.enter_context(zipfile.ZipFile(fileobj, 'w', compression=zipfile.ZIP_STORED))
-            return self
-        if os.path.isdir(self.dest) and os.listdir(self.dest):
-            raise DatasetToolError('--dest folder must be empty')
+            if os.path.isdir(self.dest):
+                raise DatasetToolError(f'--dest is an existing folder, not a zip file: {self.dest}')
+            return
         if os.path.exists(self.dest) and not os.path.isdir(self.dest):
             raise DatasetToolError(f'--dest exists and is not a folder: {self.dest}')
-        self._tmp_dir = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(self.dest))}.tmp-', dir=parent)
+        if os.path.isdir(self.dest) and os.listdir(self.dest):
+            raise DatasetToolError('--dest folder must be empty')
+
+    def remove_stale_temps(self) -> None:
+        """A killed run (SIGKILL, power loss) cannot clean up, and its hidden partial output can be as
+        large as the dataset: remove it, saying so, since this run writes the same --dest from scratch."""
+        if not os.path.isdir(self._parent):
+            return
+        for name in sorted(os.listdir(self._parent)):
+            if not name.startswith(self._tmp_prefix):
+                continue
+            path = os.path.join(self._parent, name)
+            print(f'Removing the partial output of an interrupted earlier run: {path}', file=sys.stderr)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+    def __enter__(self) -> 'DestWriter':
+        os.makedirs(self._parent, exist_ok=True)
+        self.remove_stale_temps()
+        try:
+            if self.is_zip:
+                fileobj = self._stack.enter_context(misc.atomic_open(self.dest, 'wb'))
+                self._zip = self._stack.enter_context(zipfile.ZipFile(fileobj, 'w', compression=zipfile.ZIP_STORED))
+            else:
+                self._tmp_dir = tempfile.mkdtemp(prefix=self._tmp_prefix, dir=self._parent)
+        except OSError as err:
+            self._stack.close()
+            raise type(err)(err.errno, err.strerror, self.dest) from err  # name --dest, not the temp file
         return self
 
     def write(self, name: str, data: bytes) -> None:
@@ -209,9 +278,12 @@ class DestWriter:
             self._zip.writestr(info, data, compress_type=zipfile.ZIP_STORED)
             return
         path = os.path.join(self._tmp_dir, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, 'wb') as f:
-            f.write(data)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, 'wb') as f:
+                f.write(data)
+        except OSError as err:
+            raise type(err)(err.errno, err.strerror, os.path.join(self.dest, name)) from err
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self.is_zip:
@@ -219,6 +291,9 @@ class DestWriter:
         if exc_type is not None:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             return False
+        # mkdtemp makes the folder 0700; give it the mode of the folder it replaces, else what the umask gives.
+        mode = stat.S_IMODE(os.stat(self.dest).st_mode) if os.path.isdir(self.dest) else 0o777 & ~_umask()
+        os.chmod(self._tmp_dir, mode)
         if os.path.isdir(self.dest):
             os.rmdir(self.dest)  # empty (checked on entry); replaced by the finished folder
         os.replace(self._tmp_dir, self.dest)
@@ -235,25 +310,39 @@ def dataset_json(labels: list) -> bytes:
 # convert (spec data.md §4.3).
 
 
+CONVERT_HINT = 'use --resolution=WxH (and --transform) to give every image the same size'
+ENCODE_HINT = 'encode needs a dataset of equal square images; make one with "dataset_tool.py convert --resolution=WxH"'
+
+
 class DatasetShape:
-    """The size fixed by the first written image; later images must match it."""
+    """The size fixed by the first written image; later images must match it. The first image must be
+    square and a power of two (convert) or a multiple of `multiple_of` (encode: the VAE downsamples by 8).
+    Errors name the file and end with `hint`, the way to fix it."""
 
-    def __init__(self):
+    def __init__(self, multiple_of: Optional[int] = None, hint: str = CONVERT_HINT, stage: str = ' after scale and crop'):
         self.attrs = None
+        self.multiple_of = multiple_of
+        self.hint = hint
+        self.stage = stage  # for the messages: convert checks images after its transform
 
-    def check(self, img: np.ndarray) -> None:
+    def _fail(self, name: str, message: str) -> None:
+        raise DatasetToolError(f'{name}: {message}; {self.hint}')
+
+    def check(self, img: np.ndarray, name: str) -> None:
         h, w = img.shape[:2]
         attrs = dict(width=w, height=h, channels=img.shape[2] if img.ndim == 3 else 1)
         if self.attrs is None:
             if w != h:
-                raise DatasetToolError(f'Image dimensions after scale and crop are required to be square.  Got {w}x{h}')
-            if w != 2 ** int(np.floor(np.log2(w))):
-                raise DatasetToolError('Image width/height after scale and crop are required to be power-of-two')
+                self._fail(name, f'Image dimensions{self.stage} are required to be square.  Got {w}x{h}')
+            if self.multiple_of is None and w != 2 ** int(np.floor(np.log2(w))):
+                self._fail(name, f'Image width/height{self.stage} are required to be power-of-two.  Got {w}x{h}')
+            if self.multiple_of is not None and w % self.multiple_of != 0:
+                self._fail(name, f'Image width/height must be a multiple of {self.multiple_of}.  Got {w}x{h}')
             self.attrs = attrs
             return
         if attrs != self.attrs:
             diff = ', '.join(f'dataset {k}/cur image {k}: {self.attrs[k]}/{attrs[k]}' for k in attrs if attrs[k] != self.attrs[k])
-            raise DatasetToolError(f'Image attributes must be equal across all images of the dataset.  Got: {diff}')
+            self._fail(name, f'Image attributes must be equal across all images of the dataset.  Got: {diff}')
 
 
 class _ConvertJob:
@@ -295,6 +384,33 @@ def _ordered_map(job: Callable, items: Sequence, num_workers: int) -> Iterator:
         yield from pool.imap(_run_worker_job, items, chunksize=8)
 
 
+def _torch_device(name: Optional[str]) -> torch.device:
+    """--device (None: cuda if available, else cpu), refusing unknown or absent devices in one line."""
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        return check_device(name)
+    except ValueError as err:
+        raise DatasetToolError(f'--device: {err}') from None
+
+
+def _selected_names(src: Source, max_images: Optional[int], what: str) -> list:
+    if not src.names:
+        raise DatasetToolError(f'No {what} found in {src.path}')
+    return src.names[:max_images] if max_images is not None else src.names
+
+
+def _check_something_written(labels: list, skips: SkipLog, source: str) -> None:
+    """Training refuses a dataset of zero items (ImageFolderDataset), so fail now and name the cause; the
+    writer then discards its temp output."""
+    if labels:
+        return
+    if not skips.items:
+        raise DatasetToolError(f'No inputs selected from {source}; nothing to write')
+    name, reason = skips.items[0]
+    raise DatasetToolError(f'No usable inputs in {source}: all {len(skips)} were skipped (first: {name}: {reason})')
+
+
 def convert(source: str, dest: str, max_images: Optional[int] = None, transform: Optional[str] = None,
             resolution: Optional[str] = None, num_workers: int = 0, verbose: bool = True) -> SkipLog:
     """Convert images in a folder or zip to a PNG dataset (zip or folder) with `dataset.json`."""
@@ -304,7 +420,7 @@ def convert(source: str, dest: str, max_images: Optional[int] = None, transform:
     except ValueError as err:
         raise DatasetToolError(str(err)) from err
     src = Source(source, image_extensions())
-    names = src.names[:max_images] if max_images is not None else src.names
+    names = _selected_names(src, max_images, 'image files')
     skips, shape, labels = SkipLog(len(names)), DatasetShape(), []
     with DestWriter(dest) as writer:
         results = _ordered_map(_ConvertJob(src, transform_fn), names, num_workers)
@@ -312,10 +428,11 @@ def convert(source: str, dest: str, max_images: Optional[int] = None, transform:
             if img is None:
                 skips.add(name, reason)
                 continue
-            shape.check(img)
+            shape.check(img, name)
             out_name = archive_name(idx, 'img', '.png')
             writer.write(out_name, encode_png(img))
             labels.append([out_name, src.label(name)])
+        _check_something_written(labels, skips, source)
         writer.write('dataset.json', dataset_json(labels))
     return skips
 
@@ -343,34 +460,54 @@ def _make_vae(model_url: str, batch: int, device: torch.device) -> Any:
     return vae
 
 
-def _iter_arrays(src: Source, names: list, load: Callable, skips: SkipLog, verbose: bool) -> Iterator[tuple]:
-    """(index, name, array) of every readable input; unreadable ones go to the skip log."""
+def _iter_arrays(src: Source, names: list, load: Callable, check: Callable, skips: SkipLog,
+                 verbose: bool) -> Iterator[tuple]:
+    """(index, name, array) of every readable input, after `check(array, name)` (which raises for arrays
+    the VAE cannot take); unreadable inputs go to the skip log."""
     for idx, name in enumerate(tqdm.tqdm(names, disable=not verbose)):
         try:
-            yield idx, name, load(src.read(name))
+            array = load(src.read(name))
         except UNREADABLE_ERRORS as err:
             skips.add(name, f'unreadable ({err})')
+            continue
+        check(array, name)
+        yield idx, name, array
 
 
 def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+class _LatentShape:
+    """Decode takes what encode writes: numeric arrays [C, h, w], C = 2 x the VAE's latent channels."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def __call__(self, x: np.ndarray, name: str) -> None:
+        if x.ndim != 3 or x.shape[0] != self.channels or x.dtype.kind not in 'fiu':
+            raise DatasetToolError(f'{name}: expected a latent array of shape [{self.channels}, h, w] as written by '
+                                   f'encode, got {x.dtype} {list(x.shape)}')
+
+
 def encode(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse', max_images: Optional[int] = None,
            batch: int = 8, device: Optional[str] = None, verbose: bool = True) -> SkipLog:
     """Pixels -> raw VAE latents [8, H/8, W/8] (mean, std) as `NNNNN/img-mean-std-NNNNNNNN.npy`."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = _torch_device(device)
     src = Source(source, image_extensions())
-    names = src.names[:max_images] if max_images is not None else src.names
+    names = _selected_names(src, max_images, 'image files')
+    writer = DestWriter(dest)  # checks --dest before the VAE loads
     vae, skips, labels = _make_vae(model_url, batch, device), SkipLog(len(names)), []
-    with DestWriter(dest) as writer, torch.no_grad():
-        for group in _batches(_iter_arrays(src, names, decode_rgb, skips, verbose), batch):
+    shape = DatasetShape(multiple_of=8, hint=ENCODE_HINT, stage='')
+    with writer, torch.no_grad():
+        for group in _batches(_iter_arrays(src, names, decode_rgb, shape.check, skips, verbose), batch):
             pixels = torch.from_numpy(np.stack([img for _i, _n, img in group])).permute(0, 3, 1, 2).to(device)
             latents = vae.encode_pixels(pixels).cpu().numpy().astype(np.float32)
             for (idx, name, _img), latent in zip(group, latents):
                 out_name = archive_name(idx, 'img-mean-std-', '.npy')
                 writer.write(out_name, encode_npy(latent))
                 labels.append([out_name, src.label(name)])
+        _check_something_written(labels, skips, source)
         writer.write('dataset.json', dataset_json(labels))
     return skips
 
@@ -378,21 +515,22 @@ def encode(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse',
 def decode(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse', max_images: Optional[int] = None,
            batch: int = 8, device: Optional[str] = None, seed: int = 0, verbose: bool = True) -> SkipLog:
     """Raw latents (`.npy`, as written by `encode`) -> PNGs of a posterior sample (fixes quirk E5)."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = _torch_device(device)
     src = Source(source, {'.npy'})
-    if not src.names:
-        raise DatasetToolError(f'No .npy latents found in {source}')
-    names = src.names[:max_images] if max_images is not None else src.names
+    names = _selected_names(src, max_images, '.npy latents')
+    writer = DestWriter(dest)  # checks --dest before the VAE loads
     vae, skips, labels = _make_vae(model_url, batch, device), SkipLog(len(names)), []
+    check = _LatentShape(2 * len(vae.scale))  # mean and std of every latent channel
     torch.manual_seed(seed)  # encode_latents draws the posterior sample from the global RNG
-    with DestWriter(dest) as writer, torch.no_grad():
-        for group in _batches(_iter_arrays(src, names, _load_npy, skips, verbose), batch):
+    with writer, torch.no_grad():
+        for group in _batches(_iter_arrays(src, names, _load_npy, check, skips, verbose), batch):
             latents = torch.from_numpy(np.stack([x for _i, _n, x in group])).to(device)
             pixels = vae.decode(vae.encode_latents(latents)).permute(0, 2, 3, 1).cpu().numpy()
             for (idx, name, _x), img in zip(group, pixels):
                 out_name = archive_name(idx, 'img', '.png')
                 writer.write(out_name, encode_png(img))
                 labels.append([out_name, src.label(name)])
+        _check_something_written(labels, skips, source)
         writer.write('dataset.json', dataset_json(labels))
     return skips
 
@@ -407,8 +545,12 @@ def list_category_images(source: str) -> tuple:
         raise DatasetToolError(f'--source must be a directory with one sub-folder per category: {source}')
     extensions = image_extensions()
     categories = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
+    if not categories:
+        raise DatasetToolError(f'--source has no category sub-folders (images must be in <source>/<category>/): {source}')
     items = [(c, f) for c, name in enumerate(categories)
              for f in sorted(os.listdir(os.path.join(source, name))) if has_extension(f, extensions)]
+    if not items:
+        raise DatasetToolError(f'No image files found in the category sub-folders of {source}')
     return categories, items
 
 
@@ -481,7 +623,7 @@ def process_and_encode(source: str, dest: str, model_url: str = 'stabilityai/sd-
 
     shard = [it for it in items[rank::world] if not os.path.isfile(_latent_path(dest, categories, it))]
     print(f'[Rank {rank}] Total images in shard: {len(items[rank::world])} ({len(shard)} to encode)')
-    device = torch.device(device) if device else distributed.get_device()
+    device = _torch_device(device) if device else distributed.get_device()
     _encode_shard(_CategoryImages(source, categories, shard, transform_fn), dest, model_url, batch_size,
                   num_workers, gpu_batch_size, device, skips, verbose and rank == 0)
     distributed.barrier()

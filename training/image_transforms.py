@@ -83,7 +83,7 @@ class TransformWrapper:
 
 
 def check_transform_args(mode: Optional[str], width: Optional[int], height: Optional[int]) -> None:
-    """The official checks (the fork dropped them: quirk F25). Raises ValueError with the official wording."""
+    """The official checks (the fork dropped them: quirk F25), plus center-crop-wide's H <= W. Raises ValueError."""
     if mode is None:
         return
     if mode not in TRANSFORM_MODES:
@@ -92,6 +92,9 @@ def check_transform_args(mode: Optional[str], width: Optional[int], height: Opti
         raise ValueError(f'must specify --resolution=WxH when using {mode} transform')
     if mode == 'center-crop-dhariwal' and width != height:
         raise ValueError('width and height must match in --resolution=WxH when using center-crop-dhariwal transform')
+    if mode == 'center-crop-wide' and height > width:
+        # The band is pasted into a W x W canvas (spec data.md §4.3), which cannot hold a taller one.
+        raise ValueError('height must not exceed width in --resolution=WxH when using center-crop-wide transform')
 
 
 def to_rgb_array(image: PIL.Image.Image) -> np.ndarray:
