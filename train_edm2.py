@@ -8,7 +8,10 @@ import torch
 
 from torch_utils import distributed as dist
 from training import presets
-from training.train_config import ConfigError, check_config, launch_training, parse_nimg, print_training_config, setup_training_config
+from training.cli import DEVICE
+from training.dataset import parse_int_list
+from training.train_config import (ConfigError, check_config, check_outdir, launch_training, parse_nimg, print_training_config,
+                                   setup_training_config)
 from training.training_loop import TrainingDivergedError
 
 warnings.filterwarnings('ignore', 'You are using `torch.load` with `weights_only=False`')
@@ -32,9 +35,23 @@ def _int_list(ctx: click.Context, param: click.Parameter, value):
     if value is None:
         return None
     try:
-        return [int(x) for x in value.split(',') if x.strip() != '']
+        values = [int(x) for x in value.split(',') if x.strip() != '']
     except ValueError:
         raise click.BadParameter(f'"{value}" is not a comma-separated list of integers', ctx, param) from None
+    if not values or min(values) < 1:  # the network needs at least one level and positive sizes
+        raise click.BadParameter(f'"{value}" must be a non-empty comma-separated list of positive integers', ctx, param)
+    return values
+
+
+def _categories(ctx: click.Context, param: click.Parameter, value):
+    """Validate '0,1,12-14' at parse time; the string itself is kept (it is what training_options.json records)."""
+    if value is None:
+        return None
+    try:
+        parse_int_list(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
+    return value
 
 
 def _default_device() -> str:
@@ -80,9 +97,13 @@ fine-tuning (fork) and 10 Mimg otherwise (official). Frozen parameters keep
 their exact values. Dataset filter options select the FilteredImageDataset
 (directories and zip archives).
 
-Results do not depend on the number of processes or --batch-gpu (up to float
-rounding): the noise of each step is drawn for the whole batch from (--seed,
-step). A run whose loss or gradients stay non-finite for --nonfinite-limit
+With --dropout=0, results do not depend on the number of processes or
+--batch-gpu (up to float rounding): the noise of each step is drawn for the
+whole batch from (--seed, step). Dropout masks are drawn per process and per
+--batch-gpu round, so with dropout > 0 (e.g. the edm2-cifar10-32x32-* presets)
+they do. With --model2finetune the network comes from the pickle: --channels,
+--channel-mult, --num-blocks, --attn-res, --channels-per-head and --dropout
+have no effect (a warning says so). A run whose loss or gradients stay non-finite for --nonfinite-limit
 steps stops with an error; stats.jsonl is strict JSON (non-finite -> null) and
 counts steps with non-finite gradients (Loss/nonfinite_grads).
 """
@@ -119,7 +140,7 @@ counts steps with non-finite gradients (Loss/nonfinite_grads).
 @click.option('--freeze-attn',      help='Freeze the attention weights', metavar='BOOL',          type=bool, default=False, show_default=True)
 @click.option('--nima-threshold',   help='Keep images with a NIMA score >= this', metavar='FLOAT', type=float, default=None)
 @click.option('--max-size',         help='Cap on the dataset size (seeded random subset)', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--categories',       help='Categories to keep, e.g. 0,1,12-14', metavar='LIST',    type=str, default=None)
+@click.option('--categories',       help='Categories to keep, e.g. 0,1,12-14', metavar='LIST',    type=str, default=None, callback=_categories)
 @click.option('--top-percent',      help='Keep the top X % by NIMA', metavar='FLOAT',             type=click.FloatRange(min=0, max=100), default=None)
 @click.option('--top-per-category', help='Keep the top X % by NIMA in each category', metavar='FLOAT', type=click.FloatRange(min=0, max=100), default=None)
 
@@ -132,7 +153,7 @@ counts steps with non-finite gradients (Loss/nonfinite_grads).
 @click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',             type=bool, default=True, show_default=True)
 @click.option('--node-cache',       help='Copy a zip dataset once per node to local disk ($EDM2_DATASET_CACHE or the temp dir) and read it from there', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--workers',          help='Data loader worker processes per GPU', metavar='INT',   type=click.IntRange(min=0), default=2, show_default=True)
-@click.option('--device',           help='Compute device  [default: cuda if available, else cpu]', metavar='STR', type=str, default=None)
+@click.option('--device',           help='Compute device  [default: cuda if available, else cpu]', metavar='STR', type=DEVICE, default=None)
 
 # I/O-related options.
 @click.option('--status',           help='Interval of status prints', metavar='NIMG',             type=str, default='128Ki', show_default=True, callback=_nimg)
@@ -148,6 +169,7 @@ def cmdline(outdir, dry_run, device, **opts):
     torch.multiprocessing.set_start_method('spawn', force=True)
     dist.init(device=device or _default_device())
     try:
+        check_outdir(outdir) # cheap, and before the dataset scan
         c = setup_training_config(**opts)
         check_config(c, dist.get_world_size())
     except ConfigError as err:
@@ -159,7 +181,7 @@ def cmdline(outdir, dry_run, device, **opts):
     dist.install_signal_handlers()
     try:
         launch_training(outdir, c, device=dist.get_device())
-    except (TrainingDivergedError, ValueError, OSError, pickle.UnpicklingError) as err:
+    except (TrainingDivergedError, dist.CheckpointError, ValueError, OSError, pickle.UnpicklingError) as err:
         raise click.ClickException(str(err)) from None
     dist.shutdown()
 

@@ -313,6 +313,29 @@ def test_filter_needs_metadata_for_scores_and_uses_dataset_json(tmp_path):
     assert _kept(ds) == ['00000/img00000002.png', '00000/img00000005.png'] and ds.label_dim == 3
 
 
+def test_score_only_metadata_of_a_flat_folder(tmp_path, capsys):
+    # What score_dataset.py writes for a flat folder: scores, no "labels", no category folders.
+    files = {f'img{i}.png': _pixels(i) for i in range(6)}
+    files['metadata.json'] = {'metadata': {f'img{i}': {'nima': float(i)} for i in range(6)}}
+    path = _write_tree(tmp_path / 'flat', files)
+    ds = FilteredImageDataset(path, nima_threshold=3, use_labels=False)  # a pure score filter needs no category
+    assert _kept(ds) == ['img3.png', 'img4.png', 'img5.png'] and not ds.has_labels
+    assert _kept(FilteredImageDataset(path, top_percent=50, max_size=2, use_labels=False)) == ['img4.png', 'img5.png']
+    capsys.readouterr()
+    with pytest.raises(IOError, match=r'6 images have no category .* because --top-per-category needs one'):
+        FilteredImageDataset(path, top_per_category=50, use_labels=False)
+    with pytest.raises(IOError, match=r'6 images have no category .* because --cond=1 needs one'):
+        FilteredImageDataset(path, nima_threshold=3)
+
+
+def test_dropped_uncategorized_images_are_counted_in_the_summary(tmp_path, capsys):
+    files = _scored_files()
+    files['loose.png'] = _pixels(99)  # top-level file: no folder, no metadata
+    ds = FilteredImageDataset(_write_tree(tmp_path / 'd', files), categories='0')
+    assert len(ds) == 4
+    assert '1 images have no category' in capsys.readouterr().out
+
+
 def test_select_filtered_is_deterministic_under_ties():
     scores, cats = [1.0] * 6, [0, 1, 0, 1, 0, 1]
     assert select_filtered(scores, cats, 2, top_percent=50) == [0, 1, 2]

@@ -299,3 +299,16 @@ def test_atomic_torch_save_used_by_checkpoint_is_loadable_weights_only(tmp_path)
     assert torch.load(path, weights_only=True)["state"] == {"cur_nimg": 7}  # No extra globals needed.
     misc.atomic_torch_save({"x": 1}, path)
     assert torch.load(path, weights_only=True) == {"x": 1}
+
+
+def test_state_of_another_shape_is_a_mismatch_error_after_a_failed_loading_line(tmp_path, capsys):
+    src = _make_objects(seed=1)
+    path = str(tmp_path / "training-state-0001000.pt")
+    dist.CheckpointIO(**src).save(path, verbose=False)
+    dst = _make_objects(seed=2)
+    dst["net"] = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5))  # another network shape
+    with pytest.raises(dist.CheckpointMismatchError) as info:
+        dist.CheckpointIO(**dst).load_latest(str(tmp_path))
+    assert info.value.path == path and info.value.name == "net"
+    assert "size mismatch for 0.weight" in info.value.detail and "\n" not in str(info.value)
+    assert capsys.readouterr().out == f"Loading {path} ... failed\n"  # the line is ended before the error

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
@@ -14,7 +15,8 @@ from click.testing import CliRunner
 import train_edm2
 from tests.test_training_loop import write_dataset
 from torch_utils import distributed as dist
-from training.train_config import default_rampup, parse_nimg
+from tests.tiny import write_tiny_snapshot
+from training.train_config import _write_options, default_rampup, parse_nimg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
@@ -36,6 +38,10 @@ def cli(outdir, data, *extra):
 
 def run(cmd, timeout=120):
     return subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def without(*prefixes):
+    return [arg for arg in TINY_ARGS if not arg.startswith(prefixes)]
 
 
 def load_state(path):
@@ -77,12 +83,87 @@ def test_dry_run_prints_resolved_options(data8, tmp_path):
     (['--duration=1000'], '--duration'),
     (['--batch=1.5Ki'], 'is not an image count'),
     (['--categories=0,9'], 'out of range'),
+    (['--categories=0,x'], "Invalid value for '--categories': invalid item \"x\""),
+    (['--categories='], "Invalid value for '--categories'"),
+    (['--categories=2-0'], 'start exceeds end'),
+    (['--channel-mult='], "'--channel-mult': \"\" must be a non-empty comma-separated list of positive integers"),
+    (['--channel-mult=1,0'], "'--channel-mult': \"1,0\" must be a non-empty"),
+    (['--attn-res=-4'], "'--attn-res': \"-4\" must be a non-empty"),
+    (['--device=foo'], "Invalid value for '--device': \"foo\" is not a torch device"),
+    (['--model2finetune=nofile.pkl', '-n'], '--model2finetune: nofile.pkl does not exist'),
+    (['--channel-mult=1,2,2,2,2', '-n'], '--data: {data}: resolution 8 is not divisible by 2^(len(channel_mult)-1) = 16'),
 ])
 def test_bad_options_give_one_line_errors(data8, tmp_path, args, message):
     dist.init(device='cpu')
     result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "bad"}', f'--data={data8}', *TINY_ARGS[1:], *args])
-    assert result.exit_code != 0 and message in result.output, result.output
+    assert result.exit_code != 0 and message.format(data=data8) in result.output, result.output
+    assert 'Traceback' not in result.output and result.exc_info[0] is SystemExit
     assert not (tmp_path / 'bad').exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only refusal')
+def test_cuda_device_refused_at_parse_time_on_cpu_only_torch(data8, tmp_path):
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data8}', *without('--device', '--fp16'),
+                                                     '--device=cuda', '-n'])
+    assert result.exit_code == 2 and 'CUDA is not available' in result.output and not (tmp_path / 'o').exists()
+
+
+def test_non_square_images_refused_before_the_run_directory(tmp_path):
+    dist.init(device='cpu')
+    data = tmp_path / 'rect'
+    data.mkdir()
+    for i in range(2):
+        PIL.Image.new('RGB', (16, 12)).save(data / f'{i}.png')
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data}', '--cond=0', *TINY_ARGS[1:]])
+    assert result.exit_code == 1 and f'Error: --data: {data}: images are 16x12 (width x height)' in result.output
+    assert not (tmp_path / 'o').exists()
+
+
+def test_outdir_that_is_not_a_directory(data8, tmp_path):
+    dist.init(device='cpu')
+    (tmp_path / 'afile').write_text('x')
+    for outdir, message in ((tmp_path / 'afile', 'exists and is not a directory (a directory is expected)'),
+                            (tmp_path / 'afile' / 'sub', f'cannot create directory {tmp_path}/afile/sub: {tmp_path}/afile is not a directory')):
+        result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={outdir}', f'--data={data8}', *TINY_ARGS])
+        assert result.exit_code == 1 and 'Error: --outdir: ' in result.output and message in result.output, result.output
+        assert 'Number of images' not in result.output  # checked before the dataset scan
+
+
+def test_score_filter_on_flat_score_only_metadata_dry_run(tmp_path):
+    dist.init(device='cpu')
+    data = write_dataset(str(tmp_path / 'flat'), num_images=6, resolution=8)
+    with open(os.path.join(data, 'metadata.json'), 'w') as f:
+        json.dump({'metadata': {f'img{i:03d}': {'nima': i} for i in range(6)}}, f)  # score_dataset.py, flat folder
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data}', '--cond=0',
+                                                     *TINY_ARGS[1:], '--nima-threshold=4', '-n'])
+    assert result.exit_code == 0 and 'After filtration there are 2 images' in result.output, result.output
+
+
+def test_finetune_warns_about_ignored_network_options_and_prints_compute_dtype(data8, tmp_path):
+    dist.init(device='cpu')
+    write_tiny_snapshot(str(tmp_path / 'src.pkl'))
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data8}', '--cond=0',
+        '--preset=base-finetuning', f'--model2finetune={tmp_path / "src.pkl"}', '--channels=64', '--dropout=0.5',
+        '--dtype=bf16', '-n'])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if 'is ignored with --model2finetune' in line]
+    assert [line.split()[1] for line in warnings] == ['--channels', '--dropout']
+    assert 'Compute dtype:           bfloat16' in result.output and 'Mixed-precision' not in result.output
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data8}', *without('--device', '--fp16'),
+                                                     '--fp16=1', '-n'])
+    assert 'Compute dtype:           float32' in result.output  # fp16 only on CUDA
+
+
+def test_training_options_rewritten_until_a_training_state_exists(tmp_path, capsys):
+    run_dir = str(tmp_path / 'run')
+    _write_options(run_dir, {'preload_model': 'nofile.pkl'})
+    _write_options(run_dir, {'preload_model': 'good.pkl'})  # the failed first try left only the options
+    stored = json.load(open(os.path.join(run_dir, 'training_options.json')))
+    assert stored == {'preload_model': 'good.pkl'} and 'resuming' not in capsys.readouterr().out
+    open(os.path.join(run_dir, 'training-state-0000001.pt'), 'wb').close()
+    _write_options(run_dir, {'preload_model': 'other.pkl'})
+    assert 'resuming with the new values' in capsys.readouterr().out
+    assert json.load(open(os.path.join(run_dir, 'training_options.json'))) == stored
 
 
 def test_cond_without_labels_is_rejected(tmp_path):

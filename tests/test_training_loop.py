@@ -16,7 +16,8 @@ from torch_utils import distributed as dist
 from torch_utils import persistence
 from training import finetune, train_status, train_step
 from training.train_config import setup_training_config
-from training.training_loop import EDM2Loss, TrainingDivergedError, check_batch_settings, learning_rate_schedule, training_loop
+from training.training_loop import (EDM2Loss, ResumeMismatchError, TrainingDivergedError, check_batch_settings, check_image_shape,
+                                    learning_rate_schedule, training_loop)
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
 
 #----------------------------------------------------------------------------
@@ -182,6 +183,14 @@ def test_load_finetune_source_errors(tmp_path):
     with pytest.raises(ValueError, match='not a network snapshot'):
         finetune.load_finetune_source(str(tmp_path / 'bad.pkl'))
 
+def test_check_image_shape_needs_square_halvable_items():
+    check_image_shape([3, 32, 32], [1, 2, 2, 2])
+    check_image_shape([4, 12, 12], [1, 2, 2])  # 12 -> 6 -> 3
+    with pytest.raises(ValueError, match='16x12 .* need square images'):
+        check_image_shape([3, 12, 16])
+    with pytest.raises(ValueError, match=r'resolution 15 is not divisible by 2\^\(len\(channel_mult\)-1\) = 2'):
+        check_image_shape([3, 15, 15], [1, 2])
+
 #----------------------------------------------------------------------------
 # Real (tiny) runs.
 
@@ -219,6 +228,20 @@ def test_finetune_keeps_frozen_weights_bit_identical(dataset_dir, tmp_path):
     assert not torch.equal(before['unet.out_conv.weight'], after['unet.out_conv.weight'])
     stats = read_stats(run_dir)
     assert all(s['Loss/grad_norm'] > 0 for s in stats if s.get('Loss/grad_norm') is not None)
+
+
+def test_resume_with_another_network_or_freeze_setting_is_one_clear_error(dataset_dir, tmp_path):
+    run_dir = str(tmp_path / 'run')
+    training_loop(run_dir=run_dir, device='cpu', **tiny_config(dataset_dir, duration=16, checkpoint=1024))
+    state = os.path.join(run_dir, 'training-state-0000000.pt')
+    assert os.path.isfile(state)
+    for overrides, culprit in ((dict(channels=16), 'net: size mismatch'), (dict(freeze_attn=True), 'optimizer: ')):
+        c = tiny_config(dataset_dir, duration=32, checkpoint=1024, **overrides)
+        with pytest.raises(ResumeMismatchError) as info:
+            training_loop(run_dir=run_dir, device='cpu', **c)
+        message = str(info.value)
+        assert message.startswith(f'{state} was saved with a different network or --freeze-* setting')
+        assert culprit in message and 'use a new --outdir' in message and '\n' not in message
 
 
 def test_nonfinite_loss_stops_the_run(dataset_dir, tmp_path):

@@ -218,6 +218,15 @@ class CheckpointError(RuntimeError):
     """A training-state file cannot be used; the message names the file."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A readable training-state file whose entry `name` does not fit the object it is restored into
+    (saved for another network or optimizer layout). `detail` is the restore error on one line."""
+
+    def __init__(self, path: str, name: str, detail: str):
+        super().__init__(f"{path}: '{name}' does not match the saved state ({detail})")
+        self.path, self.name, self.detail = path, name, detail
+
+
 _READ_ERRORS = (EOFError, OSError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError)
 
 
@@ -353,15 +362,21 @@ class CheckpointIO:
             print0("done")
 
     def load(self, path: str, verbose: bool = True) -> None:
+        self._apply(self._read(path), path, verbose)
+
+    def _apply(self, data: dict, path: str, verbose: bool) -> None:
+        """Restore every object; a mismatch raises CheckpointMismatchError (the 'Loading' line is ended first)."""
         if verbose:
             print0(f"Loading {path} ... ", end="", flush=True)
-        self._apply(self._read(path))
+        for name, obj in self._objects.items():
+            try:
+                _restore(name, obj, data[name])
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+                if verbose:
+                    print0("failed")
+                raise CheckpointMismatchError(path, name, _first_line(err)) from err
         if verbose:
             print0("done")
-
-    def _apply(self, data: dict) -> None:
-        for name, obj in self._objects.items():
-            _restore(name, obj, data[name])
 
     def _read(self, path: str) -> dict:
         """Whole file first, so a bad file never leaves the objects half-restored."""
@@ -398,11 +413,7 @@ class CheckpointIO:
             except _READ_ERRORS as err:
                 warnings.warn(f"Skipping unreadable checkpoint {path}: {_one_line(err)}")
                 continue
-            if verbose:
-                print0(f"Loading {path} ... ", end="", flush=True)
-            self._apply(data)
-            if verbose:
-                print0("done")
+            self._apply(data, path, verbose)
             return path
         raise CheckpointError(f"{run_dir}: none of the {len(candidates)} files matching {pattern} can be read")
 
@@ -432,5 +443,14 @@ def _matching_files(run_dir: str, pattern: str) -> list:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+
+def _first_line(err: BaseException) -> str:
+    """The most specific line of a restore error, e.g. the first 'size mismatch for ...' of load_state_dict."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]  # the header names only the class; the next line names the parameter
+    text = " ".join((lines[0] if lines else type(err).__name__).split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 # ----------------------------------------------------------------------------

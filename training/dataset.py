@@ -456,9 +456,12 @@ def select_filtered(
     top_percent: Optional[float] = None,            # Keep the best X % of the remaining images, by their own score.
     top_per_category: Optional[float] = None,       # Keep the best X % of each category (at least one image).
     combine: str = 'union',                         # 'union' (the fork as implemented) or 'intersection' (its comment).
+    require_category: bool = True,                  # Drop images without a category even for pure score filters.
 ) -> list:
     """Indices of the kept images in ascending order (spec training.md §8.5, fixing quirks F8, F10).
 
+    Images without a category (None) are dropped when `categories` or `top_per_category` is given or
+    `require_category` is True (the fork always drops them, F11); otherwise pure score filters keep them.
     Every ranking sorts by (score descending, file index ascending), so the result does not depend on
     the process: all ranks see the same selection in the same order."""
     if combine not in ('union', 'intersection'):
@@ -466,10 +469,12 @@ def select_filtered(
     if categories is not None:
         bad = [c for c in categories if not 0 <= c < num_categories]
         if bad:
-            raise IOError(f'categories: index {bad[0]} out of range; the dataset has {num_categories} categories')
+            raise IOError(f'categories: index {bad[0]} out of range; the dataset has {num_categories} categories'
+                          ' (top-level folders, or dataset.json class labels)')
         categories = set(categories)
+    need_category = require_category or categories is not None or top_per_category is not None
     kept = [i for i, (score, cat) in enumerate(zip(scores, categories_of))
-            if cat is not None
+            if (cat is not None or not need_category)
             and (nima_threshold is None or score >= nima_threshold)
             and (categories is None or cat in categories)]
     by_rank = lambda indices: sorted(indices, key=lambda i: (-scores[i], i))
@@ -514,12 +519,14 @@ class FilteredImageDataset(ImageFolderDataset):
         **super_kwargs: Any,                        # Additional arguments for ImageFolderDataset / Dataset.
     ):
         self._filter_kwargs = dict(nima_threshold=nima_threshold, categories=parse_int_list(categories),
-                                   top_percent=top_percent, top_per_category=top_per_category, combine=combine)
+                                   top_percent=top_percent, top_per_category=top_per_category, combine=combine,
+                                   require_category=super_kwargs.get('use_labels', True)) # labels are categories
+        self._num_uncategorized = 0
         super().__init__(path, resolution=resolution, center_crop=center_crop, force_rgb=force_rgb,
                          max_size=max_size, **super_kwargs)
         self._full_label_dim = self._num_categories
         if self._filtering_active or max_size is not None:
-            print(f'After filtration there are {len(self)} images in the dataset')
+            print(f'After filtration there are {len(self)} images in the dataset{self._uncategorized_note()}')
 
     @property
     def _filtering_active(self) -> bool:
@@ -565,7 +572,27 @@ class FilteredImageDataset(ImageFolderDataset):
             raise IOError(f'{self._source_path}: nima_threshold/top_percent/top_per_category need metadata.json'
                           ' with per-image scores at the dataset root')
         kept = select_filtered(scores, cats, self._num_categories, **self._filter_kwargs)
+        if self._needs_category:
+            self._num_uncategorized = sum(cat is None for cat in cats)
+        if not kept:
+            raise IOError(f'No image files left after filtering: {self._source_path}{self._uncategorized_note()}')
         return [fnames[i] for i in kept]
+
+    @property
+    def _needs_category(self) -> bool:
+        kwargs = self._filter_kwargs
+        return kwargs['require_category'] or kwargs['categories'] is not None or kwargs['top_per_category'] is not None
+
+    def _uncategorized_note(self) -> str:
+        """Why images were dropped for lacking a category ('' when none were)."""
+        if self._num_uncategorized == 0:
+            return ''
+        kwargs = self._filter_kwargs
+        reasons = [name for name, on in (('--categories', kwargs['categories'] is not None),
+                   ('--top-per-category', kwargs['top_per_category'] is not None),
+                   ('--cond=1', kwargs['require_category'])) if on]
+        return (f' ({self._num_uncategorized} images have no category (metadata "labels" / top-level folder) and were'
+                f' dropped because {" and ".join(reasons)} needs one)')
 
     def _category_name(self, fname: str) -> Optional[str]:
         folder = fname.split('/')[0] if '/' in fname else None

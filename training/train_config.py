@@ -11,6 +11,7 @@ the official order, with this project's additions at the end:
 
 import json
 import os
+import re
 from typing import Any, Optional, Union
 
 import dnnlib
@@ -52,7 +53,10 @@ def _dataset_kwargs(opts: dict) -> dnnlib.EasyDict:
     """ImageFolderDataset, or the fork's FilteredImageDataset when a filter option is given."""
     filters = {key: opts.get(key) for key in _FILTER_KEYS}
     if filters['categories'] is not None:
-        filters['categories'] = parse_int_list(filters['categories'])
+        try:
+            filters['categories'] = parse_int_list(filters['categories'])
+        except ValueError as err:
+            raise ConfigError(f'--categories: {err}') from None
     kwargs = dnnlib.EasyDict(path=opts['data'], use_labels=opts['cond'])
     if opts.get('node_cache'):
         kwargs.node_cache = True # slow network storage: read a node-local copy (training.data_cache)
@@ -61,16 +65,44 @@ def _dataset_kwargs(opts: dict) -> dnnlib.EasyDict:
     return dnnlib.EasyDict(class_name='training.dataset.FilteredImageDataset', **kwargs, **filters)
 
 
-def _check_dataset(dataset_kwargs: dict, cond: bool) -> int:
-    """Open the dataset once; return its channel count."""
+def _check_dataset(dataset_kwargs: dict, cond: bool) -> list:
+    """Open the dataset once; return its item shape [C, H, W]."""
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
         dist.print0(f'Number of images in the dataset: {len(dataset_obj)}')
         if cond and not dataset_obj.has_labels:
             raise ConfigError('--cond=True, but no labels found in the dataset')
-        return dataset_obj.num_channels
+        return dataset_obj.image_shape
     except (IOError, NotImplementedError) as err:
         raise ConfigError(f'--data: {err}') from None
+
+
+def _check_image_shape(path: str, shape: list, channel_mult: Optional[list]) -> None:
+    """Square items whose side the U-Net can halve len(channel_mult)-1 times (data.md §1)."""
+    from training.training_loop import check_image_shape
+    try:
+        check_image_shape(shape, channel_mult)
+    except ValueError as err:
+        raise ConfigError(f'--data: {path}: {err}') from None
+
+
+# Network options that have no effect with --model2finetune: the network comes from the pickle (quirk F5).
+_NETWORK_OPTIONS = dict(channels='--channels', channel_mult='--channel-mult', num_blocks='--num-blocks',
+                        attn_res='--attn-res', channels_per_head='--channels-per-head', dropout='--dropout')
+
+
+def _warn_ignored_network_options(opts: dict) -> None:
+    """Rank 0: one warning per network option given together with --model2finetune."""
+    for key, flag in _NETWORK_OPTIONS.items():
+        if opts.get(key) is not None:
+            dist.print0(f'Warning: {flag} is ignored with --model2finetune: the network (its shape and dropout) '
+                        f'comes from {opts["model2finetune"]}')
+
+
+def _check_model2finetune(path: str) -> None:
+    """A local pickle must exist (URLs are checked by the loader when it downloads them)."""
+    if not dnnlib.util.is_url(path) and not os.path.isfile(path):
+        raise ConfigError(f'--model2finetune: {path} does not exist (expected a network snapshot .pkl)')
 
 
 def _network_kwargs(preset_name: str, opts: dict) -> dnnlib.EasyDict:
@@ -79,8 +111,25 @@ def _network_kwargs(preset_name: str, opts: dict) -> dnnlib.EasyDict:
     kwargs.update(presets.NETWORK_EXTRAS.get(preset_name, {}))
     knobs = dict(channel_mult=opts.get('channel_mult'), num_blocks=opts.get('num_blocks'),
                  attn_resolutions=opts.get('attn_res'), channels_per_head=opts.get('channels_per_head'))
+    for key, flag in (('channel_mult', '--channel-mult'), ('attn_resolutions', '--attn-res')):
+        value = knobs[key]
+        if value is not None and (len(value) == 0 or min(value) < 1):
+            raise ConfigError(f'{flag}: {value} must be a non-empty list of positive integers')
     kwargs.update({key: value for key, value in knobs.items() if value is not None})
     return kwargs
+
+
+def _effective_channel_mult(network_kwargs: dict) -> list:
+    """channel_mult of the network that will be built: the option / preset, else the U-Net default."""
+    if network_kwargs.get('channel_mult') is not None:
+        return list(network_kwargs['channel_mult'])
+    import inspect
+    from training.networks_edm2 import UNet
+    for cls in UNet.__mro__: # persistent_class wraps __init__ in (*args, **kwargs); its base has the real one
+        parameter = inspect.signature(cls.__init__).parameters.get('channel_mult')
+        if parameter is not None:
+            return list(parameter.default)
+    raise AssertionError('UNet has no channel_mult parameter')
 
 
 def setup_training_config(preset: str = 'edm2-img512-s', check_data: bool = True, **opts: Any) -> dnnlib.EasyDict:
@@ -90,10 +139,13 @@ def setup_training_config(preset: str = 'edm2-img512-s', check_data: bool = True
         preset_values = presets.get_preset(preset)
     except presets.PresetError as err:
         raise ConfigError(f'--preset: {err}') from None
+    finetuning = opts.get('model2finetune') is not None
+    if finetuning:
+        _check_model2finetune(opts.model2finetune)
+        _warn_ignored_network_options(opts) # before the preset fills in its values: only explicit options warn
     for key, value in preset_values.items():
         if opts.get(key) is None:
             opts[key] = value
-    finetuning = opts.get('model2finetune') is not None
     if opts.get('rampup') is None:
         opts.rampup = default_rampup(preset_values, finetuning)
     if opts.channels is None and not finetuning:
@@ -101,16 +153,20 @@ def setup_training_config(preset: str = 'edm2-img512-s', check_data: bool = True
 
     c = dnnlib.EasyDict()
     c.dataset_kwargs = _dataset_kwargs(opts)
-    channels = _check_dataset(c.dataset_kwargs, opts.cond) if check_data else 3
+    network_kwargs = _network_kwargs(preset, opts)
+    shape = _check_dataset(c.dataset_kwargs, opts.cond) if check_data else [3, 8, 8]
+    if check_data:
+        # A fine-tuned network has its own levels; check_compatible() compares its resolution at load time.
+        _check_image_shape(opts.data, shape, None if finetuning else _effective_channel_mult(network_kwargs))
     encoders = {3: 'training.encoders.StandardRGBEncoder', 8: 'training.encoders.StabilityVAEEncoder'}
-    if channels not in encoders:
-        raise ConfigError(f'--data: Unsupported channel count {channels}')
-    c.encoder_kwargs = dnnlib.EasyDict(class_name=encoders[channels])
+    if shape[0] not in encoders:
+        raise ConfigError(f'--data: Unsupported channel count {shape[0]}')
+    c.encoder_kwargs = dnnlib.EasyDict(class_name=encoders[shape[0]])
     if finetuning:
         c.preload_model = opts.model2finetune
     c.total_nimg = parse_nimg(opts.duration)
     c.batch_size = parse_nimg(opts.batch)
-    c.network_kwargs = _network_kwargs(preset, opts)
+    c.network_kwargs = network_kwargs
     c.loss_kwargs = dnnlib.EasyDict(class_name='training.training_loop.EDM2Loss', P_mean=opts.P_mean, P_std=opts.P_std)
     c.lr_kwargs = dnnlib.EasyDict(func_name='training.training_loop.learning_rate_schedule', ref_lr=opts.lr,
                                   ref_batches=opts.decay, rampup_Mimg=opts.rampup)
@@ -151,7 +207,19 @@ def check_config(c: dict, world_size: int) -> None:
 
 #----------------------------------------------------------------------------
 
-def print_training_config(run_dir: str, c: dict) -> None:
+def compute_dtype_description(c: dict, device: Any) -> str:
+    """The dtype the network computes in (Precond.compute_dtype): --dtype, else float16 iff use_fp16 on CUDA."""
+    dtype = (c.get('fast_kwargs') or {}).get('dtype')
+    if dtype is not None:
+        return dict(fp32='float32', fp16='float16', bf16='bfloat16')[dtype]
+    on_cuda = str(device).startswith('cuda')
+    if c.get('preload_model') is not None:
+        return 'float16 if the --model2finetune network uses fp16, else float32' if on_cuda else 'float32'
+    return 'float16' if on_cuda and c['network_kwargs'].get('use_fp16') else 'float32'
+
+
+def print_training_config(run_dir: str, c: dict, device: Any = None) -> None:
+    device = device if device is not None else dist.get_device()
     dist.print0()
     dist.print0('Training config:')
     dist.print0(json.dumps(c, indent=2))
@@ -161,25 +229,50 @@ def print_training_config(run_dir: str, c: dict) -> None:
     dist.print0(f'Class-conditional:       {c["dataset_kwargs"].get("use_labels", False)}')
     dist.print0(f'Number of GPUs:          {dist.get_world_size()}')
     dist.print0(f'Batch size:              {c["batch_size"]}')
-    dist.print0(f'Mixed-precision:         {c["network_kwargs"].get("use_fp16")}')
+    dist.print0(f'Compute dtype:           {compute_dtype_description(c, device)}')
     if c.get('preload_model') is not None:
         dist.print0(f'Fine-tuning from:        {c["preload_model"]}')
     dist.print0()
 
 
+def check_outdir(run_dir: str) -> None:
+    """Raise ConfigError unless `run_dir` is a directory or can be created as one; creates nothing."""
+    if os.path.isdir(run_dir):
+        return
+    if os.path.lexists(run_dir):
+        raise ConfigError(f'--outdir: {run_dir} exists and is not a directory (a directory is expected)')
+    ancestor = os.path.dirname(os.path.abspath(run_dir))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError(f'--outdir: cannot create directory {run_dir}: {ancestor} is not a directory')
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f'--outdir: cannot create directory {run_dir}: {ancestor} is not writable')
+
+
+def _has_training_state(run_dir: str) -> bool:
+    return any(re.fullmatch(r'training-state-\d+\.pt', name) for name in os.listdir(run_dir))
+
+
 def _write_options(run_dir: str, c: dict) -> None:
-    """Rank 0: create the run directory and write training_options.json on the first invocation;
-    on later ones warn about options that differ from the stored ones."""
+    """Rank 0: create the run directory and write training_options.json until a training state exists
+    (so a corrected command is what gets recorded); once one does, warn about options that differ."""
     path = os.path.join(run_dir, 'training_options.json')
     if os.path.isfile(path):
         with open(path, 'rt') as f:
             stored = json.load(f)
         current = json.loads(json.dumps(c))
         changed = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
-        if changed:
+        if not changed:
+            return
+        if _has_training_state(run_dir):
             print(f'Warning: options differ from {path} in: {", ".join(changed)}; resuming with the new values')
-        return
-    os.makedirs(run_dir, exist_ok=True)
+            return
+        print(f'Note: no training state in {run_dir} yet; rewriting {path} (changed: {", ".join(changed)})')
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f'--outdir: cannot create directory {run_dir} ({err.strerror})') from None
     with misc.atomic_open(path, 'wt') as f:
         json.dump(c, f, indent=2)
 

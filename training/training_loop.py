@@ -9,8 +9,10 @@ imported inside `training_loop()`.
 Differences from the official loop (all documented in `train_edm2.py --help`):
 * The noise levels and noise of a step are drawn for the whole global batch from a
   generator seeded by (seed, cur_nimg), and every rank takes the rows of its own
-  samples. Results therefore do not depend on the number of processes or on
-  `batch_gpu` (up to float rounding), and a resumed run continues the same streams.
+  samples. With dropout 0, results therefore do not depend on the number of
+  processes or on `batch_gpu` (up to float rounding); dropout masks still come from
+  each rank's own generator per accumulation round, so with dropout > 0 they do.
+  A resumed run continues the same streams either way.
 * Non-finite gradients are counted (`Loss/nonfinite_grads`); a run whose loss or
   gradients stay non-finite for `nonfinite_limit` steps stops with an error.
 * SIGTERM / SIGUSR1 write a training state at the current step and end the loop.
@@ -99,6 +101,22 @@ def check_batch_settings(batch_size, batch_gpu, world_size, total_nimg, slice_ni
                              + (' (the batch size and 1024)' if unit != batch_size else ' (the batch size)'))
     return batch_gpu, batch_gpu_total // batch_gpu
 
+def check_image_shape(shape, channel_mult=None):
+    """Raise ValueError unless the items ([..., H, W]) are square and, when `channel_mult` is given,
+    their side can be halved len(channel_mult)-1 times by the U-Net's encoder (data.md §1)."""
+    height, width = int(shape[-2]), int(shape[-1])
+    if height != width:
+        raise ValueError(f'images are {width}x{height} (width x height); EDM2 networks need square images')
+    if channel_mult is not None:
+        factor = 2 ** (len(channel_mult) - 1)
+        if height % factor != 0:
+            raise ValueError(f'resolution {height} is not divisible by 2^(len(channel_mult)-1) = {factor} '
+                             f'(channel_mult {list(channel_mult)}); use a power-of-two resolution or fewer levels')
+
+
+class ResumeMismatchError(ValueError):
+    """The training state in the run directory was saved for a different network or freeze setting."""
+
 #----------------------------------------------------------------------------
 # Main training loop.
 
@@ -160,6 +178,7 @@ def training_loop(
         net = source.net
         finetune.check_compatible(net, ref_image, ref_label, preload_model)
     else:
+        check_image_shape(ref_image.shape, network_kwargs.get('channel_mult'))
         interface_kwargs = dict(img_resolution=ref_image.shape[-1], img_channels=ref_image.shape[1], label_dim=ref_label.shape[-1])
         net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
     net.train().requires_grad_(True).to(device)
@@ -193,7 +212,11 @@ def training_loop(
 
     # Load previous checkpoint and decide how long to train.
     checkpoint = dist.CheckpointIO(state=state, net=net, loss_fn=loss_fn, optimizer=optimizer, ema=ema)
-    checkpoint.load_latest(run_dir)
+    try:
+        checkpoint.load_latest(run_dir)
+    except dist.CheckpointMismatchError as err:
+        raise ResumeMismatchError(f'{err.path} was saved with a different network or --freeze-* setting ({err.name}: '
+            f'{err.detail}); resume with the original options, or use a new --outdir') from None
     stop_at_nimg = total_nimg
     if slice_nimg is not None:
         granularity = checkpoint_nimg if checkpoint_nimg is not None else snapshot_nimg if snapshot_nimg is not None else batch_size
