@@ -3,8 +3,8 @@
 Thin click CLI over `training.metrics`; see `python calculate_metrics.py --help`.
 """
 
-import os
 import pickle
+import sys
 from typing import Any, Callable, Optional
 
 import click
@@ -73,6 +73,16 @@ def _prepare_outputs(refs: tuple, metric_list: list, out: Optional[str]) -> dict
     return loaded
 
 
+def _warn(message: str) -> None:
+    """One warning line on rank 0 (stderr, so that it does not mix with the results)."""
+    dist.print0(f'Warning: {message}', file=sys.stderr, flush=True)
+
+
+def _check_hist(out: Optional[str], hist: bool) -> None:
+    if hist and out is None:
+        _warn('--hist has no effect without --out (the histograms are saved as OUT-<metric>.png)')
+
+
 def _report(stats: dict, refs: dict, metric_list: list, out: Optional[str], hist: bool) -> None:
     """Rank 0: print the metrics and save --out / --hist files."""
     if dist.get_rank() != 0:
@@ -96,7 +106,7 @@ def cmdline():
 
     \b
     # Generate 50000 images using 8 GPUs and save them as out/*/*.png
-    torchrun --standalone --nproc_per_node=8 generate_images.py \\
+    torchrun --standalone --nproc_per_node=8 -- generate_images.py \\
         --preset=edm2-img512-xxl-guid-fid --outdir=out --subdirs --seeds=0-49999
 
     \b
@@ -106,7 +116,8 @@ def cmdline():
 
     \b
     # Calculate metrics directly for a given model without saving any images
-    torchrun --standalone --nproc_per_node=8 calculate_metrics.py gen \\
+    # ("--" keeps torchrun from reading options such as --num as its own)
+    torchrun --standalone --nproc_per_node=8 -- calculate_metrics.py gen \\
         --net=https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-s-2147483-0.130.pkl \\
         --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl \\
         --seed=123456789
@@ -151,6 +162,7 @@ def calc(image_path: str, refs: tuple, metrics: list, num_images: Optional[int],
          num_workers: int, resolution: Optional[int], out: Optional[str], hist: bool) -> None:
     """Calculate metrics for a given set of images."""
     device = _setup()
+    _check_hist(out, hist)
     ref_stats = _collective(lambda: _prepare_outputs(refs, metrics, out))
     stats = _collective(lambda: metrics_lib.calculate_stats_for_files(
         image_path, num_images=num_images, seed=seed, max_batch_size=max_batch_size, num_workers=num_workers,
@@ -163,7 +175,7 @@ def calc(image_path: str, refs: tuple, metrics: list, num_images: Optional[int],
 
 @cmdline.command()
 @click.option('--net', help='Network pickle filename', metavar='PATH|URL', type=str, required=True)
-@click.option('--gnet', help='Guiding network for --guidance (default: the main network itself)', metavar='PATH|URL', type=str, default=None)
+@click.option('--gnet', help='Guiding network for --guidance, called with the class labels  [default: the main network called without labels (CFG-like, as in the fork)]', metavar='PATH|URL', type=str, default=None)
 @_ref_option
 @_metrics_option
 @click.option('--num', 'num_images', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
@@ -178,10 +190,16 @@ def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: i
         guidance: float, num_steps: int, out_images: Optional[str], out: Optional[str], hist: bool) -> None:
     """Calculate metrics for a given model using default sampler settings."""
     device = _setup()
+    _check_hist(out, hist)
+    if gnet is not None and guidance == 1:
+        _warn('--gnet is ignored with --guidance 1 (no guidance)')
+        gnet = None
     ref_stats = _collective(lambda: _prepare_outputs(refs, metrics, out))
+    # Without --gnet the guide is the main network called without labels (the fork, quirk F19).
     stats = _collective(lambda: metrics_lib.calculate_stats_for_network(
         net, seeds=range(seed, seed + num_images), gnet=gnet, max_batch_size=max_batch_size, out_images=out_images,
-        metrics=metrics, device=device, guidance=guidance, num_steps=num_steps), rank0_only=False)
+        metrics=metrics, device=device, guidance=guidance, num_steps=num_steps, guide_labels=(gnet is not None)),
+        rank0_only=False)
     _collective(lambda: _report(stats, ref_stats, metrics, out, hist))
     dist.barrier()
 
@@ -203,8 +221,7 @@ def ref(image_path: str, dest_path: str, metrics: list, max_batch_size: int, num
         top_per_category: Optional[float]) -> None:
     """Calculate dataset reference statistics for 'calc' and 'gen'."""
     device = _setup()
-    if os.path.isdir(dest_path):
-        raise click.ClickException(f'--dest: {dest_path} is a directory; give a file name such as {dest_path}/refs.pkl')
+    _collective(lambda: metrics_lib.check_stats_dest(dest_path, metrics))
     filters = dict(nima_threshold=nima_threshold, top_percent=top_percent, top_per_category=top_per_category)
     _collective(lambda: metrics_lib.calculate_stats_for_files(
         image_path, num_images=None, max_batch_size=max_batch_size, num_workers=num_workers, resolution=resolution,

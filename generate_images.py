@@ -5,6 +5,7 @@ that `from generate_images import generate_images, config_presets` keeps working
 """
 
 import pickle
+import sys
 
 import click
 import torch
@@ -13,7 +14,7 @@ import tqdm
 from torch_utils import distributed as dist
 from training.cli import DEVICE
 from training.sampling import (  # noqa: F401 -- re-exported for compatibility
-    StackedRandomGenerator, config_presets, edm_sampler, generate_images, missing_seeds, model_root,
+    StackedRandomGenerator, check_output_path, config_presets, edm_sampler, generate_images, missing_seeds, model_root,
     parse_int_list, parse_interval, resolve_options, save_image_grid)
 
 
@@ -53,11 +54,12 @@ def _run(opts: dict, grid: str, skip_existing: bool) -> None:
         opts['seeds'] = missing_seeds(opts['seeds'], opts['outdir'], opts['subdirs'])
     image_iter = generate_images(**opts)
     first_images = None
-    with tqdm.tqdm(total=image_iter.num_images, unit='img', disable=(dist.get_rank() != 0)) as progress:
+    # Rank 0 counts the images of all ranks: the ranks move through their batches in step.
+    with tqdm.tqdm(total=image_iter.total_images, unit='img', disable=(dist.get_rank() != 0)) as progress:
         for r in image_iter:
             if first_images is None and r.images is not None:
                 first_images = r.images
-            progress.update(len(r.seeds))
+            progress.update(image_iter.batch_totals[r.batch_idx])
     if grid is not None and first_images is not None and dist.get_rank() == 0:
         save_image_grid(first_images, grid)
 
@@ -102,7 +104,7 @@ def cmdline(preset, net, gnet, guidance, grid, skip_existing, unlabeled_guide, d
 
     \b
     # Generate 50000 images using 8 GPUs and save them as out/*/*.png
-    torchrun --standalone --nproc_per_node=8 generate_images.py \\
+    torchrun --standalone --nproc_per_node=8 -- generate_images.py \\
         --preset=edm2-img64-s-fid --outdir=out --subdirs --seeds=0-49999
 
     The random numbers of an image depend only on its seed; add --net-batch=8 to make
@@ -112,7 +114,11 @@ def cmdline(preset, net, gnet, guidance, grid, skip_existing, unlabeled_guide, d
     try:
         opts.update(resolve_options(preset, net, gnet, guidance))
         opts.update(guide_labels=not unlabeled_guide, fast_path=_fast_path(plain, compute_dtype))
+        if grid is not None:
+            check_output_path(grid, '--grid')
         dist.init(device=device or _default_device())
+        if gnet is not None and opts['gnet'] is None:
+            dist.print0('Warning: --gnet is ignored without --guidance (1 = no guidance)', file=sys.stderr, flush=True)
         opts.update(device=dist.get_device())  # cuda:LOCAL_RANK under torchrun with NCCL
         _run(opts, grid, skip_existing)
     except (ValueError, OSError, pickle.UnpicklingError) as e:

@@ -4,6 +4,8 @@ Thin click CLI over `training.scoring`; see `python score_dataset.py --help`.
 """
 
 import pickle
+import signal
+import sys
 from typing import Optional
 
 import click
@@ -12,6 +14,8 @@ from torch_utils import distributed as dist
 from training import scoring
 from training.metrics import MetricsError
 
+STOPPED_EXIT_CODE = 128 + signal.SIGTERM
+
 
 @click.command()
 @click.option('--images', 'image_path', help='Dataset to score', metavar='PATH|ZIP', type=str, required=True)
@@ -19,7 +23,7 @@ from training.metrics import MetricsError
 @click.option('--metric', help='Scorer to use: nima or ascore', metavar='NAME', type=str, required=True)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers', 'num_workers', help='Subprocesses to use for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
-@click.option('--checkpoints', help='Write a results_<n>.csv checkpoint every this many batches (default: only at the end)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--checkpoints', help='Write a results_<n>.csv checkpoint every this many batches (0 or default: only at the end)', metavar='INT', type=click.IntRange(min=0), default=None)
 @click.option('--resolution', help='Centre-crop/resize images to this size before scoring; 0 = as stored', metavar='INT', type=click.IntRange(min=0), default=512, show_default=True)
 def main(image_path: str, out_dir: str, metric: str, max_batch_size: int, num_workers: int,
          checkpoints: Optional[int], resolution: int) -> None:
@@ -34,21 +38,26 @@ def main(image_path: str, out_dir: str, metric: str, max_batch_size: int, num_wo
 
     \b
     # Score a dataset with NIMA on 8 GPUs, checkpointing every 100 batches
-    torchrun --standalone --nproc_per_node=8 score_dataset.py \\
+    torchrun --standalone --nproc_per_node=8 -- score_dataset.py \\
         --images=datasets/imagenet-train --out=scores/nima --metric=nima --checkpoints=100
     """
     dist.init()
     dist.install_signal_handlers()
     try:
         scores = scoring.score_dataset(image_path, out_dir, metric, max_batch_size=max_batch_size,
-                                       num_workers=num_workers, checkpoints=checkpoints,
+                                       num_workers=num_workers, checkpoints=(checkpoints or None),
                                        resolution=(resolution or None), device=dist.get_device())
     except (MetricsError, OSError, pickle.UnpicklingError) as err:
         text = str(err).strip()
         raise click.ClickException(text.splitlines()[0] if text else type(err).__name__) from None
+    # Rank 0 gets None only when a stop signal ended the run early: exit like a terminated process
+    # (128 + SIGTERM), so that schedulers and scripts do not take the partial run for a finished one.
+    stopped = dist.any_rank(dist.get_rank() == 0 and scores is None)
     if scores is not None:
         dist.print0(f'Scored {len(scores)} images; results in {out_dir}')
     dist.shutdown()
+    if stopped:
+        sys.exit(STOPPED_EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -144,3 +144,63 @@ def test_ref_under_torchrun_matches_single_process(cache, image_dir, tmp_path):
         np.testing.assert_allclose(two[metric]['mu'], one[metric]['mu'], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(two[metric]['sigma'], one[metric]['sigma'], rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(two['nima']['histogram'], one['nima']['histogram'])
+
+
+def test_corrupt_image_is_left_out_not_replaced(cache, tmp_path):
+    folder = tmp_path / 'corrupt'
+    standins.write_images(str(folder), 4, size=16)
+    (folder / 'img002.png').write_bytes(b'notapng')
+    result = run('calc', '--images', folder, '--num', 'all', '--metrics', 'nima', '--out', tmp_path / 'res',
+                 '--workers', 0, '--batch', 4)
+    assert result.exit_code == 0, result.output
+    assert 'Skipped 1 unreadable file' in result.output and 'img002.png' in result.output
+    with open(tmp_path / 'res.json') as f:
+        assert sum(json.load(f)['nima']['histogram']) == 3  # not 4: no image counted twice
+    dest = tmp_path / 'ref.pkl'
+    assert run('ref', '--data', folder, '--dest', dest, '--metrics', 'fid', '--workers', 0).exit_code == 0
+    with open(dest, 'rb') as f:
+        assert pickle.load(f)['num_images'] == 3
+
+
+def test_gen_guidance_without_gnet_guides_with_the_unlabeled_main_net(cache, tmp_path):
+    snapshot = str(tmp_path / 'cnet.pkl')
+    write_tiny_snapshot(snapshot, net=make_tiny_precond(label_dim=5))
+    common = ('gen', '--net', snapshot, '--num', 2, '--steps', 2, '--metrics', 'nima')
+    assert run(*common, '--out-images', tmp_path / 'plain').exit_code == 0
+    assert run(*common, '--out-images', tmp_path / 'guided', '--guidance', 3).exit_code == 0
+    name = '000000.png'
+    assert (tmp_path / 'plain' / name).read_bytes() != (tmp_path / 'guided' / name).read_bytes()
+    result = run(*common, '--gnet', snapshot, '--out-images', tmp_path / 'w1')
+    assert result.exit_code == 0 and 'Warning: --gnet is ignored' in result.output
+    assert (tmp_path / 'w1' / name).read_bytes() == (tmp_path / 'plain' / name).read_bytes()
+
+
+def test_output_paths_checked_before_computing(cache, image_dir, tmp_path):
+    blocker = tmp_path / 'garbage.pkl'
+    blocker.write_bytes(b'x')
+    for dest, metric, message in ((blocker / 'x.pkl', 'nima', 'is a file'), (tmp_path / 'v1.npz', 'nima', 'add fid'),
+                                  (tmp_path, 'nima', 'is a directory')):
+        result = run('ref', '--data', image_dir, '--dest', dest, '--metrics', metric, '--workers', 0)
+        assert '--dest' in error_line(result) and message in error_line(result)
+        assert 'Calculating statistics' not in result.output
+    bad = tmp_path / 'bad'
+    (tmp_path / 'bad.json').write_text('{"fid": 3.2}')
+    result = run('calc', '--images', image_dir, '--num', 'all', '--metrics', 'nima', '--out', bad, '--workers', 0)
+    assert 'existing entry "fid"' in error_line(result) and 'Calculating statistics' not in result.output
+    line = error_line(run('gen', '--net', blocker, '--num', 2, '--metrics', 'nima', '--out-images', blocker))
+    assert '--out-images' in line and 'is a file' in line
+
+
+def test_small_messages(cache, image_dir, tmp_path):
+    assert '--num all' in error_line(run('calc', '--images', image_dir, '--metrics', 'nima', '--workers', 0))
+    result = run('calc', '--images', image_dir, '--num', 'all', '--metrics', 'nima', '--workers', 0, '--hist')
+    assert result.exit_code == 0 and 'Warning: --hist has no effect without --out' in result.output
+    line = error_line(run('ref', '--data', image_dir, '--dest', tmp_path / 'r.pkl', '--metrics', 'nima',
+                          '--top-percent', 50))
+    assert line.count(os.path.basename(image_dir)) == 1, line
+
+
+def test_help_torchrun_examples_separate_the_script():
+    # torchrun would read e.g. --num after the script name as an abbreviation of its --numa-binding.
+    lines = [line for line in run('--help').output.splitlines() if line.strip().startswith('torchrun')]
+    assert lines and all(' -- ' in line for line in lines)

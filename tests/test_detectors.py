@@ -188,3 +188,17 @@ def test_state_dict_round_trip_via_bytes():
     torch.save(reference.state_dict(), buf)
     model = detectors.inception_from_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     assert model.width == reference.width and model.feature_dim == reference.feature_dim
+
+
+def test_torch_module_at_cache_path_needs_trust(tmp_path, monkeypatch):
+    # The safe loader rebuilds plain torch modules; a wrong one must not pass as the detector.
+    path = str(tmp_path / 'inception.pkl')
+    with open(path, 'wb') as f:
+        pickle.dump(torch.nn.Conv2d(3, 4, 3), f)
+    monkeypatch.delenv('EDM2_TRUST_PICKLE', raising=False)
+    with pytest.raises(detectors.DetectorLoadError) as info:
+        detectors.load_inception(path, verbose=False)
+    message = str(info.value)
+    assert '\n' not in message and path in message and 'Conv2d' in message and 'EDM2_TRUST_PICKLE=1' in message
+    monkeypatch.setenv('EDM2_TRUST_PICKLE', '1')
+    assert isinstance(detectors.load_inception(path, verbose=False), torch.nn.Conv2d)

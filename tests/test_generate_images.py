@@ -234,3 +234,34 @@ def test_cli_rejects_bad_pickles(pkls, tmp_path):
     result = _invoke('--net', garbage, '--outdir', out, '--device=cpu')
     assert result.exit_code != 0 and 'garbage.pkl' in result.output and 'Traceback' not in result.output
     assert not out.exists()
+
+
+def test_cli_checks_output_paths_before_loading(pkls, tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_bytes(b'x')
+    result = _invoke('--net', pkls['net'], '--outdir', blocker, '--seeds=0-1', '--steps=2', '--device=cpu')
+    assert result.exit_code != 0 and 'Error: --outdir: ' in result.output and 'is a file' in result.output
+    assert 'Loading' not in result.output
+    out, grid_dir = tmp_path / 'out', tmp_path / 'adir'
+    grid_dir.mkdir()
+    result = _invoke('--net', pkls['net'], '--outdir', out, '--seeds=0-1', '--steps=2', '--device=cpu', '--grid', grid_dir)
+    assert result.exit_code != 0 and 'Error: --grid: ' in result.output and 'is a directory' in result.output
+    assert not out.exists()
+    result = _invoke('--net', pkls['net'], '--outdir', out, '--seeds=0-1', '--steps=2', '--device=cpu',
+                     '--grid', blocker / 'grid.png')
+    assert result.exit_code != 0 and 'Error: --grid: ' in result.output and not out.exists()
+
+
+def test_cli_warns_when_gnet_is_unused(pkls, tmp_path):
+    result = _invoke('--net', pkls['net'], '--gnet', pkls['gnet'], '--outdir', tmp_path / 'o', '--seeds=0',
+                     '--steps=1', '--device=cpu')
+    assert result.exit_code == 0 and result.output.count('Warning: --gnet is ignored') == 1
+
+
+def test_progress_counts_the_images_of_all_ranks(pkls, monkeypatch):
+    monkeypatch.setattr(sampling.dist, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(sampling.dist, 'get_rank', lambda: 0)
+    monkeypatch.setattr(sampling.dist, 'barrier', lambda: None)
+    image_iter = sampling.generate_images(pkls['net'], seeds=range(5), max_batch_size=2, **FAST)
+    assert image_iter.num_images == 3 and image_iter.total_images == 5 and sum(image_iter.batch_totals) == 5
+    assert len(image_iter.batch_totals) == len(image_iter)

@@ -231,7 +231,8 @@ def load_inception(url: str = INCEPTION_URL, verbose: bool = True) -> torch.nn.M
     `InceptionV3Features`; pickle (official). Pickles go through `persistence.load_pickle`:
     safe by default, the official code-executing `pickle.load` with EDM2_TRUST_PICKLE=1.
     """
-    with dnnlib.util.open_url(url, verbose=verbose) as f:
+    path = dnnlib.util.open_url(url, verbose=verbose, return_filename=True)  # the cache file for a URL
+    with open(path, 'rb') as f:
         data = f.read()
     try:
         if data[:4] == b'PK\x03\x04' and _is_torchscript_archive(data):
@@ -246,6 +247,11 @@ def load_inception(url: str = INCEPTION_URL, verbose: bool = True) -> torch.nn.M
         raise DetectorLoadError(f'{url}: cannot load the Inception detector ({type(err).__name__}: {_first_line(err)})') from err
     if not callable(model):
         raise DetectorLoadError(f'{url}: Inception detector: expected a module, found a {type(model).__name__}')
+    if not isinstance(model, (InceptionV3Features, torch.jit.ScriptModule)) and not persistence._trust_from_env():
+        # The safe loader also rebuilds plain torch modules; only ours computes the features.
+        raise DetectorLoadError(f'{path}: Inception detector: found a {type(model).__name__}, not an '
+                                'InceptionV3Features module or TorchScript archive; if this is the official '
+                                f'detector pickle and you trust it, set {persistence.TRUST_ENV_VAR}=1')
     if isinstance(model, torch.nn.Module):
         model.eval()
         for param in model.parameters():

@@ -199,12 +199,76 @@ def open_image_dataset(image_path: str, num_images: Optional[int] = None, seed: 
             ds = dataset.ImageFolderDataset(image_path, max_size=num_images, random_seed=seed,
                                             resolution=resolution, center_crop=(resolution is not None))
     except (IOError, KeyError, ValueError) as err:
-        raise MetricsError(f'{image_path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}') from err
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        text = text.strip('\'"')  # KeyError quotes its message
+        # Most dataset messages already name the path; do not print it twice.
+        named = text.startswith(image_path) or text.endswith(image_path)
+        raise MetricsError(text if named else f'{image_path}: {text}') from err
     if num_images is not None and len(ds) < num_images:
-        raise MetricsError(f'{image_path}: Found {len(ds)} images, but expected at least {num_images}')
+        raise MetricsError(f'{image_path}: Found {len(ds)} images, but expected at least {num_images}'
+                           ' (--num all uses every image)')
     if len(ds) < 2:
         raise MetricsError(f'{image_path}: Found {len(ds)} images, but need at least 2 to compute statistics')
     return ds
+
+
+class ReadableImages(torch.utils.data.Dataset):
+    """Items (CHW uint8 image or None, file name, error or None) of an image dataset, for statistics.
+
+    An unreadable file gives image None, so that `collate_readable` leaves it out: replacing it by
+    another image (as the training dataset does) would count that image twice and skew the statistics.
+    A shape mismatch travels as a message, so that it reaches the main process as one clear line
+    even from a loader worker."""
+
+    def __init__(self, ds: torch.utils.data.Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, idx: int) -> tuple:
+        from training import dataset
+        raw_idx = int(self.ds._raw_idx[idx])
+        name = self.ds._raw_name(raw_idx)
+        try:
+            image = self.ds._get_image(raw_idx)
+        except dataset.CorruptImageError:
+            return None, name, None
+        if list(image.shape) != self.ds.image_shape:
+            return None, name, (f'{name}: image shape {list(image.shape)} != dataset shape {self.ds.image_shape}'
+                                ' (all images must have the same size and channels; see --resolution)')
+        return image, name, None
+
+
+def collate_readable(items: list) -> dict:
+    """Batch of `ReadableImages` items: {'images': NCHW uint8 or None, 'skipped': names, 'errors': messages}."""
+    images = [image for image, _, _ in items if image is not None]
+    return dict(images=torch.from_numpy(np.stack(images)) if images else None,
+                skipped=[name for image, name, error in items if image is None and error is None],
+                errors=[error for _, _, error in items if error is not None])
+
+
+def _drop_unreadable(loader: Iterable, skipped: list) -> Iterator[dict]:
+    """Pass the batches on; collect the names of unreadable files in `skipped`, raise on a shape error."""
+    for batch in loader:
+        if batch['errors']:
+            raise MetricsError(batch['errors'][0])
+        skipped.extend(batch['skipped'])
+        yield batch
+
+
+def report_skipped(skipped: list, max_names: int = 5) -> int:
+    """Collective: print one line on rank 0 with the number of files left out on all ranks."""
+    names = list(skipped)
+    if dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        torch.distributed.all_gather_object(parts, names)
+        names = sorted(name for part in parts for name in part)
+    if names:
+        shown = ', '.join(names[:max_names]) + (', ...' if len(names) > max_names else '')
+        dist.print0(f'Skipped {len(names)} unreadable file{"s" if len(names) > 1 else ""} '
+                    f'(left out of the statistics): {shown}')
+    return len(names)
 
 
 def rank_batches(num_items: int, max_batch_size: int) -> list:
@@ -216,8 +280,9 @@ def rank_batches(num_items: int, max_batch_size: int) -> list:
 
 def make_loader(ds: torch.utils.data.Dataset, max_batch_size: int, num_workers: int,
                 prefetch_factor: int = 2) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(ds, batch_sampler=rank_batches(len(ds), max_batch_size),
-                                       num_workers=num_workers,
+    """This rank's batches of `ReadableImages(ds)` (see `collate_readable`)."""
+    return torch.utils.data.DataLoader(ReadableImages(ds), batch_sampler=rank_batches(len(ds), max_batch_size),
+                                       collate_fn=collate_readable, num_workers=num_workers,
                                        prefetch_factor=(prefetch_factor if num_workers > 0 else None),
                                        multiprocessing_context=('spawn' if num_workers > 0 else None))
 
@@ -247,8 +312,17 @@ def calculate_stats_for_files(
     loader = make_loader(ds, max_batch_size, num_workers, prefetch_factor)
     if verbose:
         dist.print0(f'Calculating statistics for {len(ds)} images...')
-    records = calculate_stats_for_iterable(loader, verbose=verbose, num_batches=len(loader), **stats_kwargs)
-    return run_with_progress(records, len(loader), verbose)
+    skipped = []
+    records = calculate_stats_for_iterable(_drop_unreadable(loader, skipped), verbose=verbose,
+                                           num_batches=len(loader), **stats_kwargs)
+    try:
+        stats = run_with_progress(records, len(loader), verbose)
+    except MetricsError as err:
+        if not skipped:
+            raise
+        raise MetricsError(f'{err} ({len(skipped)} unreadable files left out, e.g. {skipped[0]})') from err
+    report_skipped(skipped)
+    return stats
 
 
 def calculate_stats_for_network(
@@ -267,9 +341,16 @@ def calculate_stats_for_network(
     from training.sampling import generate_images
     if len(seeds) < 2:
         raise MetricsError(f'--num: need at least 2 images to compute statistics, got {len(seeds)}')
+    if out_images is not None:
+        _check_path(out_images, '--out-images', is_dir=True)
     metrics = parse_metric_list(metrics)
-    image_iter = generate_images(net, gnet=gnet, seeds=seeds, max_batch_size=max_batch_size, outdir=out_images,
-                                 verbose=verbose, device=device, **sampler_kwargs)
+    try:
+        image_iter = generate_images(net, gnet=gnet, seeds=seeds, max_batch_size=max_batch_size, outdir=out_images,
+                                     verbose=verbose, device=device, **sampler_kwargs)
+    except MetricsError:
+        raise
+    except ValueError as err:  # bad network pickles, mismatched guide, bad --class: one line
+        raise MetricsError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from err
     records = calculate_stats_for_iterable(image_iter, metrics=metrics, verbose=verbose, dest_path=dest_path,
                                            device=device)
     return run_with_progress(records, len(image_iter), verbose)
@@ -471,6 +552,10 @@ def read_existing_results(base: str) -> tuple:
             raise MetricsError(f'{paths["json"]}: existing results are not valid JSON ({err}); move the file away') from err
         if not isinstance(data_json, dict):
             raise MetricsError(f'{paths["json"]}: existing results are not a JSON object; move the file away')
+        for metric, entry in data_json.items():  # new results are merged into these entries
+            if not isinstance(entry, dict):
+                raise MetricsError(f'{paths["json"]}: existing entry "{metric}" is a {type(entry).__name__}, '
+                                   'not an object; move the file away')
     if os.path.isfile(paths['pkl']):
         try:
             data_pkl = persistence.load_pickle(paths['pkl'])
@@ -481,12 +566,26 @@ def read_existing_results(base: str) -> tuple:
     return data_json, data_pkl
 
 
+def _check_path(path: str, option: str, is_dir: bool = False) -> None:
+    from training.sampling import check_output_path
+    try:
+        check_output_path(path, option, is_dir=is_dir)
+    except ValueError as err:
+        raise MetricsError(str(err)) from None
+
+
 def check_output_base(base: str) -> None:
-    """Fail early: the directory of `base` must be creatable and existing result files readable."""
-    directory = os.path.dirname(os.path.abspath(base))
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise MetricsError(f'--out: {directory} is not a directory')
+    """Fail early: BASE.json / BASE.pkl must be creatable and existing result files readable."""
+    for path in result_paths(base).values():
+        _check_path(path, '--out')
     read_existing_results(base)
+
+
+def check_stats_dest(path: str, metrics: Sequence[str]) -> None:
+    """Fail early: `ref --dest` must be a creatable file, and `.npz` needs fid (see `save_stats`)."""
+    _check_path(path, '--dest')
+    if path.lower().endswith('.npz') and 'fid' not in metrics:
+        raise MetricsError(f'--dest: {path}: the EDM v1 .npz format holds fid statistics only; add fid to --metrics')
 
 
 def save_results(results: dict, base: str, metrics: Sequence[str], hist: bool = False) -> list:

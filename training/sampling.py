@@ -310,6 +310,20 @@ def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
     return os.path.join(image_dir, f'{seed:06d}.png')
 
 
+def check_output_path(path: str, option: str, is_dir: bool = False) -> None:
+    """Raise ValueError (naming `option`) before any work if `path` cannot be written: a directory where
+    a file is wanted or a file where a directory is wanted, or a file where a parent directory must go."""
+    if is_dir and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f'{option}: {path} is a file, not a directory')
+    if not is_dir and os.path.isdir(path):
+        raise ValueError(f'{option}: {path} is a directory; give a file name')
+    parent = os.path.dirname(os.path.normpath(path))
+    while parent and not os.path.exists(parent):  # the nearest existing ancestor must be a directory
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f'{option}: {parent} is a file, so {path} cannot be created')
+
+
 def save_png(image: np.ndarray, path: str) -> None:
     """Write an HWC uint8 array (1 or 3 channels) as PNG, atomically."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -359,12 +373,15 @@ def _draw_noise_and_labels(net: torch.nn.Module, seeds: list, class_idx: Optiona
 class ImageIterable:
     """Iterable over this rank's batches; each item is an EasyDict with images (uint8 NCHW on
     the device), labels, noise, batch_idx, num_batches, indices, seeds. Empty chunks yield
-    images=None. `num_images` is the number of images this rank generates."""
+    images=None. `num_images` is the number of images this rank generates; `batch_totals[i]` the
+    number that all ranks generate in their batch i, and `total_images` their sum (progress bars)."""
 
-    def __init__(self, run: dnnlib.EasyDict, chunks: list):
+    def __init__(self, run: dnnlib.EasyDict, chunks: list, batch_totals: Optional[list] = None):
         self.run = run
         self.chunks = chunks
         self.num_images = sum(len(chunk) for chunk in chunks)
+        self.batch_totals = [len(chunk) for chunk in chunks] if batch_totals is None else list(batch_totals)
+        self.total_images = sum(self.batch_totals)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -437,6 +454,8 @@ def generate_images(
     """
     device = torch.device(device)
     seeds = list(seeds)
+    if outdir is not None:
+        check_output_path(outdir, '--outdir', is_dir=True)
     if net_batch_size is not None and net_batch_size < 1:
         raise ValueError(f'net_batch_size must be >= 1, got {net_batch_size}')
     if dist.get_rank() != 0:
@@ -455,13 +474,15 @@ def generate_images(
             dist.barrier()  # the other ranks follow
     if isinstance(sampler_fn, str):
         sampler_fn = dnnlib.util.get_obj_by_name(sampler_fn)
-    chunks = split_seeds(len(seeds), max_batch_size, dist.get_rank(), dist.get_world_size())
+    world_size = dist.get_world_size()
+    all_chunks = [split_seeds(len(seeds), max_batch_size, rank, world_size) for rank in range(world_size)]
+    chunks = all_chunks[dist.get_rank()]
     if verbose:
         dist.print0(f'Generating {len(seeds)} images...')
     run = dnnlib.EasyDict(net=net, gnet=gnet, encoder=encoder, outdir=outdir, subdirs=subdirs, seeds=seeds,
                           class_idx=class_idx, device=device, sampler_fn=sampler_fn, sampler_kwargs=sampler_kwargs,
                           net_batch_size=net_batch_size)
-    return ImageIterable(run, chunks)
+    return ImageIterable(run, chunks, [sum(len(c[i]) for c in all_chunks) for i in range(len(chunks))])
 
 # ----------------------------------------------------------------------------
 # Helpers for callers that want to skip work already done.
@@ -475,5 +496,5 @@ def missing_seeds(seeds: Sequence[int], outdir: str, subdirs: bool = False) -> l
 
 __all__ = ['config_presets', 'model_root', 'resolve_options', 'parse_int_list', 'parse_interval',
            'StackedRandomGenerator', 'edm_time_steps', 'edm_sampler', 'FixedBatchNet', 'load_network', 'check_guide_compatible',
-           'image_path', 'save_png', 'save_image_grid', 'split_seeds', 'ImageIterable', 'generate_images',
+           'image_path', 'check_output_path', 'save_png', 'save_image_grid', 'split_seeds', 'ImageIterable', 'generate_images',
            'missing_seeds']

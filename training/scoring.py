@@ -110,12 +110,24 @@ class NamedImages(torch.utils.data.Dataset):
             return None, name
 
 
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """CHW uint8 with 3 channels: gray (+alpha) repeated, alpha dropped (what the scorers take)."""
+    return np.repeat(image[:1], 3, axis=0) if image.shape[0] < 3 else image[:3]
+
+
 def collate_named(items: list) -> tuple:
-    """(images uint8 NCHW or None, names of those images, names of unreadable files)."""
-    good = [(image, name) for image, name in items if image is not None]
+    """(groups, names of unreadable files); a group is (RGB images uint8 NCHW, their names) of one size.
+
+    Images keep their stored size with --resolution 0, so a batch may mix sizes: each size is scored
+    as its own group (the scorers resize every image to their input size anyway)."""
+    groups = dict()
+    for image, name in items:
+        if image is not None:
+            image = _as_rgb(image)
+            groups.setdefault(image.shape, []).append((image, name))
     bad = [name for image, name in items if image is None]
-    images = torch.from_numpy(np.stack([image for image, _ in good])) if good else None
-    return images, [name for _, name in good], bad
+    return [(torch.from_numpy(np.stack([image for image, _ in group])), [name for _, name in group])
+            for group in groups.values()], bad
 
 
 def open_scoring_dataset(image_path: str, resolution: Optional[int]) -> dataset_lib.ImageFolderDataset:
@@ -197,10 +209,9 @@ def score_dataset(
 ) -> Optional[dict]:
     """Score the images not scored yet; return {name: score} of the whole dataset on rank 0
     (None on other ranks, or when the run was asked to stop early)."""
-    if metric not in detectors.detector_classes:
-        raise MetricsError(f'Invalid metric "{metric}" (choose from {", ".join(detectors.detector_classes)})')
-    if not detectors.is_scorer(metric):
-        raise MetricsError(f'--metric: "{metric}" is not a per-image scorer (use nima or ascore)')
+    scorers = [name for name in detectors.detector_classes if detectors.is_scorer(name)]
+    if metric not in scorers:
+        raise MetricsError(f'--metric: invalid scorer "{metric}" (choose from {", ".join(scorers)})')
     if dist.get_rank() != 0:
         dist.barrier()
     try:
@@ -240,13 +251,11 @@ def _score_images(items: NamedImages, out_dir: str, metric: str, max_batch_size:
     pending = dict()
     bar = tqdm.tqdm(total=len(chunks), unit='batch', disable=(not verbose or dist.get_rank() != 0))
     with bar:
-        for batch_idx, (images, names, bad) in enumerate(loader):
+        for batch_idx, (groups, bad) in enumerate(loader):
             for name in bad:
                 print(f'Skipping unreadable image: {name}')
-            if images is not None:
-                if images.shape[1] == 1:
-                    images = images.repeat(1, 3, 1, 1)
-                scores = detector(images[:, :3].to(device)).reshape(images.shape[0], -1)
+            for images, names in groups:
+                scores = detector(images.to(device)).reshape(images.shape[0], -1)
                 if scores.shape[1] != 1:
                     raise MetricsError(f'{metric}: expected one score per image, got {scores.shape[1]}')
                 pending.update(zip(names, scores[:, 0].double().cpu().tolist()))
