@@ -124,9 +124,9 @@ def test_zip_dataset_same_names(cache, image_dir, tmp_path):
 
 
 def test_bad_input(cache, image_dir, tmp_path):
-    for metric, message in (('fid', 'not a per-image scorer'), ('foo', 'Invalid metric "foo"')):
+    for metric in ('fid', 'foo'):
         result = run('--images', image_dir, '--out', tmp_path / 'x', '--metric', metric)
-        assert result.exit_code != 0 and message in result.output
+        assert result.exit_code != 0 and f'invalid scorer "{metric}" (choose from nima, ascore)' in result.output
     result = run('--images', tmp_path / 'nothing', '--out', tmp_path / 'y', '--metric', 'nima')
     assert result.exit_code != 0 and 'nothing' in result.output
     other = tmp_path / 'other'
@@ -153,3 +153,28 @@ def test_score_under_torchrun_matches_single_process(cache, image_dir, tmp_path)
     assert [name for name, _ in rows] == sorted(one)
     assert all(float(value) == pytest.approx(one[name], rel=1e-6) for name, value in rows)
     assert len(scoring.checkpoint_files(str(out))) == 2  # 3 batches per rank, checkpoint after the 2nd and at the end
+
+
+def test_resolution_0_scores_mixed_sizes_and_channels(cache, tmp_path):
+    import numpy as np
+    import PIL.Image
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for name, shape, mode in (('a', (16, 16, 3), 'RGB'), ('b', (20, 16, 3), 'RGB'), ('c', (20, 20), 'L'),
+                              ('d', (16, 16, 4), 'RGBA'), ('e', (16, 16, 3), 'RGB')):
+        PIL.Image.fromarray(rng.randint(0, 256, size=shape).astype(np.uint8), mode).save(folder / f'{name}.png')
+    out = tmp_path / 'scores'
+    result = run('--images', folder, '--out', out, '--metric', 'nima', '--workers', 0, '--resolution', 0, '--batch', 5)
+    assert result.exit_code == 0, result.output
+    assert [row[0] for row in read_csv(out / 'results_full.csv')[1:]] == ['a', 'b', 'c', 'd', 'e']
+
+
+def test_stop_signal_exits_non_zero_and_checkpoints_0(cache, image_dir, tmp_path, monkeypatch):
+    assert run('--images', image_dir, '--out', tmp_path / 'full', '--metric', 'nima', '--workers', 0,
+               '--checkpoints', 0, '--batch', 4).exit_code == 0
+    assert sorted(os.listdir(tmp_path / 'full')) == ['metadata.json', 'results_0.csv', 'results_full.csv']
+    calls = iter(range(100))
+    monkeypatch.setattr(dist, 'should_stop', lambda: next(calls) >= 1)
+    result = run('--images', image_dir, '--out', tmp_path / 'stopped', '--metric', 'nima', '--workers', 0, '--batch', 3)
+    assert result.exit_code == 143 and 'Stopped on request' in result.output
