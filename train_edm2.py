@@ -38,8 +38,10 @@ def _int_list(ctx: click.Context, param: click.Parameter, value):
         values = [int(x) for x in value.split(',') if x.strip() != '']
     except ValueError:
         raise click.BadParameter(f'"{value}" is not a comma-separated list of integers', ctx, param) from None
-    if not values or min(values) < 1:  # the network needs at least one level and positive sizes
-        raise click.BadParameter(f'"{value}" must be a non-empty comma-separated list of positive integers', ctx, param)
+    if values and min(values) < 1:
+        raise click.BadParameter(f'"{value}" must be a comma-separated list of positive integers', ctx, param)
+    if not values and param.name == 'channel_mult':  # the U-Net needs at least one level; no --attn-res = no attention
+        raise click.BadParameter('needs at least one multiplier, e.g. 1,2,2', ctx, param)
     return values
 
 

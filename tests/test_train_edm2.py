@@ -86,9 +86,9 @@ def test_dry_run_prints_resolved_options(data8, tmp_path):
     (['--categories=0,x'], "Invalid value for '--categories': invalid item \"x\""),
     (['--categories='], "Invalid value for '--categories'"),
     (['--categories=2-0'], 'start exceeds end'),
-    (['--channel-mult='], "'--channel-mult': \"\" must be a non-empty comma-separated list of positive integers"),
-    (['--channel-mult=1,0'], "'--channel-mult': \"1,0\" must be a non-empty"),
-    (['--attn-res=-4'], "'--attn-res': \"-4\" must be a non-empty"),
+    (['--channel-mult='], "'--channel-mult': needs at least one multiplier"),
+    (['--channel-mult=1,0'], "'--channel-mult': \"1,0\" must be a comma-separated list of positive integers"),
+    (['--attn-res=-4'], "'--attn-res': \"-4\" must be a comma-separated"),
     (['--device=foo'], "Invalid value for '--device': \"foo\" is not a torch device"),
     (['--model2finetune=nofile.pkl', '-n'], '--model2finetune: nofile.pkl does not exist'),
     (['--channel-mult=1,2,2,2,2', '-n'], '--data: {data}: resolution 8 is not divisible by 2^(len(channel_mult)-1) = 16'),
@@ -268,3 +268,11 @@ def test_node_cache_option_reaches_the_dataset(data8, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads(result.output.split('Training config:')[1].split('\n\n')[0])
     assert config['dataset_kwargs']['node_cache'] is True
+
+
+def test_empty_attn_res_means_no_attention(data8, tmp_path):
+    dist.init(device='cpu')
+    args = [a for a in TINY_ARGS[1:] if not a.startswith('--attn-res')]
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "run"}', f'--data={data8}', *args, '--attn-res=', '-n'])
+    assert result.exit_code == 0, result.output
+    assert '"attn_resolutions": []' in result.output, result.output

@@ -113,8 +113,10 @@ def _network_kwargs(preset_name: str, opts: dict) -> dnnlib.EasyDict:
                  attn_resolutions=opts.get('attn_res'), channels_per_head=opts.get('channels_per_head'))
     for key, flag in (('channel_mult', '--channel-mult'), ('attn_resolutions', '--attn-res')):
         value = knobs[key]
-        if value is not None and (len(value) == 0 or min(value) < 1):
-            raise ConfigError(f'{flag}: {value} must be a non-empty list of positive integers')
+        if value is not None and len(value) > 0 and min(value) < 1:
+            raise ConfigError(f'{flag}: {value} must be a list of positive integers')
+    if knobs['channel_mult'] is not None and len(knobs['channel_mult']) == 0:   # an empty --attn-res = no attention
+        raise ConfigError('--channel-mult: the U-Net needs at least one multiplier')
     kwargs.update({key: value for key, value in knobs.items() if value is not None})
     return kwargs
 
