@@ -373,3 +373,27 @@ def test_persistent_pickle_roundtrip(tmp_path):
     assert type(loaded).__name__ == 'Precond' and persistence.is_persistent(loaded)
     with torch.no_grad():
         assert torch.equal(loaded(*_inputs(4)[:2]), ref)
+
+
+def test_weight_cache_never_serves_weights_of_freed_tensors():
+    # Swapping in new tensors (assign=True) frees the old ones; a new tensor allocated at a freed
+    # address with version 0 must not hit the old cache entry.
+    torch.manual_seed(0)
+    net = make_tiny_precond(train=False, label_dim=0)
+    x, sigma = torch.randn(2, net.img_channels, net.img_resolution, net.img_resolution), torch.tensor([1.0, 2.0])
+
+    def random_state():
+        return {k: torch.randn_like(v) if k.endswith(('weight', 'gain')) else v.clone() for k, v in net.state_dict().items()}
+
+    for _ in range(5):
+        net.load_state_dict(random_state(), assign=True)
+        with torch.no_grad():
+            net(x, sigma)                                 # fills the cache
+        net.load_state_dict(random_state(), assign=True)  # frees the cached tensors' originals
+        net.load_state_dict(random_state(), assign=True)  # may be allocated at their addresses
+        with torch.no_grad():
+            fast = net(x, sigma)
+            N.set_fast(net, False)
+            plain = net(x, sigma)
+            N.set_fast(net, True)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)

@@ -31,8 +31,10 @@ switch             default  effect
                             of every layer is computed once and reused until the
                             parameter changes (its ``_version`` counter or
                             storage changes: optimizer steps, EMA updates,
-                            ``load_state_dict``, ``.to()``). Costs one extra
-                            copy of the weights in the compute dtype.
+                            ``load_state_dict``, ``.to()``, swapped tensors).
+                            Edits through ``param.data`` bypass the version
+                            counter: call ``set_fast`` again after them. Costs
+                            one extra copy of the weights in the compute dtype.
 ``sdpa``           True     attention through
                             ``torch.nn.functional.scaled_dot_product_attention``
                             instead of einsum + softmax.
@@ -340,6 +342,9 @@ class MPConv(torch.nn.Module):
         cache = self.__dict__.get('_wcache')
         if cache is not None and cache[0] == key:
             return cache[1]
+        # The cache holds the storages it was computed from, so no other tensor can take their address
+        # while the entry lives (swapped-in weights, torch.func.functional_call, load_state_dict(assign=True)).
+        storages = (w.untyped_storage(), gain.untyped_storage() if isinstance(gain, torch.Tensor) else None)
         with torch.no_grad():
             if self.fast['fused']:
                 value = _NormalizedWeight.apply(w, gain, None, 1e-4, x.dtype)
@@ -347,7 +352,7 @@ class MPConv(torch.nn.Module):
                 value = self._plain_weight(x, gain)
             if value.ndim == 4 and self.fast['channels_last']:
                 value = value.contiguous(memory_format=torch.channels_last)
-        self.__dict__['_wcache'] = (key, value)
+        self.__dict__['_wcache'] = (key, value, storages)
         return value
 
     def __getstate__(self):
