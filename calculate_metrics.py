@@ -164,9 +164,9 @@ def calc(image_path: str, refs: tuple, metrics: list, num_images: Optional[int],
     device = _setup()
     _check_hist(out, hist)
     ref_stats = _collective(lambda: _prepare_outputs(refs, metrics, out))
-    stats = _collective(lambda: metrics_lib.calculate_stats_for_files(
+    stats = _collective(lambda: metrics_lib.run_with_progress(metrics_lib.calculate_stats_for_files(
         image_path, num_images=num_images, seed=seed, max_batch_size=max_batch_size, num_workers=num_workers,
-        resolution=resolution, metrics=metrics, device=device), rank0_only=False)
+        resolution=resolution, metrics=metrics, device=device)), rank0_only=False)
     _collective(lambda: _report(stats, ref_stats, metrics, out, hist))
     dist.barrier()
 
@@ -196,9 +196,9 @@ def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: i
         gnet = None
     ref_stats = _collective(lambda: _prepare_outputs(refs, metrics, out))
     # Without --gnet the guide is the main network called without labels (the fork, quirk F19).
-    stats = _collective(lambda: metrics_lib.calculate_stats_for_network(
+    stats = _collective(lambda: metrics_lib.run_with_progress(metrics_lib.calculate_stats_for_network(
         net, seeds=range(seed, seed + num_images), gnet=gnet, max_batch_size=max_batch_size, out_images=out_images,
-        metrics=metrics, device=device, guidance=guidance, num_steps=num_steps, guide_labels=(gnet is not None)),
+        metrics=metrics, device=device, guidance=guidance, num_steps=num_steps, guide_labels=(gnet is not None))),
         rank0_only=False)
     _collective(lambda: _report(stats, ref_stats, metrics, out, hist))
     dist.barrier()
@@ -223,9 +223,9 @@ def ref(image_path: str, dest_path: str, metrics: list, max_batch_size: int, num
     device = _setup()
     _collective(lambda: metrics_lib.check_stats_dest(dest_path, metrics))
     filters = dict(nima_threshold=nima_threshold, top_percent=top_percent, top_per_category=top_per_category)
-    _collective(lambda: metrics_lib.calculate_stats_for_files(
+    _collective(lambda: metrics_lib.run_with_progress(metrics_lib.calculate_stats_for_files(
         image_path, num_images=None, max_batch_size=max_batch_size, num_workers=num_workers, resolution=resolution,
-        filter_kwargs=filters, metrics=metrics, device=device, dest_path=dest_path), rank0_only=False)
+        filter_kwargs=filters, metrics=metrics, device=device, dest_path=dest_path)), rank0_only=False)
     dist.print0(f'Saved {dest_path}')
     dist.barrier()
 

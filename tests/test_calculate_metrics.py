@@ -137,8 +137,8 @@ def test_ref_under_torchrun_matches_single_process(cache, image_dir, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     with open(dest, 'rb') as f:
         two = pickle.load(f)
-    one = metrics.calculate_stats_for_files(image_dir, max_batch_size=3, num_workers=0, metrics=['fid', 'nima'],
-                                            verbose=False)
+    one = metrics.run_with_progress(metrics.calculate_stats_for_files(
+        image_dir, max_batch_size=3, num_workers=0, metrics=['fid', 'nima'], verbose=False, device='cpu'), verbose=False)
     assert two['num_images'] == one['num_images'] == 10
     for metric in ('fid', 'nima'):
         np.testing.assert_allclose(two[metric]['mu'], one[metric]['mu'], rtol=1e-5, atol=1e-6)
@@ -160,6 +160,31 @@ def test_corrupt_image_is_left_out_not_replaced(cache, tmp_path):
     assert run('ref', '--data', folder, '--dest', dest, '--metrics', 'fid', '--workers', 0).exit_code == 0
     with open(dest, 'rb') as f:
         assert pickle.load(f)['num_images'] == 3
+
+
+def _official_stats(records):
+    """Consume progress records as scripts written for the official library do: stats of the last batch."""
+    stats, counts = None, []
+    for r in records:
+        counts.append(r.num_images)
+        if r.batch_idx == r.num_batches - 1:
+            stats = r.stats
+    return stats, counts
+
+
+def test_library_sources_return_progress_records(cache, image_dir, tmp_path):
+    records = metrics.calculate_stats_for_files(image_dir, max_batch_size=4, num_workers=0, metrics=['nima'],
+                                                verbose=False, device='cpu')
+    assert len(records) == 3  # 10 images in batches of 4, 3, 3
+    stats, counts = _official_stats(records)
+    assert stats['num_images'] == 10 and counts == [4, 7, 10]
+    snapshot = str(tmp_path / 'net.pkl')
+    write_tiny_snapshot(snapshot, net=make_tiny_precond())
+    records = metrics.calculate_stats_for_network(snapshot, seeds=range(3), max_batch_size=2, metrics=['nima'],
+                                                  verbose=False, device='cpu', num_steps=2)
+    assert len(records) == 2
+    stats, counts = _official_stats(records)
+    assert stats['num_images'] == 3 and counts == [2, 3] and stats['nima']['histogram'].sum() == 3
 
 
 def test_gen_guidance_without_gnet_guides_with_the_unlabeled_main_net(cache, tmp_path):

@@ -64,8 +64,8 @@ def test_stats_match_numpy_and_histogram(cache):
     batches = [torch.from_numpy(rng.randint(0, 256, [n, 3, 16, 16]).astype(np.uint8)) for n in (5, 3, 6)]
     records = list(metrics.calculate_stats_for_iterable(
         [dict(images=batches[0]), (batches[1], None), batches[2], dict(images=None)], metrics=['fd_dinov2', 'nima'],
-        verbose=False))
-    assert [r.stats is None for r in records] == [True] * 4 + [False]
+        verbose=False, device='cpu'))
+    assert [r.stats is None for r in records] == [True] * 3 + [False]
     stats = records[-1].stats
     assert stats['num_images'] == 14
     every = torch.cat(batches)
@@ -83,16 +83,71 @@ def test_stats_match_numpy_and_histogram(cache):
 
 def test_grayscale_images_are_repeated(cache):
     gray = torch.randint(0, 256, [4, 1, 16, 16], dtype=torch.uint8)
-    a = metrics.run_with_progress(metrics.calculate_stats_for_iterable([gray], ['nima'], verbose=False), 1, False)
-    b = metrics.run_with_progress(metrics.calculate_stats_for_iterable([gray.repeat(1, 3, 1, 1)], ['nima'], verbose=False), 1, False)
+    a = metrics.run_with_progress(metrics.calculate_stats_for_iterable([gray], ['nima'], False, device='cpu'), 1, False)
+    b = metrics.run_with_progress(metrics.calculate_stats_for_iterable([gray.repeat(1, 3, 1, 1)], ['nima'], False, device='cpu'), 1, False)
     np.testing.assert_allclose(a['nima']['mu'], b['nima']['mu'])
     with pytest.raises(metrics.MetricsError, match='latent'):
-        list(metrics.calculate_stats_for_iterable([torch.zeros([2, 8, 4, 4], dtype=torch.uint8)], ['nima'], verbose=False))
+        list(metrics.calculate_stats_for_iterable([torch.zeros([2, 8, 4, 4], dtype=torch.uint8)], ['nima'], verbose=False, device='cpu'))
 
 
 def test_fewer_than_two_images(cache):
     with pytest.raises(metrics.MetricsError, match='need at least 2'):
-        list(metrics.calculate_stats_for_iterable([torch.zeros([1, 3, 8, 8], dtype=torch.uint8)], ['nima'], verbose=False))
+        list(metrics.calculate_stats_for_iterable([torch.zeros([1, 3, 8, 8], dtype=torch.uint8)], ['nima'], verbose=False, device='cpu'))
+    with pytest.raises(metrics.MetricsError, match='Found 0 images'):  # an empty iterable: one closing record
+        list(metrics.calculate_stats_for_iterable([], ['nima'], verbose=False, device='cpu'))
+
+
+def _official_stats(records):
+    """Consume progress records as scripts written for the official library do."""
+    stats, seen = None, []
+    for r in records:
+        seen.append(r)
+        if r.num_batches is not None and r.batch_idx == r.num_batches - 1:  # None: len-less input, until the last
+            stats = r.stats
+    return stats, seen
+
+
+@pytest.mark.parametrize('with_len', [True, False])
+def test_last_batch_record_carries_the_stats(cache, tmp_path, with_len):
+    batches = [torch.randint(0, 256, [n, 3, 8, 8], dtype=torch.uint8) for n in (3, 2, 4)]
+    dest = tmp_path / 'stats.pkl'
+    records = metrics.calculate_stats_for_iterable(batches if with_len else iter(batches), ['nima'], verbose=False,
+                                                   dest_path=str(dest), device='cpu')
+    if with_len:
+        assert len(records) == 3
+    stats, seen = _official_stats(records)
+    assert len(seen) == 3 and [r.batch_idx for r in seen] == [0, 1, 2]  # one record per batch, none extra
+    assert [r.stats is None for r in seen] == [True, True, False] and seen[-1].images is batches[-1]
+    assert stats['num_images'] == 9 and seen[-1].num_batches == 3
+    assert metrics.load_stats(str(dest), verbose=False)['nima']['mu'] == pytest.approx(stats['nima']['mu'])
+
+
+def test_num_images_is_all_reduced_at_every_batch(cache, monkeypatch):
+    batches = [torch.randint(0, 256, [n, 3, 8, 8], dtype=torch.uint8) for n in (3, 2, 4)]
+    records = list(metrics.calculate_stats_for_iterable(batches, ['nima'], verbose=False, device='cpu'))
+    assert [r.num_images for r in records] == [3, 5, 9]  # single process: the running total
+    # Two identical ranks: every record shows the sum over ranks, not this rank's own count.
+    monkeypatch.setattr(metrics, '_all_reduce', lambda tensor: tensor * 2)
+    records = list(metrics.calculate_stats_for_iterable(batches, ['nima'], verbose=False, device='cpu'))
+    assert [r.num_images for r in records] == [6, 10, 18] and records[-1].stats['num_images'] == 18
+
+
+def test_device_default_is_cuda_and_checked():
+    import inspect
+    for fn in (metrics.calculate_stats_for_iterable, metrics.calculate_stats_for_network):
+        assert inspect.signature(fn).parameters['device'].default == 'cuda'
+    if not torch.cuda.is_available():  # CPU-only machine: one clear error, before any detector is set up
+        with pytest.raises(metrics.MetricsError, match='device: CUDA is not available'):
+            metrics.calculate_stats_for_iterable([], ['nima'], verbose=False)
+
+
+def test_rank_batches_keep_empty_chunks(monkeypatch):
+    # 2 items on 4 ranks: ranks 2 and 3 get one empty batch each, so all ranks run the same collectives.
+    monkeypatch.setattr(metrics.dist, 'get_world_size', lambda: 4)
+    monkeypatch.setattr(metrics.dist, 'get_rank', lambda: 3)
+    assert metrics.rank_batches(2, 64) == [[]]
+    batch, = list(metrics.make_loader(list(range(2)), 64, num_workers=0))
+    assert batch == dict(images=None, skipped=[], errors=[])
 
 
 def test_parse_metric_list():

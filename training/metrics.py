@@ -1,9 +1,11 @@
 """Evaluation metrics: feature statistics, Fréchet distances, scorer histograms (spec metrics.md §2-4).
 
 * `calculate_stats_for_iterable()` -- accumulate per-metric feature sums in float64 over any
-  iterable of image batches, reduce across ranks, return mean/covariance (and histograms).
+  iterable of image batches, reduce across ranks; yields one progress record per batch, the last
+  one carrying mean/covariance (and histograms), as the official API.
 * `calculate_stats_for_files()` / `calculate_stats_for_network()` -- the dataset and
-  generate-on-the-fly sources used by `calculate_metrics.py calc`/`ref` and `gen`.
+  generate-on-the-fly sources used by `calculate_metrics.py calc`/`ref` and `gen`; they return the
+  progress records too. `run_with_progress()` drains records into the statistics dict.
 * `load_stats()` / `save_stats()` -- EDM2 `.pkl` and EDM v1 `.npz` reference statistics.
 * `frechet_distance()` -- FD in float64 with a stable fallback for singular/complex cases.
 * `calculate_metrics_from_stats()` (official, one reference) and `calculate_results()` (fork:
@@ -28,7 +30,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
-from training import detectors
+from training import cli, detectors
 
 HIST_BINS_PER_UNIT = 10  # Histogram: 10 bins per score unit, bin k covers scores rounding to (k+1)/10.
 
@@ -76,12 +78,21 @@ def _detector_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images[:, :3].to(device)
 
 
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """The compute device; a device this machine lacks (e.g. the default cuda on a CPU-only
+    machine) is one clear MetricsError instead of a failure deep inside torch."""
+    try:
+        return cli.check_device(str(device))
+    except ValueError as err:
+        raise MetricsError(f'device: {err}') from None
+
+
 class StatsAccumulator:
     """Float64 running sums per metric: S1 = sum f, S2 = sum f f^T, count; scorer histograms."""
 
-    def __init__(self, metrics: Sequence[str], device: torch.device, verbose: bool = True):
+    def __init__(self, metrics: Sequence[str], device: Union[str, torch.device], verbose: bool = True):
         self.metrics = list(metrics)
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.detectors = {m: detectors.get_detector(m, verbose=verbose) for m in self.metrics}
         self.num_images = torch.zeros([], dtype=torch.int64, device=self.device)
         self.sums = dict()
@@ -109,12 +120,16 @@ class StatsAccumulator:
                 sums['hist'] += torch.bincount(bins, minlength=sums['hist'].numel()).to(torch.float64)
         self.num_images += images.shape[0]
 
-    def finish(self) -> dict:
-        """Collective: reduce across ranks, return {'num_images', metric: {'mu', 'sigma'[, 'histogram']}}."""
+    def total_images(self) -> int:
+        """Collective: the number of images added so far on all ranks."""
+        return int(_all_reduce(self.num_images.clone()).item())
+
+    def finish(self, n: int) -> dict:
+        """Collective: reduce across ranks, return {'num_images', metric: {'mu', 'sigma'[, 'histogram']}};
+        `n` is `total_images()`."""
         for metric, detector in self.detectors.items():
             if metric not in self.sums:  # this rank saw no image; the others define the shapes
                 self._init_sums(metric, int(detector.feature_dim))
-        n = int(_all_reduce(self.num_images.clone()).item())
         if n < 2:
             raise MetricsError(f'Found {n} images, but need at least 2 to compute statistics')
         stats = dict(num_images=n)
@@ -135,49 +150,90 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class ProgressRecords:
+    """One-shot iterator over progress records; `len()` is the number of batches when known
+    (as the official iterable, so `tqdm(records)` shows a total)."""
+
+    def __init__(self, records: Iterator[dnnlib.EasyDict], num_batches: Optional[int]):
+        self._records = records
+        self.num_batches = num_batches
+
+    def __iter__(self) -> 'ProgressRecords':
+        return self
+
+    def __next__(self) -> dnnlib.EasyDict:
+        return next(self._records)
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError('the number of batches is not known')
+        return self.num_batches
+
+
 def calculate_stats_for_iterable(
     image_iter: Iterable,                   # Batches: dicts with 'images', (images, labels) pairs, or tensors.
     metrics: Sequence[str] = ('fid', 'fd_dinov2'),
     verbose: bool = True,
     dest_path: Optional[str] = None,        # Rank 0 saves the statistics here.
-    device: Union[str, torch.device] = 'cpu',
+    device: Union[str, torch.device] = 'cuda',
     num_batches: Optional[int] = None,      # For progress records; default len(image_iter) when defined.
-) -> Iterator[dnnlib.EasyDict]:
-    """Iterator of progress records {stats, images, batch_idx, num_batches, num_images}; `stats` is None
-    until the last record, which carries the reduced statistics (all ranks get them).
-    The detectors are set up before this returns, so missing weights fail before any work."""
+) -> ProgressRecords:
+    """Iterator of progress records {stats, images, batch_idx, num_batches, num_images}, one per batch
+    (metrics.md §2.1). `stats` is None except in the record of the last batch, which carries the
+    reduced statistics on every rank, so `r.stats` of the final record (batch_idx == num_batches - 1)
+    is the result; `run_with_progress()` drains the records into that dict. `num_images` is the
+    running total over all ranks (all-reduced at every batch, so every rank must yield the same
+    number of batches, as `generate_images` and `calculate_stats_for_files` do). An empty iterable
+    counts as one batch without images (then too few images: MetricsError). The device and the
+    detectors are checked and set up before this returns, so missing weights fail before any work."""
     acc = StatsAccumulator(parse_metric_list(metrics), device, verbose=verbose)
     if num_batches is None:
         num_batches = len(image_iter) if hasattr(image_iter, '__len__') else None
-    return _accumulate(acc, image_iter, dest_path, num_batches)
+    return ProgressRecords(_accumulate(acc, image_iter, dest_path, num_batches), num_batches)
+
+
+_END = object()  # end-of-iteration marker for the one-batch look-ahead
 
 
 def _accumulate(acc: StatsAccumulator, image_iter: Iterable, dest_path: Optional[str],
                 num_batches: Optional[int]) -> Iterator[dnnlib.EasyDict]:
-    batch_idx = -1
-    for batch_idx, batch in enumerate(image_iter):
-        images = _images_of(batch)
+    batches = iter(image_iter)
+    batch, batch_idx = next(batches, _END), 0
+    while True:
+        images = None if batch is _END else _images_of(batch)
         if images is not None and images.shape[0] > 0:  # empty generation chunks carry no images (E7)
             acc.add(images)
-        yield dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=num_batches,
-                              num_images=int(acc.num_images))
-    stats = acc.finish()
-    if dest_path is not None and dist.get_rank() == 0:
-        save_stats(stats, dest_path)
-    yield dnnlib.EasyDict(stats=stats, images=None, batch_idx=batch_idx + 1, num_batches=num_batches,
-                          num_images=stats['num_images'])
+        r = dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=num_batches,
+                            num_images=acc.total_images())
+        # Look one batch ahead: the record of the last batch carries the statistics, whatever len() said.
+        following = _END if batch is _END else next(batches, _END)
+        if following is _END:
+            r.num_batches = batch_idx + 1
+            r.stats = acc.finish(r.num_images)
+            if dest_path is not None and dist.get_rank() == 0:
+                save_stats(r.stats, dest_path)
+            yield r
+            return
+        yield r
+        batch, batch_idx = following, batch_idx + 1
 
 
-def run_with_progress(records: Iterator[dnnlib.EasyDict], total: Optional[int], verbose: bool = True) -> dict:
-    """Drain a calculate_stats_for_iterable() generator with a progress bar on rank 0; return stats."""
+def run_with_progress(records: Iterable[dnnlib.EasyDict], total: Optional[int] = None, verbose: bool = True) -> dict:
+    """Drain progress records (calculate_stats_for_*) with a progress bar on rank 0; return the stats
+    of the last record. `total` defaults to len(records) when known."""
     import tqdm
+    if total is None:
+        total = getattr(records, 'num_batches', None)
     stats = None
-    with tqdm.tqdm(total=total, unit='batch', disable=(not verbose or dist.get_rank() != 0)) as bar:
+    bar = tqdm.tqdm(total=total, unit='batch', disable=(not verbose or dist.get_rank() != 0))
+    with bar:
         for r in records:
+            bar.update(1)
             if r.stats is not None:
                 stats = r.stats
-            else:
-                bar.update(1)
+                bar.close()  # what the source prints after its last record comes below the bar
+    if stats is None:
+        raise MetricsError('the progress records ended without statistics')
     return stats
 
 # ----------------------------------------------------------------------------
@@ -272,10 +328,11 @@ def report_skipped(skipped: list, max_names: int = 5) -> int:
 
 
 def rank_batches(num_items: int, max_batch_size: int) -> list:
-    """This rank's index chunks, split like image generation (sampling.md §2 step 5), empty ones dropped."""
+    """This rank's index chunks, split like image generation (sampling.md §2 step 5). Empty chunks
+    (fewer items than ranks) are kept: every rank needs the same number of batches, because the
+    image count is all-reduced at every batch."""
     from training.sampling import split_seeds
-    chunks = split_seeds(num_items, max_batch_size, dist.get_rank(), dist.get_world_size())
-    return [chunk.tolist() for chunk in chunks if len(chunk) > 0]
+    return [chunk.tolist() for chunk in split_seeds(num_items, max_batch_size, dist.get_rank(), dist.get_world_size())]
 
 
 def make_loader(ds: torch.utils.data.Dataset, max_batch_size: int, num_workers: int,
@@ -298,8 +355,10 @@ def calculate_stats_for_files(
     verbose: bool = True,
     filter_kwargs: Optional[dict] = None,   # [FORK] nima_threshold / top_percent / top_per_category.
     **stats_kwargs: Any,                    # metrics, dest_path, device.
-) -> dict:
-    """Statistics of a folder/zip of images (rank 0 opens the dataset first)."""
+) -> ProgressRecords:
+    """Progress records (see `calculate_stats_for_iterable`) for a folder/zip of images; the dataset
+    is opened (rank 0 first) before this returns. `run_with_progress()` turns them into the stats.
+    Unreadable files are left out and listed once the last record has been consumed."""
     if dist.get_rank() != 0:
         dist.barrier()
     try:
@@ -315,14 +374,18 @@ def calculate_stats_for_files(
     skipped = []
     records = calculate_stats_for_iterable(_drop_unreadable(loader, skipped), verbose=verbose,
                                            num_batches=len(loader), **stats_kwargs)
+    return ProgressRecords(_report_skipped_after(records, skipped), records.num_batches)
+
+
+def _report_skipped_after(records: Iterator[dnnlib.EasyDict], skipped: list) -> Iterator[dnnlib.EasyDict]:
+    """Pass the records on; list the unreadable files after the last one (below a progress bar)."""
     try:
-        stats = run_with_progress(records, len(loader), verbose)
+        yield from records
     except MetricsError as err:
         if not skipped:
             raise
         raise MetricsError(f'{err} ({len(skipped)} unreadable files left out, e.g. {skipped[0]})') from err
     report_skipped(skipped)
-    return stats
 
 
 def calculate_stats_for_network(
@@ -333,17 +396,19 @@ def calculate_stats_for_network(
     out_images: Optional[str] = None,       # Save the generated PNGs here (flat).
     verbose: bool = True,
     metrics: Sequence[str] = ('fid', 'fd_dinov2'),
-    device: Union[str, torch.device] = 'cpu',
+    device: Union[str, torch.device] = 'cuda',
     dest_path: Optional[str] = None,
     **sampler_kwargs: Any,                  # guidance, num_steps, ...
-) -> dict:
-    """Statistics of images generated on the fly by `training.sampling.generate_images`."""
+) -> ProgressRecords:
+    """Progress records (see `calculate_stats_for_iterable`) for images generated on the fly by
+    `training.sampling.generate_images`; the networks are loaded before this returns."""
     from training.sampling import generate_images
     if len(seeds) < 2:
         raise MetricsError(f'--num: need at least 2 images to compute statistics, got {len(seeds)}')
     if out_images is not None:
         _check_path(out_images, '--out-images', is_dir=True)
     metrics = parse_metric_list(metrics)
+    device = check_device(device)
     try:
         image_iter = generate_images(net, gnet=gnet, seeds=seeds, max_batch_size=max_batch_size, outdir=out_images,
                                      verbose=verbose, device=device, **sampler_kwargs)
@@ -351,9 +416,8 @@ def calculate_stats_for_network(
         raise
     except ValueError as err:  # bad network pickles, mismatched guide, bad --class: one line
         raise MetricsError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from err
-    records = calculate_stats_for_iterable(image_iter, metrics=metrics, verbose=verbose, dest_path=dest_path,
-                                           device=device)
-    return run_with_progress(records, len(image_iter), verbose)
+    return calculate_stats_for_iterable(image_iter, metrics=metrics, verbose=verbose, dest_path=dest_path,
+                                        device=device)
 
 # ----------------------------------------------------------------------------
 # Statistics files (metrics.md §2.2).
