@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -312,3 +313,20 @@ def test_state_of_another_shape_is_a_mismatch_error_after_a_failed_loading_line(
     assert info.value.path == path and info.value.name == "net"
     assert "size mismatch for 0.weight" in info.value.detail and "\n" not in str(info.value)
     assert capsys.readouterr().out == f"Loading {path} ... failed\n"  # the line is ended before the error
+
+
+def test_torch_without_safe_globals_reads_states_with_the_restricted_unpickler(tmp_path, monkeypatch):
+    """torch < 2.5 has no torch.serialization.safe_globals: our states still load, hostile ones are still refused."""
+    src = _make_objects(seed=1)
+    path = str(tmp_path / "training-state-0001000.pt")
+    dist.CheckpointIO(**src).save(path, verbose=False)
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    loaded = dist.load_training_state(path)
+    assert loaded["state"]["cur_nimg"] == 1000
+    for key, value in src["net"].state_dict().items():
+        assert torch.equal(loaded["net"][key], value)
+    marker = str(tmp_path / "pwned")
+    torch.save({"state": _Exploit(marker)}, str(tmp_path / "training-state-0000001.pt"))
+    with pytest.raises(pickle.UnpicklingError):
+        dist.load_training_state(str(tmp_path / "training-state-0000001.pt"))
+    assert not os.path.exists(marker)

@@ -474,3 +474,29 @@ def test_project_modules_embed_only_official_imports(module_name, extra_allowed,
     problems = persistence.check_module_src_imports(src, extra_allowed=extra_allowed, check_api=whole_source,
                                                     include_functions=whole_source)
     assert problems == []
+
+
+def test_saved_numpy_values_use_names_every_numpy_has(ours, tmp_path):
+    """numpy 2 pickles arrays as numpy._core.*, which numpy < 1.26 (the official image) cannot import."""
+    net, x = _net_and_input(ours)
+    values = dict(scale=np.array([0.5, 0.25, 0.125, 2.0], dtype=np.float32), grid=np.arange(6, dtype=np.int16).reshape(2, 3),
+                  zero_d=np.array(3.5), flags=np.array([True, False]), scalar=np.float64(1.5), count=np.int64(7),
+                  other=np.array(['a', 'b']))  # non-numeric: numpy's own reduction, still loads
+    net.extras = values
+    path = str(tmp_path / 'net.pkl')
+    persistence.save_pickle(net, path)
+    with open(path, 'rb') as f:
+        data = f.read()
+    numeric_only = dict(values)
+    del numeric_only['other']
+    net.extras = numeric_only
+    persistence.save_pickle(net, str(tmp_path / 'numeric.pkl'))
+    with open(tmp_path / 'numeric.pkl', 'rb') as f:
+        assert b'_core' not in f.read()
+    for loaded in (persistence.load_pickle(path), pickle.loads(data)):
+        assert torch.equal(loaded(x), net(x))
+        for key, value in values.items():
+            got = loaded.extras[key]
+            assert type(got) is type(value) and got.dtype == value.dtype and np.array_equal(got, value), key
+            if isinstance(got, np.ndarray):
+                assert got.shape == value.shape and got.flags.writeable, key

@@ -291,11 +291,13 @@ def load_training_state(path: str) -> Any:
     try:
         if _trusted():
             return torch.load(path, map_location="cpu", weights_only=False)
-        try:
-            with torch.serialization.safe_globals(_safe_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
+        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5; older ones go straight to our unpickler
+            try:
+                with torch.serialization.safe_globals(_safe_globals()):
+                    return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                pass
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
     except _READ_ERRORS:
         raise
     except Exception as err:  # Garbage bytes surface as struct.error, IndexError, KeyError, ...

@@ -50,6 +50,12 @@ def _build_constant(value: Any, shape: Optional[tuple], dtype: torch.dtype, devi
     return tensor.contiguous(memory_format=memory_format)
 
 
+def _is_compiling() -> bool:
+    """torch.compiler.is_compiling() where it exists (torch >= 2.3)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None,
              device: Any = None, memory_format: Optional[torch.memory_format] = None) -> torch.Tensor:
     """Cached constant tensor built from `value`, optionally broadcast to `shape`."""
@@ -58,7 +64,7 @@ def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[
     device = torch.device(device) if device is not None else torch.device("cpu")
     memory_format = memory_format if memory_format is not None else torch.contiguous_format
 
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return _build_constant(value, shape, dtype, device, memory_format)
 
     array = _as_numpy(value)

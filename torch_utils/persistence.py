@@ -246,7 +246,11 @@ def _numpy_globals() -> dict:
     reconstruct = np.zeros(1).__reduce__()[0]
     frombuffer = np.zeros(1).__reduce_ex__(5)[0]
     scalar = np.float64(0).__reduce__()[0]
-    table = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    table = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype, "numpy.array": np.array}
+    for kind in ("int", "uint", "float"):   # the portable scalar names save_pickle writes
+        for bits in (8, 16, 32, 64):
+            if hasattr(np, f"{kind}{bits}"):
+                table[f"numpy.{kind}{bits}"] = getattr(np, f"{kind}{bits}")
     for core in ("numpy.core", "numpy._core"):
         table[f"{core}.multiarray._reconstruct"] = reconstruct
         table[f"{core}.multiarray.scalar"] = scalar
@@ -372,6 +376,19 @@ def load_pickle(src: Union[str, os.PathLike, BinaryIO], *, trust: Optional[bool]
         return _load_stream(f, name, trust)
 
 
+class _PortablePickler(pickle.Pickler):
+    """Writes numeric numpy arrays and scalars through names every numpy version has (`numpy.array`,
+    `numpy.float32`, ...). numpy 2's default reduction names `numpy._core`, which numpy < 1.26 cannot
+    import, so the official environment could not load our latent-model snapshots (encoder constants)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray and obj.dtype.kind in "biuf":
+            return np.array, (obj.tolist(), obj.dtype.str)
+        if isinstance(obj, np.generic) and obj.dtype.kind in "iuf" and type(obj).__name__ == obj.dtype.name:
+            return type(obj), (obj.item(),)
+        return NotImplemented
+
+
 def save_pickle(obj: Any, path: Union[str, os.PathLike]) -> None:
     """Write `obj` as a pickle in the official format, atomically (all or nothing)."""
     path = os.fspath(path)
@@ -379,7 +396,7 @@ def save_pickle(obj: Any, path: Union[str, os.PathLike]) -> None:
     if not os.path.isdir(dir_path):
         raise FileNotFoundError(f"{path}: output directory {dir_path} does not exist")
     with misc.atomic_open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=PICKLE_PROTOCOL)
+        _PortablePickler(f, protocol=PICKLE_PROTOCOL).dump(obj)
 
 
 def _trust_from_env() -> bool:
