@@ -2,7 +2,7 @@
 #   docker build --tag edm2 .
 #   docker run --gpus all -it --rm -v "$PWD/out:/workspace/edm2/out" edm2 \
 #       python generate_images.py --preset=edm2-img512-s-guid-dino --outdir=out
-# The base image already ships a CUDA build of PyTorch; pip keeps it (the toolkit asks for torch>=2.1).
+# The base image already ships a CUDA build of PyTorch (2.3 pre-release); pip keeps it (the toolkit asks for torch>=2.3.0a0).
 FROM nvcr.io/nvidia/pytorch:24.02-py3
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
