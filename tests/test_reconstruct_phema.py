@@ -285,3 +285,21 @@ def test_cli_refuses_mixed_prefixes_without_inprefix(run_dir, tmp_path):
     assert len(os.listdir(indir)) == 7
     res = _cli(f'--indir={indir}', f'--outdir={indir}', '--outstd=0.15', '--inprefix=network-snapshot')
     assert res.exit_code == 0 and 'Loading 6 input pickles' in res.output, res.output
+
+
+def test_output_keeps_the_first_inputs_entries_and_the_last_inputs_buffers(tmp_path):
+    """phema.md §3.4: the output inherits the first input's encoder/dataset_kwargs/loss_fn."""
+    indir = tmp_path / 'in'
+    indir.mkdir()
+    for kimg in (1, 2, 3):
+        for std in (0.05, 0.1):
+            net = make_tiny_precond(train=False)
+            net.unet.emb_fourier.phases.fill_(kimg)        # a buffer: the last input's value wins
+            persistence.save_pickle(dict(ema=net, encoder=None, loss_fn=None, dataset_kwargs=dict(path=f'data-{kimg}')),
+                                    str(indir / f'network-snapshot-{kimg:07d}-{std:.3f}.pkl'))
+    results = list(pr.reconstruct_phema(in_pkls=pr.list_input_pickles(str(indir)), out_std=[0.07],
+                                        out_dir=str(tmp_path / 'out'), verbose=False))
+    data = results[-1].out[0].pkl_data
+    assert data['dataset_kwargs'] == dict(path='data-1')
+    assert list(data.keys()) == ['ema', 'encoder', 'loss_fn', 'dataset_kwargs']
+    assert bool((data['ema'].unet.emb_fourier.phases == 3).all())

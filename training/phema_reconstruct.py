@@ -245,27 +245,30 @@ def _accumulate(accs: list | None, net: torch.nn.Module, coefs_row: np.ndarray) 
 
 
 @torch.no_grad()
-def _finish_output(data: dict, acc: list[torch.Tensor], reuse_net: bool) -> dict:
-    """Snapshot dict for one output: a copy of the last input's dict whose `ema`
-    carries the accumulated parameters (float16) and the last input's buffers."""
+def _finish_output(first: dict, data: dict, acc: list[torch.Tensor], reuse_net: bool) -> dict:
+    """Snapshot dict for one output (phema.md §3.4): the first input's entries (`encoder`,
+    `dataset_kwargs`, `loss_fn`, ...), with an `ema` built from the last input's network
+    (so the last input's buffers win) carrying the accumulated parameters in float16."""
     net = data['ema'] if reuse_net else copy.deepcopy(data['ema'])
     net.to(torch.float16)
     torch._foreach_copy_(_params(net), acc)
-    return type(data)((key, net if key == 'ema' else copy.deepcopy(value)) for key, value in data.items())
+    return type(first)((key, net if key == 'ema' else copy.deepcopy(value)) for key, value in first.items())
 
 
 def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, out_dir, out_prefix, step0, num_steps):
     """One pass over the inputs for one batch of outputs; yields progress records."""
-    accs, data, reference = None, None, {}
+    accs, data, first, reference = None, None, None, {}
     for i, pkl in enumerate(in_pkls):
         data = None  # drop the previous input before loading the next one
         data = _load_input(pkl.path, reference)
+        if first is None:  # everything but the network is small: keep the first input's entries
+            first = type(data)((key, None if key == 'ema' else copy.deepcopy(value)) for key, value in data.items())
         accs = _accumulate(accs, data['ema'], coefs[i])
         if i < len(in_pkls) - 1:
             yield dnnlib.EasyDict(step_idx=step0 + i, num_steps=num_steps, out=[])
     out = []
     for j, std in enumerate(batch_stds):
-        pkl_data = _finish_output(data, accs[j], reuse_net=(j == len(batch_stds) - 1))
+        pkl_data = _finish_output(first, data, accs[j], reuse_net=(j == len(batch_stds) - 1))
         accs[j] = None
         pkl_path = None
         if out_dir is not None:
