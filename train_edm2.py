@@ -100,8 +100,9 @@ their exact values. Dataset filter options select the FilteredImageDataset
 (directories and zip archives).
 
 With --dropout=0, results do not depend on the number of processes or
---batch-gpu (up to float rounding): the noise of each step is drawn for the
-whole batch from (--seed, step). Dropout masks are drawn per process and per
+--batch-gpu (up to float rounding): the noise of each step, and the VAE
+posterior sample of latent datasets, are drawn for the whole batch from
+(--seed, step). Dropout masks are drawn per process and per
 --batch-gpu round, so with dropout > 0 (e.g. the edm2-cifar10-32x32-* presets)
 they do. With --model2finetune the network comes from the pickle: --channels,
 --channel-mult, --num-blocks, --attn-res, --channels-per-head and --dropout

@@ -117,7 +117,9 @@ def test_check_batch_settings_names_the_option():
 
 def test_step_noise_rows_do_not_depend_on_process_count():
     noise = train_step.StepNoise(seed=3, batch_size=8, item_shape=[1, 2, 2], device=torch.device('cpu'))
-    rnd, full = [t.clone() for t in noise.draw(cur_nimg=64)]
+    rnd, full, posterior = noise.draw(cur_nimg=64)
+    rnd, full = rnd.clone(), full.clone()
+    assert posterior is None
     # Two ranks, two rounds of 2: every global row is used exactly once, by the rank whose sampler yields it.
     rows = [train_step.global_rows(rank, 2, k, 2, torch.device('cpu')) for rank in range(2) for k in range(2)]
     assert sorted(torch.cat(rows).tolist()) == list(range(8))
@@ -270,3 +272,26 @@ def test_tensorboard_scalars_when_available(dataset_dir, tmp_path, monkeypatch):
     assert ('Loss/loss', 64) in written and ('Progress/kimg', 0) in written
 
 #----------------------------------------------------------------------------
+
+
+def test_step_noise_posterior_is_drawn_last():
+    """Adding the VAE posterior draw leaves the noise levels and noise of pixel runs unchanged."""
+    pixel = train_step.StepNoise(seed=3, batch_size=8, item_shape=[4, 2, 2], device=torch.device('cpu'))
+    latent = train_step.StepNoise(seed=3, batch_size=8, item_shape=[4, 2, 2], device=torch.device('cpu'), posterior=True)
+    a, b = pixel.draw(cur_nimg=64), latent.draw(cur_nimg=64)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert b[2].shape == (8, 4, 2, 2) and not torch.equal(b[2], b[1])
+
+
+def test_vae_latents_use_the_step_posterior_noise():
+    from training.encoders import StabilityVAEEncoder, StandardRGBEncoder
+    encoder = StabilityVAEEncoder()
+    raw = torch.randn(3, 8, 2, 2)
+    noise = torch.randn(3, 4, 2, 2)
+    first = train_step.encode_latents(encoder, raw, noise)
+    torch.manual_seed(123)  # the global generator is not consulted
+    assert torch.equal(train_step.encode_latents(encoder, raw, noise), first)
+    expected = encoder.encode_latents(raw, noise)
+    assert torch.equal(first, expected)
+    pixels = torch.randint(0, 256, (3, 3, 2, 2), dtype=torch.uint8)
+    assert torch.equal(train_step.encode_latents(StandardRGBEncoder(), pixels, None), pixels / 127.5 - 1)

@@ -49,8 +49,8 @@ class Encoder:
     def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:  # raw pixels => raw latents
         raise NotImplementedError  # to be overridden by subclass
 
-    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:  # raw latents => final latents
-        raise NotImplementedError  # to be overridden by subclass
+    def encode_latents(self, x: torch.Tensor, noise: torch.Tensor = None) -> torch.Tensor:  # raw latents => final latents
+        raise NotImplementedError  # to be overridden by subclass; `noise`: the posterior draw, if any
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:  # final latents => raw pixels
         raise NotImplementedError  # to be overridden by subclass
@@ -66,7 +66,7 @@ class StandardRGBEncoder(Encoder):
     def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_latents(self, x: torch.Tensor, noise: torch.Tensor = None) -> torch.Tensor:  # deterministic: no noise
         return x.to(torch.float32) / 127.5 - 1
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,9 +116,10 @@ class StabilityVAEEncoder(Encoder):
         x = x.to(torch.float32) / 255  # the VAE sees [0, 1]; raw_mean/raw_std were measured that way (quirk E11)
         return torch.cat([self._run_vae_encoder(batch) for batch in x.split(self.batch_size)])
 
-    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:  # raw latents => final latents
+    def encode_latents(self, x: torch.Tensor, noise: torch.Tensor = None) -> torch.Tensor:  # raw latents => final latents
         mean, std = x.to(torch.float32).chunk(2, dim=1)
-        x = mean + torch.randn_like(mean) * std  # a fresh sample of the posterior on every call
+        noise = torch.randn_like(mean) if noise is None else noise.to(mean.dtype)
+        x = mean + noise * std  # a fresh sample of the posterior on every call
         x = x * misc.const_like(x, self.scale).reshape(1, -1, 1, 1)
         x = x + misc.const_like(x, self.bias).reshape(1, -1, 1, 1)
         return x

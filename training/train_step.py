@@ -58,23 +58,36 @@ def make_data_loader(dataset: Any, sampler: Any, batch_gpu: int, data_loader_kwa
 class StepNoise:
     """Standard normal draws for a whole global batch, seeded by (seed, cur_nimg).
 
-    `draw()` returns `rnd_normal` [B,1,1,1] (for ln sigma) and `noise` [B,C,H,W]; sample
-    `i` of the step (global position `cur_nimg + i` in the data stream) always gets row
-    `i`, whatever the number of processes or accumulation rounds.
+    `draw()` returns `rnd_normal` [B,1,1,1] (for ln sigma), `noise` [B,C,H,W] and, with
+    `posterior`, the VAE posterior sample's noise [B,C,H,W] (else None), drawn last so the
+    other two do not depend on it. Sample `i` of the step (global position `cur_nimg + i`
+    in the data stream) always gets row `i`, whatever the number of processes or
+    accumulation rounds.
     """
 
-    def __init__(self, seed: int, batch_size: int, item_shape: Sequence[int], device: torch.device):
+    def __init__(self, seed: int, batch_size: int, item_shape: Sequence[int], device: torch.device, posterior: bool = False):
         self.seed = seed
         self.device = device
         self.generator = torch.Generator(device=device)
         self.rnd_normal = torch.empty([batch_size, 1, 1, 1], device=device)
         self.noise = torch.empty([batch_size, *item_shape], device=device)
+        self.posterior = torch.empty([batch_size, *item_shape], device=device) if posterior else None
 
     def draw(self, cur_nimg: int) -> tuple:
         self.generator.manual_seed(hash((self.seed, cur_nimg)) % (1 << 63))
-        torch.randn(self.rnd_normal.shape, generator=self.generator, device=self.device, out=self.rnd_normal)
-        torch.randn(self.noise.shape, generator=self.generator, device=self.device, out=self.noise)
-        return self.rnd_normal, self.noise
+        for buffer in (self.rnd_normal, self.noise, self.posterior):
+            if buffer is not None:
+                torch.randn(buffer.shape, generator=self.generator, device=self.device, out=buffer)
+        return self.rnd_normal, self.noise, self.posterior
+
+
+def encode_latents(encoder: Any, images: torch.Tensor, posterior: Optional[torch.Tensor]) -> torch.Tensor:
+    """encoder.encode_latents with the step's posterior noise. An encoder class from a trusted
+    foreign pickle (not ours) takes no noise argument and draws its own, as the original does."""
+    from training import encoders
+    if posterior is not None and isinstance(encoder, encoders.Encoder):
+        return encoder.encode_latents(images, posterior)
+    return encoder.encode_latents(images)
 
 
 def global_rows(rank: int, world_size: int, round_idx: int, batch_gpu: int, device: torch.device) -> torch.Tensor:

@@ -7,9 +7,9 @@ helpers (`training.train_step`, `training.train_status`, `training.finetune`) ar
 imported inside `training_loop()`.
 
 Differences from the official loop (all documented in `train_edm2.py --help`):
-* The noise levels and noise of a step are drawn for the whole global batch from a
-  generator seeded by (seed, cur_nimg), and every rank takes the rows of its own
-  samples. With dropout 0, results therefore do not depend on the number of
+* The noise levels and noise of a step (and, for latent datasets, the VAE posterior
+  sample) are drawn for the whole global batch from a generator seeded by
+  (seed, cur_nimg), and every rank takes the rows of its own samples. With dropout 0, results therefore do not depend on the number of
   processes or on `batch_gpu` (up to float rounding); dropout masks still come from
   each rank's own generator per accumulation round, so with dropout > 0 they do.
   A resumed run continues the same streams either way.
@@ -151,7 +151,7 @@ def training_loop(
     tensorboard         = True,     # Also write TensorBoard scalars when tensorboard is installed.
 ):
     """Train (or fine-tune) an EDM2 network; returns 'done', 'stopped' (signal) or 'suspended' (slice)."""
-    from training import finetune, train_status, train_step
+    from training import encoders, finetune, train_status, train_step
     prev_status_time = time.time()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device(device) if device is not None else dist.get_device()
@@ -231,7 +231,8 @@ def training_loop(
     # Main training loop.
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
     dataset_iterator = iter(train_step.make_data_loader(dataset_obj, dataset_sampler, batch_gpu, data_loader_kwargs, device))
-    noise_source = train_step.StepNoise(seed, batch_size, ref_image.shape[1:], device)
+    noise_source = train_step.StepNoise(seed, batch_size, ref_image.shape[1:], device,
+                                        posterior=isinstance(encoder, encoders.StabilityVAEEncoder))
     reporter = train_status.StatusReporter(run_dir, device, tensorboard=tensorboard)
     health = train_step.HealthMonitor(nonfinite_limit)
     prev_status_nimg = state.cur_nimg
@@ -280,14 +281,14 @@ def training_loop(
             batch_start_time = time.time()
             misc.set_random_seed(seed, rank, state.cur_nimg)
             optimizer.zero_grad(set_to_none=True)
-            rnd_normal, noise = noise_source.draw(state.cur_nimg)
+            rnd_normal, noise, posterior = noise_source.draw(state.cur_nimg)
             loss_total = torch.zeros([], device=device)
             for round_idx in range(num_accumulation_rounds):
                 with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
                     images, labels = next(dataset_iterator)
-                    images = encoder.encode_latents(images.to(device))
-                    labels = finetune.match_label_dim(labels.to(device), net.label_dim)
                     rows = train_step.global_rows(rank, world_size, round_idx, batch_gpu, device)
+                    images = train_step.encode_latents(encoder, images.to(device), None if posterior is None else posterior[rows])
+                    labels = finetune.match_label_dim(labels.to(device), net.label_dim)
                     loss = loss_fn(net=ddp, images=images, labels=labels, rnd_normal=rnd_normal[rows], noise=noise[rows])
                     training_stats.report('Loss/loss', loss)
                     loss.sum().mul(loss_scaling / batch_gpu_total).backward()
