@@ -59,6 +59,10 @@ def _categories(ctx: click.Context, param: click.Parameter, value):
 def _default_device() -> str:
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
 #----------------------------------------------------------------------------
 
 EPILOG = """
@@ -154,7 +158,7 @@ counts steps with non-finite gradients (Loss/nonfinite_grads).
 @click.option('--plain',            help='Use the official op-for-op network computation (no fast paths)', is_flag=True)
 @click.option('--ls',               help='Loss scaling', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',             type=bool, default=True, show_default=True)
-@click.option('--node-cache',       help='Copy a zip dataset once per node to local disk ($EDM2_DATASET_CACHE or the temp dir) and read it from there', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--node-cache',       help='Copy a zip dataset once per node to local disk and read it from there ($EDM2_DATASET_CACHE, else <tempdir>/edm2-dataset-cache-<uid>; copies are not removed automatically)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--workers',          help='Data loader worker processes per GPU', metavar='INT',   type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--device',           help='Compute device  [default: cuda if available, else cpu]', metavar='STR', type=DEVICE, default=None)
 
@@ -170,7 +174,10 @@ def cmdline(outdir, dry_run, device, **opts):
     """Train or fine-tune diffusion models according to the EDM2 recipe from the paper
     "Analyzing and Improving the Training Dynamics of Diffusion Models"."""
     torch.multiprocessing.set_start_method('spawn', force=True)
-    dist.init(device=device or _default_device())
+    try:
+        dist.init(device=device or _default_device())
+    except (ValueError, RuntimeError) as err:  # incomplete torchrun environment, rendezvous failure
+        raise click.ClickException(_first_line(err)) from None
     try:
         check_outdir(outdir) # cheap, and before the dataset scan
         c = setup_training_config(**opts)

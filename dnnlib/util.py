@@ -542,18 +542,30 @@ def _download_with_retries(url: str, cache_dir: str, num_attempts: int, verbose:
                 last_error = err
                 unreachable = unreachable + 1 if _is_unreachable(err) else 0
             local_failure = isinstance(last_error, OSError) and getattr(last_error, "errno", None) in LOCAL_WRITE_ERRNOS
-            if attempt + 1 == num_attempts or unreachable >= MAX_UNREACHABLE_ATTEMPTS or local_failure:
+            refused = _client_error_status(last_error) is not None
+            if attempt + 1 == num_attempts or unreachable >= MAX_UNREACHABLE_ATTEMPTS or local_failure or refused:
                 break
             if verbose:
                 print(".", end="", flush=True)
             time.sleep(min(BACKOFF_BASE_S * 2**attempt, BACKOFF_MAX_S))
     if verbose:
         print(" failed", flush=True)
-    reason = _one_line(last_error)
-    raise DownloadError(
-        f"Could not download {url} ({reason}); if this machine is offline, fetch the file elsewhere "
-        f"and put it at {expected_cache_path(url, cache_dir)}"
-    )
+    status = _client_error_status(last_error)
+    if status is not None:
+        raise DownloadError(f"Could not download {url}: the server answered HTTP {status} "
+                            f"{last_error.response.reason or ''}".rstrip())
+    hint = "if this machine is offline, fetch" if unreachable else "you can also fetch"
+    raise DownloadError(f"Could not download {url} ({_one_line(last_error)}); {hint} the file elsewhere "
+                        f"and put it at {expected_cache_path(url, cache_dir)}")
+
+
+def _client_error_status(err: Optional[BaseException]) -> Optional[int]:
+    """The status of an HTTP 4xx answer that retrying cannot change (not 408 timeout / 429 rate limit), else None."""
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+        return status
+    return None
 
 
 def _one_line(err: Optional[BaseException]) -> str:

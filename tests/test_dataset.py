@@ -1,11 +1,13 @@
 """Tests of training/dataset.py and training/data_cache.py on tiny generated datasets."""
 
+import errno
 import json
 import multiprocessing
 import os
 import pickle
 import subprocess
 import sys
+import threading
 import zipfile
 
 import numpy as np
@@ -240,6 +242,69 @@ def test_dataset_with_node_cache(tmp_path):
     ds = ImageFolderDataset(path, node_cache=str(tmp_path / 'cache'))
     assert ds._path.startswith(str(tmp_path / 'cache')) and ds.name == 'z'
     assert np.array_equal(ds[2][0], _pixels(2).transpose(2, 0, 1)) and ds.label_dim == 3
+
+def _enospc_after_some_bytes(inp, out, total, verbose, label):
+    out.write(inp.read(100))
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+
+def test_node_cache_io_error_falls_back_to_the_source(tmp_path, monkeypatch, capsys):
+    path = _zip_tree(_write_tree(tmp_path / 'z', _labeled_files(4)), str(tmp_path / 'z.zip'))
+    cache = tmp_path / 'cache'
+    monkeypatch.setattr(data_cache, '_copy_stream', _enospc_after_some_bytes)  # disk full mid-copy
+    assert data_cache.localize(path, cache_dir=str(cache)) == path
+    out = capsys.readouterr().out
+    assert out.count('\n') == 1 and out.startswith('Node-local dataset cache unusable ([Errno 28] No space left')
+    assert out.rstrip().endswith(f'; reading {path} directly')
+    assert [name for name in os.listdir(cache) if not name.endswith('.lock')] == []  # no partial copy kept
+    not_a_dir = tmp_path / 'file'
+    not_a_dir.write_bytes(b'')
+    ds = ImageFolderDataset(path, node_cache=str(not_a_dir / 'cache'))  # cannot even be created
+    assert ds._path == path and len(ds) == 4 and 'Node-local dataset cache unusable' in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError):  # a missing source is still an error of the dataset
+        data_cache.localize(str(tmp_path / 'missing.zip'), cache_dir=str(cache))
+
+
+def test_node_cache_removes_killed_and_outdated_copies_before_the_space_check(tmp_path, monkeypatch):
+    path = _zip_tree(_write_tree(tmp_path / 'z', _labeled_files(4)), str(tmp_path / 'z.zip'))
+    cache = str(tmp_path / 'cache')
+    local = data_cache.localize(path, cache_dir=cache, verbose=False)
+    killed = [os.path.join(cache, f'.{os.path.basename(local)}.tmp-0123456789ab'),
+              os.path.join(cache, f'.{os.path.basename(local)[:-4]}.json.tmp-ba9876543210')]
+    for leftover in killed:
+        open(leftover, 'wb').write(b'x' * 1000)
+    other = os.path.join(cache, '.other-0000.zip.tmp-0123456789ab')  # another dataset's copy in progress
+    open(other, 'wb').close()
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # source changed: the copy is outdated
+    seen = []
+    real_disk_usage = data_cache.shutil.disk_usage
+    monkeypatch.setattr(data_cache.shutil, 'disk_usage', lambda d: seen.append(sorted(os.listdir(d))) or real_disk_usage(d))
+    assert data_cache.localize(path, cache_dir=cache, verbose=False) == local
+    assert seen == [sorted(['.other-0000.zip.tmp-0123456789ab', os.path.basename(local)[:-4] + '.lock'])]
+    assert not any(os.path.exists(p) for p in killed) and os.path.exists(other)
+    assert open(local, 'rb').read() == open(path, 'rb').read()
+
+
+def test_node_cache_default_directory_is_per_user(monkeypatch):
+    monkeypatch.delenv('EDM2_DATASET_CACHE', raising=False)
+    name = os.path.basename(data_cache.default_cache_dir())
+    assert name == (f'edm2-dataset-cache-{os.getuid()}' if hasattr(os, 'getuid') else 'edm2-dataset-cache')
+    monkeypatch.setenv('EDM2_DATASET_CACHE', '/x/y')
+    assert data_cache.default_cache_dir() == '/x/y'
+
+def test_lock_file_without_fcntl_says_what_it_waits_for(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'fcntl', None)  # as on Windows: the O_EXCL lock file
+    monkeypatch.setattr(data_cache, 'LOCK_NOTICE_S', 0.05)
+    lock = tmp_path / 'd.lock'
+    lock.write_bytes(b'')  # left by a killed holder
+    remover = threading.Timer(0.3, lock.unlink)
+    remover.start()
+    with data_cache.file_lock(str(lock), poll_s=0.02):
+        assert lock.exists()
+    remover.join()
+    assert capsys.readouterr().out == f'Waiting for {lock} (held by another process; delete it if no job is running)\n'
+    assert not lock.exists()
 
 # ----------------------------------------------------------------------------
 # FilteredImageDataset.

@@ -330,3 +330,56 @@ def test_torch_without_safe_globals_reads_states_with_the_restricted_unpickler(t
     with pytest.raises(pickle.UnpicklingError):
         dist.load_training_state(str(tmp_path / "training-state-0000001.pt"))
     assert not os.path.exists(marker)
+
+
+# ----------------------------------------------------------------------------
+# Incomplete torchrun environments; the stop-signal message.
+
+
+@pytest.mark.parametrize("env", [{}, {"WORLD_SIZE": "1"}, {"RANK": "0"}, {"WORLD_SIZE": "1", "RANK": "0"},
+                                 {"WORLD_SIZE": "1", "MASTER_ADDR": "nowhere.invalid"}])
+def test_world_size_one_is_a_private_single_process(env):
+    kwargs = dist._init_method_kwargs(dict(env))
+    assert kwargs["init_method"].startswith("tcp://localhost:") and (kwargs["rank"], kwargs["world_size"]) == (0, 1)
+
+
+@pytest.mark.parametrize("env, missing", [({"WORLD_SIZE": "2"}, "RANK"), ({"RANK": "1"}, "WORLD_SIZE"),
+                                          ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "h"}, "MASTER_PORT")])
+def test_incomplete_multi_process_environment_names_the_missing_variable(env, missing):
+    with pytest.raises(ValueError, match=f"Incomplete distributed environment .*: {missing} is not set"):
+        dist._init_method_kwargs(env)
+
+
+def test_world_size_one_alone_initializes_without_writing_environ(tmp_path):
+    script = """
+        import os
+        from torch_utils import distributed as dist
+        before = dict(os.environ)
+        dist.init(device="cpu")
+        assert (dist.get_rank(), dist.get_world_size()) == (0, 1) and dict(os.environ) == before
+        print("ok")
+    """
+    (tmp_path / "s.py").write_text(textwrap.dedent(script))
+    result = subprocess.run([sys.executable, str(tmp_path / "s.py")], cwd=REPO_ROOT, env=child_env(WORLD_SIZE="1"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout == "ok\n", result.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals needed")
+def test_stop_signal_handler_prints_nothing_until_should_stop(monkeypatch, capsys):
+    for name in ("_stop_requested", "_stop_signal", "_stop_announced"):
+        monkeypatch.setattr(dist, name, getattr(dist, name))  # restored after the test
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        dist.install_signal_handlers()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(100):  # let the handler run
+            if dist._stop_requested:
+                break
+        assert dist._stop_requested and capsys.readouterr().err == ""  # the handler itself wrote nothing
+        assert dist.should_stop() and dist.should_stop()
+        err = capsys.readouterr().err
+        assert err.count("Received signal SIGUSR1: stopping after the current step") == 1 and err.count("\n") == 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -329,3 +329,22 @@ def test_open_url_local_paths(tmp_path):
     assert util.open_url(path.as_uri(), return_filename=True) == str(path)
     with util.open_url(path.as_uri()) as f:
         assert f.read() == b"local"
+
+
+@pytest.mark.parametrize("code", [404, 403, 410])
+def test_client_error_fails_at_once_without_offline_hint(server, tmp_path, code):
+    server.plan = [_error(code)]
+    url = server.url("/missing.bin")
+    with pytest.raises(util.DownloadError) as info:
+        util.open_url(url, cache_dir=str(tmp_path), verbose=False)
+    message = str(info.value)
+    assert server.requests == 1 and message.startswith(f"Could not download {url}: the server answered HTTP {code}")
+    assert "offline" not in message and "\n" not in message and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("code", [408, 429])
+def test_timeout_and_rate_limit_answers_are_retried(server, tmp_path, code):
+    server.plan = [_error(code), _ok(b"later")]
+    with util.open_url(server.url("/busy.bin"), cache_dir=str(tmp_path), verbose=False) as f:
+        assert f.read() == b"later"
+    assert server.requests == 2

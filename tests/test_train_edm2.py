@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 import train_edm2
 from tests.test_training_loop import write_dataset
 from torch_utils import distributed as dist
+from tests.procs import child_env
 from tests.tiny import write_tiny_snapshot
 from training.train_config import _write_options, default_rampup, parse_nimg
 
@@ -276,3 +278,35 @@ def test_empty_attn_res_means_no_attention(data8, tmp_path):
     result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "run"}', f'--data={data8}', *args, '--attn-res=', '-n'])
     assert result.exit_code == 0, result.output
     assert '"attn_resolutions": []' in result.output, result.output
+
+
+def test_unusable_node_cache_falls_back_to_the_data(data8, tmp_path, monkeypatch):
+    dist.init(device='cpu')
+    archive = shutil.make_archive(str(tmp_path / 'tiny8'), 'zip', data8)
+    blocker = tmp_path / 'file'
+    blocker.write_bytes(b'')
+    monkeypatch.setenv('EDM2_DATASET_CACHE', str(blocker / 'cache'))  # cannot be created
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "nc"}', f'--data={archive}',
+                                                     *TINY_ARGS, '--node-cache=1', '-n'])
+    assert result.exit_code == 0, result.output
+    assert 'Node-local dataset cache unusable ([Errno ' in result.output and '--data' not in result.output
+    assert f'; reading {archive} directly\n' in result.output and 'Dry run; exiting.' in result.output
+
+
+def test_labels_missing_for_some_images_is_one_line_about_data(tmp_path):
+    dist.init(device='cpu')
+    data = write_dataset(str(tmp_path / 'partial'), num_images=4, resolution=8)
+    with open(os.path.join(data, 'dataset.json'), 'w') as f:
+        json.dump({'labels': [['img000.png', 0], ['img001.png', 1]]}, f)
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data}', *TINY_ARGS, '-n'])
+    assert result.exit_code == 1 and not isinstance(result.exception, KeyError), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert errors == [f'Error: --data: dataset.json of {data} has no label for img002.png (2 images unlabeled)']
+
+
+def test_incomplete_torchrun_environment_is_one_line(data8, tmp_path):
+    result = subprocess.run(cli(str(tmp_path / 'o'), data8, '-n'), env=child_env(WORLD_SIZE='2'), cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert result.stderr.strip() == ('Error: Incomplete distributed environment (WORLD_SIZE=2): RANK is not set; start '
+                                     'multi-process jobs with torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT')

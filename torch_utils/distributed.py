@@ -50,23 +50,42 @@ def _choose_backend(device: Optional[str]) -> str:
     return "nccl"
 
 
+_RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _init_method_kwargs(env: Any) -> dict:
+    """init_process_group arguments for the environment `env`.
+
+    All torchrun variables set: `env://`. A world size of 1 (WORLD_SIZE unset or 1, RANK unset or 0;
+    some schedulers export WORLD_SIZE=1 alone): a private TCP store on a free port, whatever MASTER_*
+    say, since a single process meets nobody. Unlike the official code nothing is written to
+    os.environ, so subprocesses started later do not inherit a port that is already taken.
+    Anything else is an incomplete multi-process setup: ValueError naming the missing variable.
+    """
+    missing = [name for name in _RENDEZVOUS_VARS if name not in env]
+    if not missing:
+        return dict(init_method="env://?use_libuv=False" if os.name == "nt" else "env://")
+    world_size, rank = env.get("WORLD_SIZE", "1"), env.get("RANK", "0")
+    if world_size.strip() == "1" and rank.strip() == "0":
+        return dict(init_method=f"tcp://localhost:{_find_free_port()}", rank=0, world_size=1)
+    given = ", ".join(f"{name}={env[name]}" for name in _RENDEZVOUS_VARS if name in env)
+    raise ValueError(f"Incomplete distributed environment ({given}): {missing[0]} is not set; start multi-process "
+                     f"jobs with torchrun, which sets {', '.join(_RENDEZVOUS_VARS)}")
+
+
 def init(device: Optional[str] = None, backend: Optional[str] = None) -> None:
     """Join (or create) the process group and set up training_stats.
 
     `device`: 'cpu' forces a CPU job (Gloo); None means CUDA when available.
     `backend`: override the automatic choice. Under torchrun the usual env variables are used; without
-    them the job is a single process with rank 0 (nothing is written to os.environ).
+    them, or with a world size of 1, the job is a single process with rank 0 (nothing is written to
+    os.environ). An incomplete multi-process environment raises ValueError naming the missing variable.
     """
     global _device
     if torch.distributed.is_initialized():
         return
     backend = backend if backend is not None else _choose_backend(device)
-    init_kwargs = dict(init_method="env://?use_libuv=False" if os.name == "nt" else "env://")
-    if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
-        # Plain single process (no torchrun): a private TCP store on a free port. Unlike the official
-        # code, nothing is written to os.environ, so subprocesses started later do not inherit a port
-        # that is already taken.
-        init_kwargs = dict(init_method=f"tcp://localhost:{_find_free_port()}", rank=0, world_size=1)
+    init_kwargs = _init_method_kwargs(os.environ)
     if backend == "nccl":
         _device = torch.device("cuda", get_local_rank())
         torch.cuda.set_device(_device)
@@ -156,20 +175,22 @@ def print0(*args: Any, **kwargs: Any) -> None:
 # killing a job) request a clean stop; a second identical signal terminates at once.
 
 _stop_requested = False
+_stop_signal: Optional[int] = None  # The signal that requested the stop, announced by should_stop().
+_stop_announced = False
 _suspend_requested = False
 _progress = (0, 0)
 _installed_handlers: dict = {}
 
 
 def _handle_stop_signal(signum: int, _frame: Any) -> None:
-    global _stop_requested
+    global _stop_requested, _stop_signal
     if _stop_requested:  # Second signal: give up on a clean stop.
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    _stop_requested = True
-    print(f"Received signal {signal.Signals(signum).name}: stopping after the current step "
-          f"(send it again to terminate at once).", file=sys.stderr, flush=True)
+    # Only record it: printing here would re-enter a write the main thread may be in the middle of
+    # (RuntimeError "reentrant call" on a buffered log file, or the message spliced into a line).
+    _stop_requested, _stop_signal = True, signum
 
 
 def install_signal_handlers() -> None:
@@ -186,7 +207,13 @@ def install_signal_handlers() -> None:
 
 
 def should_stop() -> bool:
-    """True once a stop signal was received by this process (see any_rank() to agree across ranks)."""
+    """True once a stop signal was received by this process (see any_rank() to agree across ranks).
+    The first call that sees it prints which signal arrived (from normal code, not the handler)."""
+    global _stop_announced
+    if _stop_signal is not None and not _stop_announced:
+        _stop_announced = True
+        print(f"Received signal {signal.Signals(_stop_signal).name}: stopping after the current step "
+              f"(send it again to terminate at once).", file=sys.stderr, flush=True)
     return _stop_requested
 
 

@@ -75,6 +75,8 @@ def _check_dataset(dataset_kwargs: dict, cond: bool) -> list:
         return dataset_obj.image_shape
     except (IOError, NotImplementedError) as err:
         raise ConfigError(f'--data: {err}') from None
+    except KeyError as err:  # dataset.json without labels for some images (data.md §2.2); str() would add quotes
+        raise ConfigError(f'--data: {err.args[0] if err.args else err}') from None
 
 
 def _check_image_shape(path: str, shape: list, channel_mult: Optional[list]) -> None:
