@@ -2,6 +2,8 @@
 
 Thin click CLI over `training.dataset_tool_lib` (spec data.md §4)."""
 
+from __future__ import annotations
+
 import multiprocessing
 import os
 import signal

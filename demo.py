@@ -10,6 +10,8 @@ Runs the toolkit's own command lines one after the other (each is printed, so it
 Every step resumes: run the same command again after an interruption.
 """
 
+from __future__ import annotations
+
 import os
 import subprocess
 import sys

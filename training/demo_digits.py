@@ -4,6 +4,8 @@ The demo exports it as a folder of grayscale PNGs with `dataset.json` labels, th
 `dataset_tool.py convert --source=FOLDER` reads; `convert` then upscales it to the training resolution.
 """
 
+from __future__ import annotations
+
 import json
 import os
 
