@@ -1,6 +1,7 @@
 """The Dockerfile cannot be built here (no Docker engine); lint it and check the facts the spec fixes."""
 
 from __future__ import annotations
+
 import pathlib
 import shutil
 import subprocess
