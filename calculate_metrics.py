@@ -214,8 +214,8 @@ def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: i
 @click.option('--workers', 'num_workers', help='Subprocesses to use for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--resolution', help='Centre-crop/resize every image to this size first (fork: 512); default: as stored', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--nima-threshold', help='[fork] Keep images with a metadata.json NIMA score >= this', metavar='FLOAT', type=float, default=None)
-@click.option('--top-percent', help='[fork] Keep the top X %% of images by NIMA score', metavar='FLOAT', type=float, default=None)
-@click.option('--top-per-category', help='[fork] Keep the top X %% of each category by NIMA score', metavar='FLOAT', type=float, default=None)
+@click.option('--top-percent', help='[fork] Keep the top X % of images by NIMA score', metavar='FLOAT', type=float, default=None)
+@click.option('--top-per-category', help='[fork] Keep the top X % of each category by NIMA score', metavar='FLOAT', type=float, default=None)
 def ref(image_path: str, dest_path: str, metrics: list, max_batch_size: int, num_workers: int,
         resolution: Optional[int], nima_threshold: Optional[float], top_percent: Optional[float],
         top_per_category: Optional[float]) -> None:

@@ -81,7 +81,7 @@ torchrun --standalone --nproc_per_node=8 train_edm2.py \\
 python train_edm2.py --outdir=runs/tiny --data=datasets/tiny-32x32.zip --cond=0 \\
     --preset=edm2-cifar10-32x32-uncond --channels=16 --channel-mult=1,2 \\
     --num-blocks=1 --batch=32 --duration=64Ki --status=4Ki --snapshot=16Ki \\
-    --checkpoint=16Ki --workers=0
+    --checkpoint=16Ki --workers=0 --rampup=0
 
 \b
 # Fine-tune a published snapshot on a filtered dataset (the fork's workflow)
