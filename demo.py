@@ -54,6 +54,12 @@ def newest_file(directory: str, prefix: str) -> str:
         raise click.ClickException(f'no {prefix}*.pkl in {directory}')
     return os.path.join(directory, names[-1])
 
+def class_sample_dirs(outdir: str, net: str) -> list[str]:
+    """samples/<network file stem>/class<N>: samples are kept per network, so a run with another --kimg (another
+    network) never shows the old network's images, while a resumed run finds its own (--skip-existing)."""
+    stem = os.path.splitext(os.path.basename(net))[0]
+    return [os.path.join(outdir, 'samples', stem, f'class{label}') for label in range(10)]
+
 def tile_class_grid(sample_dirs: list[str], dest: str) -> tuple[np.ndarray, np.ndarray]:
     """One row per class; returns (images [N, C, H, W] uint8, labels [N])."""
     images, labels = [], []
@@ -122,10 +128,8 @@ def main(outdir: str, kimg: int, resolution: str, toy: bool, device: str | None)
                                              '--outstd=0.100', '--skip'], env)
     net = newest_file(phema_dir, 'phema-')
 
-    sample_dirs = []
-    for label in range(10):
-        sample_dir = os.path.join(outdir, 'samples', f'class{label}')
-        sample_dirs.append(sample_dir)
+    sample_dirs = class_sample_dirs(outdir, net)
+    for label, sample_dir in enumerate(sample_dirs):
         run_step(f'Sampling class {label}', ['generate_images.py', f'--net={net}', f'--outdir={sample_dir}',
                                              f'--class={label}', '--seeds=0-9', '--batch=10', '--skip-existing',
                                              *device_args], env)
@@ -145,7 +149,7 @@ def main(outdir: str, kimg: int, resolution: str, toy: bool, device: str | None)
     print(f'  dataset:             {data_zip}')
     print(f'  training run:        {run_dir}  (log.txt, stats.jsonl, network-snapshot-*.pkl, training-state-*.pt)')
     print(f'  post-hoc EMA:        {net}')
-    print(f'  samples:             {os.path.join(outdir, "samples")}/class*/*.png')
+    print(f'  samples:             {os.path.dirname(sample_dirs[0])}/class*/*.png')
     print(f'  grid (row = class):  {grid_path}')
 
 #----------------------------------------------------------------------------

@@ -401,6 +401,29 @@ def test_dropped_uncategorized_images_are_counted_in_the_summary(tmp_path, capsy
     assert '1 images have no category' in capsys.readouterr().out
 
 
+def test_images_without_a_metadata_entry_are_dropped_by_score_filters(tmp_path, capsys):
+    files = _scored_files()
+    del files['metadata.json']['metadata']['cat/2']  # the best cat (7.0) and a low dog (3.0) lose their entries
+    del files['metadata.json']['metadata']['dog/2']
+    path = _write_tree(tmp_path / 'd', files)
+    capsys.readouterr()
+    ds = FilteredImageDataset(path, top_percent=50)  # int(7 * 0.5) = 3 best of the 7 scored: 8, 6, 5
+    assert _kept(ds) == ['cat/0.png', 'dog/1.png', 'eel/0.png']
+    assert '2 of 9 images have no metadata.json entry' in capsys.readouterr().out
+    assert 'cat/2.png' not in _kept(FilteredImageDataset(path, nima_threshold=0))
+    assert 'cat/2.png' in _kept(FilteredImageDataset(path, categories='0'))  # no score needed: folder is the category
+    assert select_filtered([None, 1.0, 0.0], [0, 0, 0], 1, top_percent=100) == [1, 2]
+
+
+def test_metadata_matching_no_file_is_an_error_naming_a_key_and_a_file(tmp_path):
+    files = _scored_files()
+    files['metadata.json'] = {'metadata': {f'00000/img{i:08d}': {'nima': float(i)} for i in range(9)}}
+    path = _write_tree(tmp_path / 'd', files)
+    with pytest.raises(IOError, match=r'no metadata.json key matches an image file \(e.g. key "00000/img00000000",'
+                       r' file "cat/0.png"\)'):
+        FilteredImageDataset(path, top_percent=30)
+
+
 def test_select_filtered_is_deterministic_under_ties():
     scores, cats = [1.0] * 6, [0, 1, 0, 1, 0, 1]
     assert select_filtered(scores, cats, 2, top_percent=50) == [0, 1, 2]

@@ -289,7 +289,7 @@ def test_process_and_encode_under_torchrun(tmp_path, tiny_vae):
            '--gpu-batch-size=2', '--device=cpu', '--strict']
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1')
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and 'broken.jpg' in result.stdout + result.stderr  # --strict: one skip
+    assert result.returncode != 0 and 'dogs/broken.jpg: unreadable' in result.stdout + result.stderr  # --strict: one skip
     labels = json.load(open(dest / 'dataset.json'))['labels']
     assert labels == [['cats/im4.npy', 0], ['cats/im5.npy', 0], ['dogs/im1.npy', 1], ['dogs/im2.npy', 1],
                       ['dogs/im3.npy', 1]]
@@ -303,7 +303,7 @@ def test_process_and_encode_under_torchrun(tmp_path, tiny_vae):
     mtime = os.path.getmtime(dest / 'dogs' / 'im2.npy')
     skips = lib.process_and_encode(src, str(dest), model_url='/nonexistent', resolution='16x16',
                                    transform='center-crop', num_workers=0, verbose=False)
-    assert [n for n, _ in skips.items] == ['broken.jpg'] and os.path.getmtime(dest / 'dogs' / 'im2.npy') == mtime
+    assert [n for n, _ in skips.items] == ['dogs/broken.jpg'] and os.path.getmtime(dest / 'dogs' / 'im2.npy') == mtime
 
 # ----------------------------------------------------------------------------
 # Review fixes: permissions, damaged inputs, option checks, empty results, --dest checks, shapes, stale temps.
@@ -462,3 +462,9 @@ def test_decode_refuses_latents_of_the_wrong_shape(tmp_path, tiny_vae):
     assert not os.path.exists(tmp_path / 'd.zip')
 
 # ----------------------------------------------------------------------------
+
+
+def test_process_and_encode_skips_name_the_category_folder():
+    skips = lib.SkipLog()
+    kept = lib._drop_duplicate_stems(['a', 'b'], [(0, 'x.png'), (0, 'x.jpg'), (1, 'x.png')], skips)
+    assert kept == [(0, 'x.png'), (1, 'x.png')] and [name for name, _ in skips.items] == ['a/x.jpg']

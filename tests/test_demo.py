@@ -60,8 +60,40 @@ def test_demo_end_to_end_tiny(tmp_path):
     tmp_path = tmp_path / 'out'
     assert 'of the samples as the requested class' in result.stdout
     assert (tmp_path / 'samples-per-class.png').is_file()
-    assert len(list((tmp_path / 'samples').glob('class*/*.png'))) == 100
+    assert len(list((tmp_path / 'samples').glob('phema-*-0.100/class*/*.png'))) == 100
     assert list((tmp_path / 'phema').glob('phema-*-0.100.pkl'))
+
+
+def test_another_network_gets_its_own_samples(tmp_path, monkeypatch):
+    # A longer --kimg makes a new network: its grid must not be built from the old network's (skipped) samples.
+    duration = {}
+
+    def fake_step(title, args, env=None):
+        options = dict(arg[2:].split('=', 1) for arg in args[1:] if arg.startswith('--') and '=' in arg)
+        if args[0] == 'train_edm2.py':
+            duration['kimg'] = int(options['duration'][:-2])
+        elif args[0] == 'reconstruct_phema.py':
+            os.makedirs(options['outdir'], exist_ok=True)
+            open(os.path.join(options['outdir'], f'phema-{duration["kimg"]:07d}-0.100.pkl'), 'wb').close()
+        elif args[0] == 'generate_images.py':  # like --skip-existing: existing PNGs are kept
+            os.makedirs(options['outdir'], exist_ok=True)
+            shade = 10 * duration['kimg']
+            for seed in range(10):
+                path = os.path.join(options['outdir'], f'{seed:06d}.png')
+                if not os.path.exists(path):
+                    PIL.Image.new('RGB', (8, 8), (shade, shade, shade)).save(path)
+
+    monkeypatch.setattr(demo, 'run_step', fake_step)
+    monkeypatch.setattr(demo_digits, 'digit_recognition_rate', lambda images, labels: 0.5)
+    monkeypatch.chdir(tmp_path)
+    os.makedirs('out/digits-src')
+    open('out/digits-src/dataset.json', 'w').close()
+    for kimg in (1, 2):
+        result = CliRunner().invoke(demo.main, ['--outdir=out', '--no-toy', f'--kimg={kimg}'], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert f'samples/phema-{kimg:07d}-0.100/class*' in result.output
+    grid = np.asarray(PIL.Image.open(tmp_path / 'out' / 'samples-per-class.png'))
+    assert grid[60, 60, 0] == 20  # a pixel of the 2-kimg network's first sample, not the 1-kimg one's (10)
 
 
 @pytest.mark.parametrize('device', ['bogus', 'cuda:99'])

@@ -132,6 +132,22 @@ def test_offline_download_names_cache_path(tmp_path, monkeypatch):
     with pytest.raises(detectors.DetectorLoadError, match='put the repository at .*facebookresearch_dinov2_nonexistent-branch'):
         detectors.load_from_hub('facebookresearch/dinov2:nonexistent-branch', 'dinov2_vitl14')
 
+def test_offline_clip_error_names_the_weights_file_under_the_cache(tmp_path, monkeypatch):
+    empty = tmp_path / 'empty-cache'
+    standins.use_cache(monkeypatch, str(empty))
+    calls = []
+
+    def offline_hub_load(repo, entry, *args, **kwargs):
+        calls.append(kwargs)
+        raise OSError('Temporary failure in name resolution')
+
+    monkeypatch.setattr(torch.hub, 'load', offline_hub_load)
+    weights = os.path.join(str(empty), 'clip', 'ViT-L-14.pt')
+    with pytest.raises(detectors.DetectorLoadError) as info:
+        detectors.AestheticPredictor(verbose=False)
+    assert calls[0]['download_root'] == os.path.dirname(weights)  # not CLIP's default ~/.cache/clip
+    assert f'its weights at {weights}' in str(info.value) and 'openai_CLIP_main' in str(info.value)
+
 # ----------------------------------------------------------------------------
 # DINOv2 and the fork's scorers.
 

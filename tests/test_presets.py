@@ -32,8 +32,10 @@ def test_fork_preset_has_no_channels():
     p = presets.get_preset('base-finetuning')
     assert 'channels' not in p
     assert (p['duration'], p['batch'], p['lr'], p['decay'], p['dropout']) == (2048 * Mi, 256, 0.001, 70000, 0.0)
-    with pytest.raises(presets.PresetError, match='--model2finetune'):
+    with pytest.raises(presets.PresetError, match='--model2finetune') as info:
         presets.network_kwargs_for_preset('base-finetuning')
+    assert 'network pickle' in str(info.value) and 'edm2-img512-xs' in str(info.value)
+    assert 'model_channels' not in str(info.value)  # not an option of count_flops.py, the CLI that shows it
     assert presets.network_kwargs_for_preset('base-finetuning', model_channels=64)['model_channels'] == 64
 
 def test_cifar_presets_follow_training_md_appendix():

@@ -178,3 +178,20 @@ def test_stop_signal_exits_non_zero_and_checkpoints_0(cache, image_dir, tmp_path
     monkeypatch.setattr(dist, 'should_stop', lambda: next(calls) >= 1)
     result = run('--images', image_dir, '--out', tmp_path / 'stopped', '--metric', 'nima', '--workers', 0, '--batch', 3)
     assert result.exit_code == 143 and 'Stopped on request' in result.output
+
+
+def test_latent_datasets_are_refused_without_writing(cache, tmp_path):
+    import numpy as np
+    import PIL.Image
+    latents = tmp_path / 'latents' / 'c0'
+    latents.mkdir(parents=True)
+    for i in range(2):
+        np.save(latents / f'img{i}.npy', np.zeros([8, 4, 4], dtype=np.float32))
+    wide = tmp_path / 'sixteen-bit'
+    wide.mkdir()
+    PIL.Image.fromarray(np.full([16, 16], 40000, dtype=np.uint16)).save(wide / 'a.png')
+    for folder, resolution in ((latents.parent, 512), (latents.parent, 0), (wide, 0)):
+        out = tmp_path / f'scores-{folder.name}-{resolution}'
+        result = run('--images', folder, '--out', out, '--metric', 'nima', '--workers', 0, '--resolution', resolution)
+        assert result.exit_code != 0 and 'latent datasets must be decoded first' in result.output, result.output
+        assert 'Traceback' not in result.output and not out.exists()

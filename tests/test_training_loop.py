@@ -196,10 +196,13 @@ def test_check_image_shape_needs_square_halvable_items():
 #----------------------------------------------------------------------------
 # Real (tiny) runs.
 
-def test_loss_falls_and_outputs_are_written(dataset_dir, tmp_path):
+def test_loss_falls_and_outputs_are_written(dataset_dir, tmp_path, capsys):
     run_dir = str(tmp_path / 'run')
     c = tiny_config(dataset_dir, duration=1024, status=256, snapshot=1024, checkpoint=1024)
     assert training_loop(run_dir=run_dir, device='cpu', **c) == 'done'
+    status = [line for line in capsys.readouterr().out.splitlines() if line.startswith('Status:')]
+    assert len(status) == 5 and status[0].endswith(' loss -')  # no step yet: no loss, not "loss nan"
+    assert all(float(line.split(' loss ')[1]) > 0 for line in status[1:])  # finite losses: 'nan' would fail
     stats = read_stats(run_dir)
     losses = [s['Loss/loss'] for s in stats if s.get('Loss/loss') is not None]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]

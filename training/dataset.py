@@ -448,7 +448,7 @@ class ImageFolderDataset(Dataset):
 
 
 def select_filtered(
-    scores: Sequence[float],                        # Per-image score (NIMA), in file order.
+    scores: Sequence[Optional[float]],              # Per-image score (NIMA), in file order; None = no metadata entry.
     categories_of: Sequence[Optional[int]],         # Per-image category index (None = no category).
     num_categories: int,                            # Number of categories of the full dataset.
     nima_threshold: Optional[float] = None,         # Drop images scoring below this.
@@ -462,6 +462,8 @@ def select_filtered(
 
     Images without a category (None) are dropped when `categories` or `top_per_category` is given or
     `require_category` is True (the fork always drops them, F11); otherwise pure score filters keep them.
+    Images without a score (None: no metadata entry) are dropped by every score filter (§8.5 step 2),
+    never ranked as if they scored 0.
     Every ranking sorts by (score descending, file index ascending), so the result does not depend on
     the process: all ranks see the same selection in the same order."""
     if combine not in ('union', 'intersection'):
@@ -473,8 +475,9 @@ def select_filtered(
                           ' (top-level folders, or dataset.json class labels)')
         categories = set(categories)
     need_category = require_category or categories is not None or top_per_category is not None
+    need_score = nima_threshold is not None or top_percent is not None or top_per_category is not None
     kept = [i for i, (score, cat) in enumerate(zip(scores, categories_of))
-            if (cat is not None or not need_category)
+            if (cat is not None or not need_category) and (score is not None or not need_score)
             and (nima_threshold is None or score >= nima_threshold)
             and (categories is None or cat in categories)]
     by_rank = lambda indices: sorted(indices, key=lambda i: (-scores[i], i))
@@ -522,11 +525,13 @@ class FilteredImageDataset(ImageFolderDataset):
                                    top_percent=top_percent, top_per_category=top_per_category, combine=combine,
                                    require_category=super_kwargs.get('use_labels', True)) # labels are categories
         self._num_uncategorized = 0
+        self._num_unscored = 0                      # Images without a metadata.json entry dropped by a score filter.
+        self._num_listed = 0                        # Image files before filtering.
         super().__init__(path, resolution=resolution, center_crop=center_crop, force_rgb=force_rgb,
                          max_size=max_size, **super_kwargs)
         self._full_label_dim = self._num_categories
         if self._filtering_active or max_size is not None:
-            print(f'After filtration there are {len(self)} images in the dataset{self._uncategorized_note()}')
+            print(f'After filtration there are {len(self)} images in the dataset{self._dropped_note()}')
 
     @property
     def _filtering_active(self) -> bool:
@@ -553,9 +558,11 @@ class FilteredImageDataset(ImageFolderDataset):
 
     def _select_files(self, fnames: list) -> list:
         self._metadata = self._load_metadata()
+        self._num_listed = len(fnames)
         folders = self._top_level_dirs()
         folder_index = {name: i for i, name in enumerate(folders)}
-        scores = [float(self.metadata_of(f).get('nima', 0) or 0) for f in fnames]
+        # No entry = no score (None), dropped by score filters (§8.5 step 2); an entry without "nima" scores 0.
+        scores = [self._score_of(f) for f in fnames]
         json_labels = None if self._metadata else self._dataset_json_labels()
         if self._metadata or json_labels is None:
             self._num_categories = len(folders)
@@ -571,12 +578,36 @@ class FilteredImageDataset(ImageFolderDataset):
         if needs_scores and not self._metadata:
             raise IOError(f'{self._source_path}: nima_threshold/top_percent/top_per_category need metadata.json'
                           ' with per-image scores at the dataset root')
+        if needs_scores:
+            self._check_metadata_matches(fnames, scores)
+            self._num_unscored = sum(score is None for score in scores)
         kept = select_filtered(scores, cats, self._num_categories, **self._filter_kwargs)
         if self._needs_category:
-            self._num_uncategorized = sum(cat is None for cat in cats)
+            self._num_uncategorized = sum(cat is None for cat, score in zip(cats, scores)
+                                          if score is not None or not needs_scores)
         if not kept:
-            raise IOError(f'No image files left after filtering: {self._source_path}{self._uncategorized_note()}')
+            raise IOError(f'No image files left after filtering: {self._source_path}{self._dropped_note()}')
         return [fnames[i] for i in kept]
+
+    def _score_of(self, fname: str) -> Optional[float]:
+        entry = self._metadata.get(os.path.splitext(fname)[0], None)
+        return None if entry is None else float(entry.get('nima', 0) or 0)
+
+    def _check_metadata_matches(self, fnames: list, scores: list) -> None:
+        """A metadata.json written for another layout (e.g. of a decoded copy) matches no file: say so."""
+        if any(score is not None for score in scores):
+            return
+        raise IOError(f'{self._source_path}: no metadata.json key matches an image file (e.g. key '
+                      f'"{next(iter(self._metadata))}", file "{fnames[0]}"); keys are "<folder>/<file stem>" of '
+                      'this dataset, so score a folder with the same layout (e.g. the source of process-and-encode)')
+
+    def _dropped_note(self) -> str:
+        """Why images were dropped besides the filters themselves ('' when none were)."""
+        note = self._uncategorized_note()
+        if self._num_unscored:
+            note += (f' ({self._num_unscored} of {self._num_listed} images have no metadata.json entry'
+                     ' and were dropped by the score filter)')
+        return note
 
     @property
     def _needs_category(self) -> bool:

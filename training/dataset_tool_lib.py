@@ -582,17 +582,23 @@ def _collate_keep_skips(batch: list) -> tuple:
     return [i for i, _img in kept], pixels, skipped
 
 
+def _item_name(categories: list, item: tuple) -> str:
+    """'<category>/<file>': file names repeat across categories, so a skip names both."""
+    cat, fname = item
+    return f'{categories[cat]}/{fname}'
+
+
 def _latent_path(dest: str, categories: list, item: tuple) -> str:
     cat, fname = item
     return os.path.join(dest, categories[cat], os.path.splitext(fname)[0] + '.npy')
 
 
-def _drop_duplicate_stems(items: list, skips: SkipLog) -> list:
+def _drop_duplicate_stems(categories: list, items: list, skips: SkipLog) -> list:
     seen, unique = set(), []
     for cat, fname in items:
         key = (cat, os.path.splitext(fname)[0])
         if key in seen:
-            skips.add(fname, 'another file of this category has the same stem (output name clash)')
+            skips.add(_item_name(categories, (cat, fname)), 'another file of this category has the same stem (output name clash)')
             continue
         seen.add(key)
         unique.append((cat, fname))
@@ -614,7 +620,7 @@ def process_and_encode(source: str, dest: str, model_url: str = 'stabilityai/sd-
         raise DatasetToolError(str(err)) from err
     categories, items = list_category_images(source)
     skips = SkipLog(len(items))
-    items = _drop_duplicate_stems(items, skips)
+    items = _drop_duplicate_stems(categories, items, skips)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     if rank == 0:
         for name in categories:
@@ -645,7 +651,7 @@ def _encode_shard(dataset: _CategoryImages, dest: str, model_url: str, batch_siz
     with torch.no_grad():
         for indices, pixels, skipped in tqdm.tqdm(loader, disable=not verbose):
             for i, reason in skipped:
-                skips.add(dataset.items[i][1], reason)
+                skips.add(_item_name(dataset.categories, dataset.items[i]), reason)
             if pixels is None:
                 continue
             vae = vae or _make_vae(model_url, gpu_batch_size, device)

@@ -19,7 +19,8 @@ and TorchScript archives; anything else fails with one line saying how to opt in
 torch.hub models (DINOv2, CLIP) run their repository's `hubconf.py`, as the originals do.
 
 Downloads go through `dnnlib.util.open_url` (cache under `DNNLIB_CACHE_DIR`), torch.hub
-uses `dnnlib.make_cache_dir_path('torch_hub')`; offline, the error names the file to place.
+uses `dnnlib.make_cache_dir_path('torch_hub')` and CLIP keeps its weights in
+`dnnlib.make_cache_dir_path('clip')`; offline, the error names the file to place.
 """
 
 import io
@@ -27,7 +28,7 @@ import os
 import pickle
 import warnings
 import zipfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import PIL.Image
@@ -42,6 +43,7 @@ INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/
 DINOV2_REPO, DINOV2_ENTRY = 'facebookresearch/dinov2:main', 'dinov2_vitl14'
 NIMA_URL = 'https://huggingface.co/Thibaultsoubeste/nimascorer/resolve/main/nima_scorer.pt'
 CLIP_REPO, CLIP_ENTRY, CLIP_MODEL = 'openai/CLIP:main', '_load', 'ViT-L/14'  # explicit branch: no network probe
+CLIP_WEIGHTS = 'ViT-L-14.pt'  # the file name openai/CLIP's load() gives the ViT-L/14 weights in its download_root
 AESTHETIC_HEAD_URL = 'https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/refs/heads/main/sac+logos+ava1-l14-linearMSE.pth'
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -290,19 +292,28 @@ def hub_dir() -> str:
     return dnnlib.make_cache_dir_path('torch_hub')
 
 
-def load_from_hub(repo: str, entry: str, *args: Any) -> Any:
-    """torch.hub.load with the dnnlib hub cache; offline failures become one clear line."""
+def clip_weights_path() -> str:
+    """Where CLIP's load() looks for (and downloads) the ViT-L/14 weights: under the dnnlib cache, not ~/.cache/clip."""
+    return os.path.join(dnnlib.make_cache_dir_path('clip'), CLIP_WEIGHTS)
+
+
+def load_from_hub(repo: str, entry: str, *args: Any, weights_path: Optional[str] = None, **kwargs: Any) -> Any:
+    """torch.hub.load with the dnnlib hub cache; offline failures become one clear line.
+
+    `kwargs` go to the entry point; `weights_path` names the weights file for the offline message when the
+    entry point keeps them outside torch.hub's checkpoint directory."""
     torch.hub.set_dir(hub_dir())
     owner_name, _, branch = repo.partition(':')
     repo_dir = os.path.join(hub_dir(), f'{owner_name.replace("/", "_")}_{branch or "main"}')
+    weights = f'at {weights_path}' if weights_path else f'under {os.path.join(hub_dir(), "checkpoints")}'
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='xFormers is not available')
         try:
-            return torch.hub.load(repo, entry, *args, trust_repo=True, verbose=False, skip_validation=True)
+            return torch.hub.load(repo, entry, *args, trust_repo=True, verbose=False, skip_validation=True, **kwargs)
         except Exception as err:
             raise DetectorLoadError(f'cannot load {repo} {entry} through torch.hub ({type(err).__name__}: '
                                     f'{_first_line(err)}); offline, put the repository at {repo_dir} and its '
-                                    f'weights under {os.path.join(hub_dir(), "checkpoints")}') from err
+                                    f'weights {weights}') from err
 
 
 def _open_weights(url: str, verbose: bool) -> bytes:
@@ -388,7 +399,10 @@ class AestheticPredictor(Detector):
     max_score = 10
 
     def __init__(self, url: str = AESTHETIC_HEAD_URL, verbose: bool = True):
-        loaded = load_from_hub(CLIP_REPO, CLIP_ENTRY, CLIP_MODEL)
+        # openai/CLIP's load(name, device, jit, download_root) would otherwise keep its weights in ~/.cache/clip.
+        weights = clip_weights_path()
+        loaded = load_from_hub(CLIP_REPO, CLIP_ENTRY, CLIP_MODEL, weights_path=weights,
+                               download_root=os.path.dirname(weights))
         self.clip = (loaded[0] if isinstance(loaded, (tuple, list)) else loaded).eval().requires_grad_(False)
         try:
             state = torch.load(io.BytesIO(_open_weights(url, verbose)), map_location='cpu', weights_only=True)

@@ -124,7 +124,9 @@ def network_kwargs_for_preset(name: str, *, use_fp16: bool = True, with_data_sha
         kwargs.update(data_shape_for_preset(name))
     kwargs.update(overrides)
     if kwargs['model_channels'] is None:
-        raise PresetError(f'Preset "{name}" defines no network (no "channels"): the network comes from --model2finetune; pass model_channels to build one')
+        # Said for count_flops users too, who have no model_channels option: point to what they can pass instead.
+        raise PresetError(f'Preset "{name}" defines no network of its own (fine-tuning takes it from --model2finetune);'
+                          ' use a network pickle instead, or an edm2-img* preset such as edm2-img512-xs')
     return kwargs
 
 #----------------------------------------------------------------------------

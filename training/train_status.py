@@ -61,6 +61,18 @@ def _open_tensorboard(run_dir: str) -> Optional[Any]:
 
 #----------------------------------------------------------------------------
 
+def loss_field(collector: training_stats.Collector, tick_nimg: int) -> str:
+    """'loss <mean of the tick>'; 'loss -' when no step ran since the last status (the first line of a run).
+
+    A tick that ran steps but whose losses were all non-finite (report() drops them) still reads 'loss nan':
+    that is the warning sign the README describes."""
+    if tick_nimg == 0:
+        return 'loss -'
+    loss = collector.mean('Loss/loss') if 'Loss/loss' in collector.names() else float('nan')
+    return f'loss {loss:<8.4f}'
+
+#----------------------------------------------------------------------------
+
 class StatusReporter:
     """Prints status lines and appends `stats.jsonl` (and TensorBoard scalars) on rank 0."""
 
@@ -92,16 +104,15 @@ class StatusReporter:
             torch.cuda.reset_peak_memory_stats(self.device)
         training_stats.default_collector.update()
         if self.rank0:
-            self._print_line(state, values)
+            self._print_line(state, values, tick_nimg)
             self._write_stats(state.cur_nimg)
 
-    def _print_line(self, state: Any, v: dict) -> None:
-        loss = training_stats.default_collector.mean('Loss/loss') if 'Loss/loss' in training_stats.default_collector.names() else float('nan')
+    def _print_line(self, state: Any, v: dict, tick_nimg: int) -> None:
         print(f'Status: kimg {v["Progress/kimg"]:<9.1f} time {dnnlib.util.format_time(state.total_elapsed_time):<12s} '
               f'sec/tick {v["Timing/sec_per_tick"]:<8.2f} sec/kimg {v["Timing/sec_per_kimg"]:<7.3f} '
               f'maintenance {v["Timing/maintenance_sec"]:<7.2f} cpumem {v["Resources/cpu_mem_gb"]:<6.2f} '
               f'gpumem {v["Resources/peak_gpu_mem_gb"]:<6.2f} reserved {v["Resources/peak_gpu_mem_reserved_gb"]:<6.2f} '
-              f'loss {loss:<8.4f}', flush=True)
+              f'{loss_field(training_stats.default_collector, tick_nimg)}', flush=True)
 
     def _write_stats(self, cur_nimg: int) -> None:
         collector = training_stats.default_collector
