@@ -244,7 +244,20 @@ def test_failed_pickle_write_keeps_both_old_result_files(tmp_path, monkeypatch):
 
     def full_disk(*args, **kwargs):
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(metrics.pickle, 'dump', full_disk)
+    monkeypatch.setattr(metrics.persistence, 'dump_portable', full_disk)
     with pytest.raises(OSError):
         metrics.save_results(results, base, ['fid'])
     assert open(base + '.json').read() == old_json and open(base + '.pkl', 'rb').read() == old_pkl
+
+
+def test_statistics_files_use_numpy_names_every_numpy_has(tmp_path):
+    """The official tools may run numpy < 1.26, which cannot import numpy 2's numpy._core names."""
+    mu, sigma = random_stats(6, 5)
+    stats = dict(num_images=20, fid=dict(mu=mu, sigma=sigma))
+    metrics.save_stats(stats, str(tmp_path / 'ref.pkl'))
+    results = metrics.calculate_results(stats, dict(a=dict(fid=dict(mu=mu, sigma=sigma))), ['fid'], verbose=False)
+    metrics.save_results(results, str(tmp_path / 'results'), ['fid'])
+    for name in ('ref.pkl', 'results.pkl'):
+        assert b'_core' not in (tmp_path / name).read_bytes(), name
+    loaded = metrics.load_stats(str(tmp_path / 'ref.pkl'), verbose=False)
+    assert np.array_equal(loaded['fid']['sigma'], sigma) and loaded['fid']['sigma'].dtype == sigma.dtype

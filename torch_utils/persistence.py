@@ -389,6 +389,11 @@ class _PortablePickler(pickle.Pickler):
         return NotImplemented
 
 
+def dump_portable(obj: Any, file: Any) -> None:
+    """pickle.dump with numpy values under names every numpy version can import (see _PortablePickler)."""
+    _PortablePickler(file, protocol=PICKLE_PROTOCOL).dump(obj)
+
+
 def save_pickle(obj: Any, path: Union[str, os.PathLike]) -> None:
     """Write `obj` as a pickle in the official format, atomically (all or nothing)."""
     path = os.fspath(path)
@@ -396,7 +401,7 @@ def save_pickle(obj: Any, path: Union[str, os.PathLike]) -> None:
     if not os.path.isdir(dir_path):
         raise FileNotFoundError(f"{path}: output directory {dir_path} does not exist")
     with misc.atomic_open(path, "wb") as f:
-        _PortablePickler(f, protocol=PICKLE_PROTOCOL).dump(obj)
+        dump_portable(obj, f)
 
 
 def _trust_from_env() -> bool:

@@ -465,7 +465,7 @@ def save_stats(stats: dict, path: str) -> None:
             np.savez(f, mu=stats['fid']['mu'], sigma=stats['fid']['sigma'])
         return
     with misc.atomic_open(path, 'wb') as f:
-        pickle.dump(stats, f)
+        persistence.dump_portable(stats, f)  # readable by the official tools, also under numpy < 1.26
 
 # ----------------------------------------------------------------------------
 # Fréchet distance (metrics.md §2.3).
@@ -665,7 +665,7 @@ def save_results(results: dict, base: str, metrics: Sequence[str], hist: bool = 
     # Both files are complete on disk before either replaces its predecessor: a failure leaves both old.
     with misc.atomic_open(paths['json'], 'w', encoding='utf-8') as f_json, misc.atomic_open(paths['pkl'], 'wb') as f_pkl:
         json.dump(data_json, f_json, indent=2)
-        pickle.dump(data_pkl, f_pkl)
+        persistence.dump_portable(data_pkl, f_pkl)
     written = [paths['json'], paths['pkl']]
     if hist:
         for metric in metrics:

@@ -81,15 +81,6 @@ class StepNoise:
         return self.rnd_normal, self.noise, self.posterior
 
 
-def encode_latents(encoder: Any, images: torch.Tensor, posterior: Optional[torch.Tensor]) -> torch.Tensor:
-    """encoder.encode_latents with the step's posterior noise. An encoder class from a trusted
-    foreign pickle (not ours) takes no noise argument and draws its own, as the original does."""
-    from training import encoders
-    if posterior is not None and isinstance(encoder, encoders.Encoder):
-        return encoder.encode_latents(images, posterior)
-    return encoder.encode_latents(images)
-
-
 def global_rows(rank: int, world_size: int, round_idx: int, batch_gpu: int, device: torch.device) -> torch.Tensor:
     """Positions within the step of this rank's samples in one accumulation round.
 

@@ -287,7 +287,8 @@ def training_loop(
                 with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
                     images, labels = next(dataset_iterator)
                     rows = train_step.global_rows(rank, world_size, round_idx, batch_gpu, device)
-                    images = train_step.encode_latents(encoder, images.to(device), None if posterior is None else posterior[rows])
+                    images = images.to(device)  # the posterior noise exists only for our VAE encoder class
+                    images = encoder.encode_latents(images) if posterior is None else encoder.encode_latents(images, posterior[rows])
                     labels = finetune.match_label_dim(labels.to(device), net.label_dim)
                     loss = loss_fn(net=ddp, images=images, labels=labels, rnd_normal=rnd_normal[rows], noise=noise[rows])
                     training_stats.report('Loss/loss', loss)
