@@ -10,19 +10,16 @@ from typing import Any, Callable, Optional
 import click
 import torch
 
+import dnnlib
 from torch_utils import distributed as dist
 from training import detectors
 from training import metrics as metrics_lib
+from training.sampling import ignored_gnet_warning
 
 # ----------------------------------------------------------------------------
 # Option parsing and error reporting.
 
 _EXPECTED_ERRORS = (metrics_lib.MetricsError, OSError, pickle.UnpicklingError)
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _parse_metrics(ctx: click.Context, param: click.Parameter, value: str) -> list:
@@ -53,7 +50,7 @@ def _collective(fn: Callable[[], Any], rank0_only: bool = True) -> Any:
         except _EXPECTED_ERRORS as err:
             error = err
     if dist.any_rank(error is not None):
-        raise click.ClickException(_one_line(error) if error is not None else 'failed on rank 0 (see its output)')
+        raise click.ClickException(dnnlib.util.first_line(error) if error is not None else 'failed on rank 0 (see its output)')
     return result
 
 
@@ -191,8 +188,9 @@ def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: i
     """Calculate metrics for a given model using default sampler settings."""
     device = _setup()
     _check_hist(out, hist)
-    if gnet is not None and guidance == 1:
-        _warn('--gnet is ignored with --guidance 1 (no guidance)')
+    warning = ignored_gnet_warning(gnet, guidance)
+    if warning is not None:
+        _warn(warning)
         gnet = None
     ref_stats = _collective(lambda: _prepare_outputs(refs, metrics, out))
     # Without --gnet the guide is the main network called without labels (the fork, quirk F19).

@@ -6,6 +6,7 @@ are re-exported for scripts that import them from here, as with the original.
 
 import click
 
+from torch_utils import distributed as dist
 from torch_utils import persistence
 from training import flops, presets
 from training.cli import DeviceType
@@ -45,8 +46,8 @@ def cmdline(net: str, preset: str, device: str) -> None:
     reports compute (e.g. edm2-img512-xs: 46 Gflops).
     """
     try:
-        flops.check_single_process()
-    except RuntimeError as err:
+        dist.check_single_process('count_flops.py')
+    except ValueError as err:
         raise click.ClickException(str(err)) from None
     if (net is None) == (preset is None):
         raise click.UsageError('Give exactly one of PKL|URL or --preset')

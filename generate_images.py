@@ -8,14 +8,14 @@ import pickle
 import sys
 
 import click
-import torch
 import tqdm
 
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training.cli import DEVICE
 from training.sampling import (  # noqa: F401 -- re-exported for compatibility
-    StackedRandomGenerator, check_output_path, config_presets, edm_sampler, generate_images, missing_seeds, model_root,
-    parse_int_list, parse_interval, resolve_options, save_image_grid)
+    StackedRandomGenerator, config_presets, edm_sampler, generate_images, ignored_gnet_warning, missing_seeds,
+    model_root, parse_int_list, parse_interval, resolve_options, save_image_grid)
 
 
 def _parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list:
@@ -33,10 +33,6 @@ def _parse_interval(ctx: click.Context, param: click.Parameter, value: str) -> t
         return parse_interval(value)
     except ValueError as e:
         raise click.BadParameter(str(e), ctx, param) from None
-
-
-def _default_device() -> str:
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def _fast_path(plain: bool, compute_dtype: str) -> dict:
@@ -114,11 +110,13 @@ def cmdline(preset, net, gnet, guidance, grid, skip_existing, unlabeled_guide, d
     try:
         opts.update(resolve_options(preset, net, gnet, guidance))
         opts.update(guide_labels=not unlabeled_guide, fast_path=_fast_path(plain, compute_dtype))
+        misc.check_output_path(opts['outdir'], '--outdir', is_dir=True)
         if grid is not None:
-            check_output_path(grid, '--grid')
-        dist.init(device=device or _default_device())
-        if gnet is not None and opts['gnet'] is None:
-            dist.print0('Warning: --gnet is ignored without --guidance (1 = no guidance)', file=sys.stderr, flush=True)
+            misc.check_output_path(grid, '--grid')
+        dist.init(device=device or str(misc.default_device()))
+        warning = ignored_gnet_warning(gnet, opts['guidance'])
+        if warning is not None:
+            dist.print0(f'Warning: {warning}', file=sys.stderr, flush=True)
         opts.update(device=dist.get_device())  # cuda:LOCAL_RANK under torchrun with NCCL
         _run(opts, grid, skip_existing)
     except (ValueError, OSError, pickle.UnpicklingError) as e:

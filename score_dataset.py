@@ -10,6 +10,7 @@ from typing import Optional
 
 import click
 
+import dnnlib
 from torch_utils import distributed as dist
 from training import scoring
 from training.metrics import MetricsError
@@ -48,8 +49,7 @@ def main(image_path: str, out_dir: str, metric: str, max_batch_size: int, num_wo
                                        num_workers=num_workers, checkpoints=(checkpoints or None),
                                        resolution=(resolution or None), device=dist.get_device())
     except (MetricsError, OSError, pickle.UnpicklingError) as err:
-        text = str(err).strip()
-        raise click.ClickException(text.splitlines()[0] if text else type(err).__name__) from None
+        raise click.ClickException(dnnlib.util.first_line(err)) from None
     # Rank 0 gets None only when a stop signal ended the run early: exit like a terminated process
     # (128 + SIGTERM), so that schedulers and scripts do not take the partial run for a finished one.
     stopped = dist.any_rank(dist.get_rank() == 0 and scores is None)

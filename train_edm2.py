@@ -6,11 +6,13 @@ import warnings
 import click
 import torch
 
+import dnnlib
+from dnnlib.util import parse_int_list
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training import presets
 from training.cli import DEVICE
-from training.dataset import parse_int_list
-from training.train_config import (ConfigError, check_config, check_outdir, launch_training, parse_nimg, print_training_config,
+from training.train_config import (ConfigError, check_config, launch_training, parse_nimg, print_training_config,
                                    setup_training_config)
 from training.training_loop import TrainingDivergedError
 
@@ -56,12 +58,6 @@ def _categories(ctx: click.Context, param: click.Parameter, value):
     return value
 
 
-def _default_device() -> str:
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 #----------------------------------------------------------------------------
 
@@ -175,11 +171,14 @@ def cmdline(outdir, dry_run, device, **opts):
     "Analyzing and Improving the Training Dynamics of Diffusion Models"."""
     torch.multiprocessing.set_start_method('spawn', force=True)
     try:
-        dist.init(device=device or _default_device())
+        dist.init(device=device or str(misc.default_device()))
     except (ValueError, RuntimeError) as err:  # incomplete torchrun environment, rendezvous failure
-        raise click.ClickException(_first_line(err)) from None
+        raise click.ClickException(dnnlib.util.first_line(err)) from None
     try:
-        check_outdir(outdir) # cheap, and before the dataset scan
+        misc.check_output_path(outdir, '--outdir', is_dir=True) # cheap, and before the dataset scan
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    try:
         c = setup_training_config(**opts)
         check_config(c, dist.get_world_size())
     except ConfigError as err:

@@ -568,6 +568,12 @@ def _client_error_status(err: Optional[BaseException]) -> Optional[int]:
     return None
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of str(err), else the exception type name: one readable error line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _one_line(err: Optional[BaseException]) -> str:
     if err is None:
         return "unknown error"

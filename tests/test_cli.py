@@ -1,11 +1,12 @@
-"""training/cli.py: the shared --device type."""
+"""training/cli.py: the shared --device type (over torch_utils.misc.check_device)."""
 
 import click
 import pytest
 import torch
 from click.testing import CliRunner
 
-from training.cli import DEVICE, DeviceType, check_device
+from torch_utils.misc import check_device
+from training.cli import DEVICE, DeviceType
 
 
 @click.command()

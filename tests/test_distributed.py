@@ -383,3 +383,16 @@ def test_stop_signal_handler_prints_nothing_until_should_stop(monkeypatch, capsy
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("value, message", [("1", None), (" 1 ", None), ("2", "Distributed execution is not supported"),
+                                            ("-1", "Distributed execution is not supported"),
+                                            ("x", 'WORLD_SIZE="x" is not an integer')])
+def test_check_single_process(monkeypatch, value, message):
+    monkeypatch.setenv("WORLD_SIZE", value)
+    if message is None:
+        dist.check_single_process("tool.py")
+    else:
+        with pytest.raises(ValueError, match=message) as info:
+            dist.check_single_process("tool.py")
+        assert "tool.py runs as a single process" in str(info.value)

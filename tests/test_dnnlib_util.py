@@ -348,3 +348,8 @@ def test_timeout_and_rate_limit_answers_are_retried(server, tmp_path, code):
     with util.open_url(server.url("/busy.bin"), cache_dir=str(tmp_path), verbose=False) as f:
         assert f.read() == b"later"
     assert server.requests == 2
+
+
+def test_first_line():
+    assert util.first_line(ValueError("\n  first\nsecond")) == "first"
+    assert util.first_line(KeyError()) == "KeyError"

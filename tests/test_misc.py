@@ -251,3 +251,38 @@ def test_atomic_open_exclusive_mode(tmp_path):
         with misc.atomic_open(path, "xb") as f:
             f.write(b"2")
     assert path.read_bytes() == b"1" and _leftovers(tmp_path) == []
+
+
+def test_check_output_path_one_wording(tmp_path):
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    misc.check_output_path(str(tmp_path / "new" / "deeper"), "--out", is_dir=True)
+    misc.check_output_path(str(tmp_path / "new" / "x.pkl"), "--out")
+    with pytest.raises(ValueError, match=r"^--out: .*f is a file, not a directory$"):
+        misc.check_output_path(str(afile), "--out", is_dir=True)
+    with pytest.raises(ValueError, match=r"^--out: cannot create .*f/sub: .*f is a file, not a directory$"):
+        misc.check_output_path(str(afile / "sub"), "--out", is_dir=True)
+    with pytest.raises(ValueError, match=r"^--out: .* is a directory, not a file$"):
+        misc.check_output_path(str(tmp_path), "--out")
+    assert os.listdir(tmp_path) == ["f"]  # nothing created
+
+
+def test_remove_stale_atomic_temps_matches_atomic_open_names(tmp_path, monkeypatch):
+    target = tmp_path / "a.pkl"
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt), misc.atomic_open(str(target)) as f:
+        f.write(b"x")
+        leftover = tmp_path / f"{misc.atomic_temp_prefix(str(target))}0123456789ab"
+        leftover.write_bytes(b"killed")  # what a SIGKILL at this point would leave
+    monkeypatch.undo()
+    (tmp_path / ".other.pkl.tmp-0123456789ab").write_bytes(b"other")
+    assert misc.remove_stale_atomic_temps(str(tmp_path), [str(target)]) == [str(leftover)]
+    assert misc.remove_stale_atomic_temps(str(tmp_path)) == [str(tmp_path / ".other.pkl.tmp-0123456789ab")]
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_device_messages_are_option_neutral():
+    with pytest.raises(ValueError, match="is not a torch device") as info:
+        misc.check_device("bogus")
+    assert "--device" not in str(info.value)
+    assert misc.default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -264,7 +264,7 @@ def test_cli_unusable_outdir_fails_before_loading_inputs(run_dir, tmp_path, monk
     for outdir in [afile, afile / 'sub']:
         res = _bad([f'--indir={run_dir}', f'--outdir={outdir}', '--outstd=0.1'], '--outdir')
         error = [line for line in res.output.splitlines() if line.startswith('Error:')]
-        assert len(error) == 1 and 'is not a directory' in error[0] and 'Loading' not in res.output
+        assert len(error) == 1 and 'is a file, not a directory' in error[0] and 'Loading' not in res.output
     assert loaded == [] and afile.read_text() == 'x'
     with pytest.raises(pr.PhemaError, match='Output directory'):  # the library checks too
         pr.reconstruct_phema(pr.list_input_pickles(run_dir), 0.1, out_dir=str(afile / 'sub'), verbose=False)

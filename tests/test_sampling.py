@@ -266,3 +266,10 @@ def test_image_path_layout(tmp_path):
     assert sampling.image_path('out', 12345, subdirs=True) == 'out/012000/012345.png'
     assert sampling.image_path('out', 7) == 'out/000007.png'
     assert sampling.image_path('out', 1234567) == 'out/1234567.png'
+
+
+def test_ignored_gnet_warning_only_when_guidance_is_off():
+    for guidance in (None, 1, 1.0):
+        assert sampling.ignored_gnet_warning('g.pkl', guidance) == '--gnet is ignored without guidance (--guidance 1)'
+    assert sampling.ignored_gnet_warning('g.pkl', 2.0) is None
+    assert sampling.ignored_gnet_warning(None, 1) is None

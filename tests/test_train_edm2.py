@@ -124,8 +124,8 @@ def test_non_square_images_refused_before_the_run_directory(tmp_path):
 def test_outdir_that_is_not_a_directory(data8, tmp_path):
     dist.init(device='cpu')
     (tmp_path / 'afile').write_text('x')
-    for outdir, message in ((tmp_path / 'afile', 'exists and is not a directory (a directory is expected)'),
-                            (tmp_path / 'afile' / 'sub', f'cannot create directory {tmp_path}/afile/sub: {tmp_path}/afile is not a directory')):
+    for outdir, message in ((tmp_path / 'afile', f'{tmp_path}/afile is a file, not a directory'),
+                            (tmp_path / 'afile' / 'sub', f'cannot create {tmp_path}/afile/sub: {tmp_path}/afile is a file, not a directory')):
         result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={outdir}', f'--data={data8}', *TINY_ARGS])
         assert result.exit_code == 1 and 'Error: --outdir: ' in result.output and message in result.output, result.output
         assert 'Number of images' not in result.output  # checked before the dataset scan

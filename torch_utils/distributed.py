@@ -73,6 +73,18 @@ def _init_method_kwargs(env: Any) -> dict:
                      f"jobs with torchrun, which sets {', '.join(_RENDEZVOUS_VARS)}")
 
 
+def check_single_process(script_name: str) -> None:
+    """ValueError unless WORLD_SIZE (read as init() reads it: unset or 1) means a single process; for
+    tools such as `script_name` that have no distributed mode."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if value.strip() == "1":
+        return
+    hint = f"{script_name} runs as a single process (unset WORLD_SIZE)"
+    if re.fullmatch(r"\s*[+-]?\d+\s*", value) is None:
+        raise ValueError(f'WORLD_SIZE="{value}" is not an integer; {hint}')
+    raise ValueError(f"Distributed execution is not supported (WORLD_SIZE={value.strip()}); {hint}")
+
+
 def init(device: Optional[str] = None, backend: Optional[str] = None) -> None:
     """Join (or create) the process group and set up training_stats.
 
@@ -449,16 +461,9 @@ class CheckpointIO:
 
 def _remove_stale_temp_files(run_dir: str) -> None:
     """Delete temp files of atomic writes (misc.atomic_open) that a killed run left behind."""
-    if not os.path.isdir(run_dir):
-        return
-    stale = [e.path for e in os.scandir(run_dir) if e.is_file() and _STALE_TEMP.fullmatch(e.name)]
-    for path in stale:
-        os.remove(path)
+    stale = misc.remove_stale_atomic_temps(run_dir)
     if stale:
         print0(f"Removed {len(stale)} incomplete file(s) left by an interrupted run, e.g. {os.path.basename(stale[0])}")
-
-
-_STALE_TEMP = re.compile(r"\..+\.tmp-[0-9a-f]{12}")
 
 
 def _matching_files(run_dir: str, pattern: str) -> list:

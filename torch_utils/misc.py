@@ -7,6 +7,7 @@ signatures and semantics must stay as specified.
 import contextlib
 import os
 import re
+import shutil
 import uuid
 import warnings
 from typing import Any, Iterator, Optional, Sequence
@@ -336,6 +337,31 @@ def tile_images(x: torch.Tensor, w: int, h: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------
+# Devices.
+
+
+def default_device() -> torch.device:
+    """The device used when none is given: cuda if available, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(name: str, allow_meta: bool = False) -> torch.device:
+    """torch.device(name), refusing (ValueError) names torch does not know and devices this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'"{name}" is not a torch device (e.g. cuda, cuda:1, cpu)') from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "meta" and not allow_meta:
+        raise ValueError("the meta device computes nothing; use cpu or cuda")
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{name}: only cpu and cuda devices are supported")
+    return device
+
+# ----------------------------------------------------------------------------
 # Atomic file writing.
 
 
@@ -353,6 +379,53 @@ def _fsync_dir(dir_path: str) -> None:
         os.close(fd)
 
 
+def atomic_temp_prefix(path: str) -> str:
+    """File-name prefix of atomic_open's temp files for `path` (".NAME.tmp-", then 12 hex digits): hidden,
+    so that listings skip it, and recognisable, so that remove_stale_atomic_temps can clean up."""
+    return f".{os.path.basename(os.path.abspath(path))}.tmp-"
+
+
+_ANY_ATOMIC_TEMP = re.compile(r"\..+\.tmp-[0-9a-f]{12}")
+
+
+def remove_stale_atomic_temps(dir_path: str, targets: Optional[Sequence[str]] = None) -> list:
+    """Delete what killed atomic writes (SIGKILL, power loss) left in `dir_path` and return the deleted
+    paths: the temps of the paths `targets` (files, or folders created with atomic_temp_prefix), or,
+    when None, every atomic_open temp file. Call it only where no other process writes the same paths."""
+    if not os.path.isdir(dir_path):
+        return []
+    prefixes = tuple(atomic_temp_prefix(t) for t in targets) if targets is not None else None
+    stale = []
+    for entry in sorted(os.scandir(dir_path), key=lambda e: e.name):
+        ours = entry.name.startswith(prefixes) if prefixes is not None else (
+            entry.is_file() and _ANY_ATOMIC_TEMP.fullmatch(entry.name))
+        if not ours:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.remove(entry.path)
+        stale.append(entry.path)
+    return stale
+
+
+def check_output_path(path: str, option: str, is_dir: bool = False) -> None:
+    """Raise ValueError naming `option` unless `path` can be written as a file (is_dir: used or created as a
+    directory). Checked before long work so that a bad path fails at once; nothing is created here."""
+    if is_dir and os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option}: {path} is a file, not a directory")
+    if not is_dir and os.path.isdir(path):
+        raise ValueError(f"{option}: {path} is a directory, not a file")
+    # The nearest existing directory is where makedirs or atomic_open will have to create something.
+    base = os.path.abspath(path) if is_dir else os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise ValueError(f"{option}: cannot create {path}: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}: cannot write {path}: {base} is not writable")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "wb", **open_kwargs: Any):
     """Write `path` all-or-nothing: yield a temp file in the same directory, fsync + rename on success.
@@ -363,7 +436,7 @@ def atomic_open(path: str, mode: str = "wb", **open_kwargs: Any):
     assert mode.startswith("w") or mode.startswith("x"), "atomic_open only supports write modes"
     path = os.fspath(path)
     dir_path = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(dir_path, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp_path = os.path.join(dir_path, f"{atomic_temp_prefix(path)}{uuid.uuid4().hex[:12]}")
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, mode.replace("x", "w"), **open_kwargs) as f:

@@ -167,10 +167,7 @@ def _localize(path: str, cache_dir: str, stamp: dict, opener: Callable, verbose:
 
 def _remove_stale_files(cache_dir: str, copy_path: str, stamp_path: str, verbose: bool) -> None:
     """Delete the stamp and copy of `copy_path` and temp files of atomic writes to either (misc.atomic_open)."""
-    prefixes = tuple(f'.{os.path.basename(p)}.tmp-' for p in (copy_path, stamp_path))
-    leftovers = [entry.path for entry in os.scandir(cache_dir) if entry.name.startswith(prefixes)]
-    for temp_path in leftovers:
-        os.remove(temp_path)
+    leftovers = misc.remove_stale_atomic_temps(cache_dir, [copy_path, stamp_path])
     if leftovers and verbose:
         print(f'Node-local dataset cache: removed {len(leftovers)} incomplete copy file(s) left by an interrupted run')
     for stale in (stamp_path, copy_path):  # stamp first: a copy without a stamp never looks valid

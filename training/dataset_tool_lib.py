@@ -26,7 +26,6 @@ import tqdm
 from torch_utils import distributed
 from torch_utils import misc
 from training import image_transforms
-from training.cli import check_device
 
 # ----------------------------------------------------------------------------
 # Errors and the skip log.
@@ -226,36 +225,24 @@ class DestWriter:
         self.dest = dest
         self.is_zip = dest.lower().endswith('.zip')
         self._parent = os.path.dirname(os.path.abspath(dest))
-        self._tmp_prefix = f'.{os.path.basename(os.path.abspath(dest))}.tmp-'  # as atomic_open names it
         self._stack = contextlib.ExitStack()
         self._zip = None
         self._tmp_dir = None
         self._check_dest()
 
     def _check_dest(self) -> None:
-        if self.is_zip:
-            if os.path.isdir(self.dest):
-                raise DatasetToolError(f'--dest is an existing folder, not a zip file: {self.dest}')
-            return
-        if os.path.exists(self.dest) and not os.path.isdir(self.dest):
-            raise DatasetToolError(f'--dest exists and is not a folder: {self.dest}')
-        if os.path.isdir(self.dest) and os.listdir(self.dest):
+        try:
+            misc.check_output_path(self.dest, '--dest', is_dir=not self.is_zip)
+        except ValueError as err:
+            raise DatasetToolError(str(err)) from None
+        if not self.is_zip and os.path.isdir(self.dest) and os.listdir(self.dest):
             raise DatasetToolError('--dest folder must be empty')
 
     def remove_stale_temps(self) -> None:
         """A killed run (SIGKILL, power loss) cannot clean up, and its hidden partial output can be as
         large as the dataset: remove it, saying so, since this run writes the same --dest from scratch."""
-        if not os.path.isdir(self._parent):
-            return
-        for name in sorted(os.listdir(self._parent)):
-            if not name.startswith(self._tmp_prefix):
-                continue
-            path = os.path.join(self._parent, name)
-            print(f'Removing the partial output of an interrupted earlier run: {path}', file=sys.stderr)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+        for path in misc.remove_stale_atomic_temps(self._parent, [self.dest]):
+            print(f'Removed the partial output of an interrupted earlier run: {path}', file=sys.stderr)
 
     def __enter__(self) -> 'DestWriter':
         os.makedirs(self._parent, exist_ok=True)
@@ -265,7 +252,7 @@ class DestWriter:
                 fileobj = self._stack.enter_context(misc.atomic_open(self.dest, 'wb'))
                 self._zip = self._stack.enter_context(zipfile.ZipFile(fileobj, 'w', compression=zipfile.ZIP_STORED))
             else:
-                self._tmp_dir = tempfile.mkdtemp(prefix=self._tmp_prefix, dir=self._parent)
+                self._tmp_dir = tempfile.mkdtemp(prefix=misc.atomic_temp_prefix(self.dest), dir=self._parent)
         except OSError as err:
             self._stack.close()
             raise type(err)(err.errno, err.strerror, self.dest) from err  # name --dest, not the temp file
@@ -387,9 +374,9 @@ def _ordered_map(job: Callable, items: Sequence, num_workers: int) -> Iterator:
 def _torch_device(name: Optional[str]) -> torch.device:
     """--device (None: cuda if available, else cpu), refusing unknown or absent devices in one line."""
     if name is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        return misc.default_device()
     try:
-        return check_device(name)
+        return misc.check_device(name)
     except ValueError as err:
         raise DatasetToolError(f'--device: {err}') from None
 

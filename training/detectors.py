@@ -246,7 +246,7 @@ def load_inception(url: str = INCEPTION_URL, verbose: bool = True) -> torch.nn.M
     except persistence.PickleLoadError as err:
         raise DetectorLoadError(f'{url}: Inception detector: {str(err).removeprefix("<stream>: ")}') from err
     except (RuntimeError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        raise DetectorLoadError(f'{url}: cannot load the Inception detector ({type(err).__name__}: {_first_line(err)})') from err
+        raise DetectorLoadError(f'{url}: cannot load the Inception detector ({type(err).__name__}: {dnnlib.util.first_line(err)})') from err
     if not callable(model):
         raise DetectorLoadError(f'{url}: Inception detector: expected a module, found a {type(model).__name__}')
     if not isinstance(model, (InceptionV3Features, torch.jit.ScriptModule)) and not persistence._trust_from_env():
@@ -260,10 +260,6 @@ def load_inception(url: str = INCEPTION_URL, verbose: bool = True) -> torch.nn.M
             param.requires_grad_(False)
     return model
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 # ----------------------------------------------------------------------------
 # Shared helpers.
@@ -312,7 +308,7 @@ def load_from_hub(repo: str, entry: str, *args: Any, weights_path: Optional[str]
             return torch.hub.load(repo, entry, *args, trust_repo=True, verbose=False, skip_validation=True, **kwargs)
         except Exception as err:
             raise DetectorLoadError(f'cannot load {repo} {entry} through torch.hub ({type(err).__name__}: '
-                                    f'{_first_line(err)}); offline, put the repository at {repo_dir} and its '
+                                    f'{dnnlib.util.first_line(err)}); offline, put the repository at {repo_dir} and its '
                                     f'weights {weights}') from err
 
 
@@ -369,7 +365,7 @@ class Nima(Detector):
         try:
             self.model = torch.jit.load(io.BytesIO(_open_weights(url, verbose)), map_location='cpu').eval()
         except RuntimeError as err:
-            raise DetectorLoadError(f'{url}: not a TorchScript NIMA model ({_first_line(err)})') from err
+            raise DetectorLoadError(f'{url}: not a TorchScript NIMA model ({dnnlib.util.first_line(err)})') from err
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = _resize_normalize(images, IMAGENET_MEAN, IMAGENET_STD)
@@ -409,7 +405,7 @@ class AestheticPredictor(Detector):
             self.head = AestheticHead(768)
             self.head.load_state_dict(state)
         except (RuntimeError, pickle.UnpicklingError) as err:
-            raise DetectorLoadError(f'{url}: not an aesthetic head state dict ({_first_line(err)})') from err
+            raise DetectorLoadError(f'{url}: not an aesthetic head state dict ({dnnlib.util.first_line(err)})') from err
         self.head.eval().requires_grad_(False)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ reference), which estimates the same quantity.
 
 import contextlib
 import math
-import os
 from collections import defaultdict
 from typing import Any, Callable, Optional, Union
 
@@ -285,16 +284,5 @@ def format_flops(result: dict) -> str:
 
 def print_flops(result: dict, print_fn: Callable[[str], Any] = print) -> None:
     print_fn(format_flops(result))
-
-def check_single_process() -> None:
-    """count_flops refuses distributed execution (count_flops.md)."""
-    value = os.environ.get('WORLD_SIZE', '1')
-    try:
-        world_size = int(value)
-    except ValueError:
-        raise RuntimeError(f'WORLD_SIZE="{value}" is not an integer; count_flops.py runs as a single process '
-                           '(unset WORLD_SIZE)') from None
-    if world_size != 1:
-        raise RuntimeError('Distributed execution is not supported')
 
 #----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
-from training import cli, detectors
+from training import detectors
 
 HIST_BINS_PER_UNIT = 10  # Histogram: 10 bins per score unit, bin k covers scores rounding to (k+1)/10.
 
@@ -82,7 +82,7 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
     """The compute device; a device this machine lacks (e.g. the default cuda on a CPU-only
     machine) is one clear MetricsError instead of a failure deep inside torch."""
     try:
-        return cli.check_device(str(device))
+        return misc.check_device(str(device))
     except ValueError as err:
         raise MetricsError(f'device: {err}') from None
 
@@ -90,9 +90,9 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
 class StatsAccumulator:
     """Float64 running sums per metric: S1 = sum f, S2 = sum f f^T, count; scorer histograms."""
 
-    def __init__(self, metrics: Sequence[str], device: Union[str, torch.device], verbose: bool = True):
+    def __init__(self, metrics: Sequence[str], device: torch.device, verbose: bool = True):
         self.metrics = list(metrics)
-        self.device = check_device(device)
+        self.device = device  # checked by the caller (check_device)
         self.detectors = {m: detectors.get_detector(m, verbose=verbose) for m in self.metrics}
         self.num_images = torch.zeros([], dtype=torch.int64, device=self.device)
         self.sums = dict()
@@ -186,7 +186,7 @@ def calculate_stats_for_iterable(
     number of batches, as `generate_images` and `calculate_stats_for_files` do). An empty iterable
     counts as one batch without images (then too few images: MetricsError). The device and the
     detectors are checked and set up before this returns, so missing weights fail before any work."""
-    acc = StatsAccumulator(parse_metric_list(metrics), device, verbose=verbose)
+    acc = StatsAccumulator(parse_metric_list(metrics), check_device(device), verbose=verbose)
     if num_batches is None:
         num_batches = len(image_iter) if hasattr(image_iter, '__len__') else None
     return ProgressRecords(_accumulate(acc, image_iter, dest_path, num_batches), num_batches)
@@ -405,7 +405,7 @@ def calculate_stats_for_network(
     from training.sampling import generate_images
     if len(seeds) < 2:
         raise MetricsError(f'--num: need at least 2 images to compute statistics, got {len(seeds)}')
-    if out_images is not None:
+    if out_images is not None:  # generate_images leaves this check to its callers, which name the option
         _check_path(out_images, '--out-images', is_dir=True)
     metrics = parse_metric_list(metrics)
     device = check_device(device)
@@ -415,7 +415,7 @@ def calculate_stats_for_network(
     except MetricsError:
         raise
     except ValueError as err:  # bad network pickles, mismatched guide, bad --class: one line
-        raise MetricsError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from err
+        raise MetricsError(dnnlib.util.first_line(err)) from err
     return calculate_stats_for_iterable(image_iter, metrics=metrics, verbose=verbose, dest_path=dest_path,
                                         device=device)
 
@@ -631,9 +631,8 @@ def read_existing_results(base: str) -> tuple:
 
 
 def _check_path(path: str, option: str, is_dir: bool = False) -> None:
-    from training.sampling import check_output_path
     try:
-        check_output_path(path, option, is_dir=is_dir)
+        misc.check_output_path(path, option, is_dir=is_dir)
     except ValueError as err:
         raise MetricsError(str(err)) from None
 

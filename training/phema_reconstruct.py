@@ -23,6 +23,8 @@ import torch
 import tqdm
 
 import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import misc
 from torch_utils import persistence
 from training import phema
 
@@ -185,17 +187,12 @@ def _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing) -> li
     return stds
 
 
-def check_out_dir(out_dir: str, label: str = 'Output directory') -> None:
-    """Fail before the long pass over the inputs (PhemaError naming `label`) when out_dir is not a
-    directory and cannot be created. Nothing is created here, so a failing run leaves nothing behind."""
-    path = os.path.abspath(out_dir)
-    while not os.path.lexists(path):  # the nearest existing ancestor decides whether makedirs can work
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        where = '' if path == os.path.abspath(out_dir) else f' ({path} is a file)'
-        raise PhemaError(f'{label}: {out_dir} is not a directory{where}')
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PhemaError(f'{label}: {out_dir} is not writable ({path}: permission denied)')
+def _check_out_dir(out_dir: str, label: str) -> None:
+    """Fail before the long pass over the inputs when out_dir cannot be used or created; creates nothing."""
+    try:
+        misc.check_output_path(out_dir, label, is_dir=True)
+    except ValueError as err:
+        raise PhemaError(str(err)) from None
 
 
 def _split_batches(stds: list[float], max_batch_size: int) -> list[list[int]]:
@@ -315,12 +312,17 @@ def reconstruct_phema(in_pkls: Sequence[Any], out_std: float | Sequence[float], 
     list_input_pickles). Validates eagerly (PhemaError), then returns an iterator
     of records EasyDict(step_idx, num_steps, out); `out` lists
     EasyDict(net, nimg, std, pkl_data, pkl_path) when a batch finishes."""
+    if out_dir is not None:
+        _check_out_dir(out_dir, 'Output directory')
+    return _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_existing, max_batch_size, verbose)
+
+
+def _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_existing, max_batch_size, verbose):
+    """reconstruct_phema after its out_dir check (which reconstruct_from_dir makes itself, naming --outdir)."""
     if max_batch_size < 1:
         raise PhemaError(f'Batch size must be at least 1 (got {max_batch_size})')
     in_pkls, out_nimg = _select_inputs(in_pkls, out_nimg)
     out_stds = _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing)
-    if out_dir is not None:
-        check_out_dir(out_dir)
     if len(out_stds) == 0:
         if verbose:
             print(f'All requested output pickles already exist in {out_dir} (--skip); nothing to do')
@@ -362,21 +364,19 @@ def reconstruct_from_dir(indir: str, outdir: str, outstd: Sequence[float], inpre
                          skip: bool = False, batch: int = 8) -> list[str]:
     """Discover snapshots in `indir`, reconstruct `outstd` at `outkimg` into
     `outdir` with a progress bar; returns the written paths."""
-    world_size = os.environ.get('WORLD_SIZE', '1')
-    if not world_size.strip().isdigit():
-        raise PhemaError(f'WORLD_SIZE="{world_size}" is not an integer; reconstruct_phema.py runs as a single process')
-    if int(world_size) != 1:
-        raise PhemaError('Distributed execution is not supported')
+    try:
+        dist.check_single_process('reconstruct_phema.py')
+    except ValueError as err:
+        raise PhemaError(str(err)) from None
     in_pkls = list_input_pickles(indir, in_std=instd, in_prefix=inprefix)
     if len(in_pkls) == 0:
         filters = ''.join([f' with prefix "{inprefix}"' if inprefix is not None else '',
                            f' with std in {list(instd)}' if instd is not None else ''])
         raise PhemaError(f'No input pickles named <prefix>-<kimg>-<std>.pkl found in {indir}{filters}')
     _check_single_prefix(in_pkls, indir)
-    check_out_dir(outdir, '--outdir')  # before the first pass over the inputs, which can take hours
+    _check_out_dir(outdir, '--outdir')  # before the first pass over the inputs, which can take hours
     out_nimg = None if outkimg is None else kimg_to_nimg(outkimg)
-    records = reconstruct_phema(in_pkls, out_std=outstd, out_nimg=out_nimg, out_dir=outdir, out_prefix=outprefix,
-                                skip_existing=skip, max_batch_size=batch)
+    records = _plan_and_iterate(in_pkls, outstd, out_nimg, outdir, outprefix, skip, batch, verbose=True)
     written, bar = [], None
     try:
         for r in records:

@@ -110,6 +110,14 @@ def resolve_options(preset: Optional[str] = None, net: Optional[str] = None, gne
         raise ValueError('Please specify --gnet when using guidance')
     return dict(net=net, gnet=gnet, guidance=guidance)
 
+
+def ignored_gnet_warning(gnet: Any, guidance: Optional[float]) -> Optional[str]:
+    """The warning (without 'Warning: ') for a guiding network given while guidance is off (None or 1, as in
+    resolve_options), else None."""
+    if gnet is not None and (guidance is None or guidance == 1):
+        return '--gnet is ignored without guidance (--guidance 1)'
+    return None
+
 # ----------------------------------------------------------------------------
 # Option parsing.
 
@@ -310,20 +318,6 @@ def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
     return os.path.join(image_dir, f'{seed:06d}.png')
 
 
-def check_output_path(path: str, option: str, is_dir: bool = False) -> None:
-    """Raise ValueError (naming `option`) before any work if `path` cannot be written: a directory where
-    a file is wanted or a file where a directory is wanted, or a file where a parent directory must go."""
-    if is_dir and os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f'{option}: {path} is a file, not a directory')
-    if not is_dir and os.path.isdir(path):
-        raise ValueError(f'{option}: {path} is a directory; give a file name')
-    parent = os.path.dirname(os.path.normpath(path))
-    while parent and not os.path.exists(parent):  # the nearest existing ancestor must be a directory
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise ValueError(f'{option}: {parent} is a file, so {path} cannot be created')
-
-
 def save_png(image: np.ndarray, path: str) -> None:
     """Write an HWC uint8 array (1 or 3 channels) as PNG, atomically."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -450,12 +444,11 @@ def generate_images(
     """Load the networks and return an iterable over this rank's batches of generated images.
 
     All loading and validation happens before the iterable is returned, so bad input never
-    leaves partial output. Rank 0 loads first (downloads happen once), then the others.
+    leaves partial output; `outdir` is checked by the callers (misc.check_output_path), which name
+    their option. Rank 0 loads first (downloads happen once), then the others.
     """
     device = torch.device(device)
     seeds = list(seeds)
-    if outdir is not None:
-        check_output_path(outdir, '--outdir', is_dir=True)
     if net_batch_size is not None and net_batch_size < 1:
         raise ValueError(f'net_batch_size must be >= 1, got {net_batch_size}')
     if dist.get_rank() != 0:
@@ -496,5 +489,5 @@ def missing_seeds(seeds: Sequence[int], outdir: str, subdirs: bool = False) -> l
 
 __all__ = ['config_presets', 'model_root', 'resolve_options', 'parse_int_list', 'parse_interval',
            'StackedRandomGenerator', 'edm_time_steps', 'edm_sampler', 'FixedBatchNet', 'load_network', 'check_guide_compatible',
-           'image_path', 'check_output_path', 'save_png', 'save_image_grid', 'split_seeds', 'ImageIterable', 'generate_images',
+           'ignored_gnet_warning', 'image_path', 'save_png', 'save_image_grid', 'split_seeds', 'ImageIterable', 'generate_images',
            'missing_seeds']

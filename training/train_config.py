@@ -239,21 +239,6 @@ def print_training_config(run_dir: str, c: dict, device: Any = None) -> None:
     dist.print0()
 
 
-def check_outdir(run_dir: str) -> None:
-    """Raise ConfigError unless `run_dir` is a directory or can be created as one; creates nothing."""
-    if os.path.isdir(run_dir):
-        return
-    if os.path.lexists(run_dir):
-        raise ConfigError(f'--outdir: {run_dir} exists and is not a directory (a directory is expected)')
-    ancestor = os.path.dirname(os.path.abspath(run_dir))
-    while not os.path.lexists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise ConfigError(f'--outdir: cannot create directory {run_dir}: {ancestor} is not a directory')
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f'--outdir: cannot create directory {run_dir}: {ancestor} is not writable')
-
-
 def _has_training_state(run_dir: str) -> bool:
     return any(re.fullmatch(r'training-state-\d+\.pt', name) for name in os.listdir(run_dir))
 
