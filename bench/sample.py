@@ -15,8 +15,9 @@ Variants (network `set_fast()` switches, see training/networks_edm2.py):
   compile_cl  fast paths + torch.compile + channels-last convolutions
 
 Workloads: on CPU by default the XS layout at half width (C=64, 1000 classes, fp16 weights
-as in published pickles, 29M parameters) on 16x16x4 latents, batch 4, 4 steps (7 calls): a
-CPU-sized stand-in, about 1 min on an idle 2-core machine. On CUDA an edm2-img512-xs-shaped
+as in published pickles, 29M parameters) on 16x16x4 latents, batch 4, 32 steps (63 calls, as
+in real sampling: the weight cache pays off over the calls): a CPU-sized stand-in, about 30 s
+per round on an idle 2-core machine; --steps=4 for a quick look. On CUDA an edm2-img512-xs-shaped
 net (C=128, 64x64x4) at batch 64, 32 steps.
 
 Examples:
@@ -45,7 +46,7 @@ FAST_PATHS = {
     'compile': dict(enabled=True, compile=True),
     'compile_cl': dict(enabled=True, compile=True, channels_last=True),
 }
-CPU_DEFAULTS = dict(resolution=16, channels=64, batch=4, steps=4)
+CPU_DEFAULTS = dict(resolution=16, channels=64, batch=4, steps=32)
 CUDA_DEFAULTS = dict(resolution=64, channels=128, batch=64, steps=32)
 
 
@@ -85,7 +86,7 @@ def image_change(images: torch.Tensor, reference: torch.Tensor) -> str:
 @click.option('--resolution', type=int, default=None, help='Latent resolution  [default: 16 CPU, 64 CUDA]')
 @click.option('--channels', type=int, default=None, help='model_channels  [default: 64 CPU, 128 CUDA (= XS)]')
 @click.option('--batch', type=int, default=None, help='Images per batch  [default: 4 CPU, 64 CUDA]')
-@click.option('--steps', type=int, default=None, help='Sampler steps  [default: 4 CPU, 32 CUDA]')
+@click.option('--steps', type=int, default=None, help='Sampler steps  [default: 32]')
 @click.option('--rounds', type=int, default=2, show_default=True, help='Alternating measurement rounds')
 @click.option('--weights', type=click.Choice(['fp16', 'fp32']), default='fp16', show_default=True, help='Stored weight dtype')
 def main(device, variants, resolution, channels, batch, steps, rounds, weights):
