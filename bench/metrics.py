@@ -58,12 +58,12 @@ def bench_fd(dim: int) -> None:
     a, b = rng.randn(dim, 2 * dim), rng.randn(dim, 2 * dim)
     sigma1, sigma2 = a @ a.T / a.shape[1], b @ b.T / b.shape[1]
     mu = np.zeros(dim)
-    for name, fn in (('scipy sqrtm', lambda: metrics._trace_sqrt_product_sqrtm(sigma1, sigma2)),
-                     ('eigen/nuclear', lambda: metrics._trace_sqrt_product_eig(sigma1, sigma2)),
-                     ('frechet_distance', lambda: metrics.frechet_distance(mu, sigma1, mu, sigma2))):
+    for name, what, fn in (('scipy sqrtm', 'tr sqrt(S1 S2)', lambda: metrics._trace_sqrt_product_sqrtm(sigma1, sigma2)),
+                           ('eigen/nuclear', 'tr sqrt(S1 S2)', lambda: metrics._trace_sqrt_product_eig(sigma1, sigma2)),
+                           ('frechet_distance', 'FD', lambda: metrics.frechet_distance(mu, sigma1, mu, sigma2))):
         start = time.perf_counter()
         value = fn()
-        print(f'  {name:18s} {time.perf_counter() - start:7.2f} s   (value {value:.6f})')
+        print(f'  {name:18s} {time.perf_counter() - start:7.2f} s   ({what} = {value:.6f})')
 
 
 @click.command()
