@@ -49,9 +49,9 @@ def _run(func, strict: bool, **kwargs) -> None:
 def _check_resolution(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """--resolution is parsed up front, so a bad value is a usage error before any work."""
     try:
-        lib.parse_tuple(value)
-    except lib.DatasetToolError as err:
-        raise click.BadParameter(str(err).removeprefix('--resolution: ')) from None
+        lib.parse_size(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
     return value
 
 

@@ -12,8 +12,8 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from training import presets
 from training.cli import DEVICE
-from training.train_config import (ConfigError, check_config, launch_training, parse_nimg, print_training_config,
-                                   setup_training_config)
+from training.train_config import (ConfigError, check_config, check_level_list, launch_training, parse_nimg,
+                                   print_training_config, setup_training_config)
 from training.training_loop import TrainingDivergedError
 
 warnings.filterwarnings('ignore', 'You are using `torch.load` with `weights_only=False`')
@@ -40,10 +40,10 @@ def _int_list(ctx: click.Context, param: click.Parameter, value):
         values = [int(x) for x in value.split(',') if x.strip() != '']
     except ValueError:
         raise click.BadParameter(f'"{value}" is not a comma-separated list of integers', ctx, param) from None
-    if values and min(values) < 1:
-        raise click.BadParameter(f'"{value}" must be a comma-separated list of positive integers', ctx, param)
-    if not values and param.name == 'channel_mult':  # the U-Net needs at least one level; no --attn-res = no attention
-        raise click.BadParameter('needs at least one multiplier, e.g. 1,2,2', ctx, param)
+    try:
+        check_level_list(param.name, values)  # param.name: channel_mult or attn_res
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
     return values
 
 

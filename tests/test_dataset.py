@@ -431,6 +431,28 @@ def test_select_filtered_is_deterministic_under_ties():
     assert parse_int_list('0,1,12-14') == [0, 1, 12, 13, 14] and parse_int_list(None) is None
 
 
+def test_select_filtered_reports_what_it_dropped_for_lacking_a_score_or_category():
+    scores, cats = [None, 1.0, 2.0, None, 3.0], [0, None, 0, None, 0]
+    dropped = dict()
+    assert select_filtered(scores, cats, 1, nima_threshold=0, dropped=dropped) == [2, 4]
+    assert dropped == dict(unscored=2, uncategorized=1)  # the unscored None-category image counts once
+    assert select_filtered(scores, cats, 1, require_category=False, top_percent=100, dropped=dropped) == [4, 2, 1][::-1]
+    assert dropped == dict(unscored=2, uncategorized=0)
+    assert select_filtered(scores, cats, 1, categories=[0], dropped=dropped) == [0, 2, 4]
+    assert dropped == dict(unscored=0, uncategorized=2)
+
+
+def test_checked_image_refuses_a_shape_mismatch_and_first_raw_dtype_is_kept(tmp_path):
+    from training.dataset import ImageShapeError
+    path = _write_tree(tmp_path / 'd', {'a.png': _pixels(0), 'b.png': _pixels(1, (4, 4, 3))})
+    ds = ImageFolderDataset(path)
+    assert ds._first_raw_dtype == np.uint8 and ds._first_raw_shape == [3, 8, 8]
+    assert ds._checked_image(0).shape == (3, 8, 8)
+    with pytest.raises(ImageShapeError, match=r'b\.png: image shape \[3, 4, 4\] != dataset shape \[3, 8, 8\] '
+                       r'\(all images must have the same size and channels; hint\)'):
+        ds._checked_image(1, hint='; hint')
+
+
 ORDER_SCRIPT = '''
 import sys
 from training.dataset import FilteredImageDataset

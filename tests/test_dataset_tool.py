@@ -385,6 +385,9 @@ def test_cli_resolution_must_be_positive(tmp_path, cmd, value):
     assert result.exit_code == 2 and "Invalid value for '--resolution'" in result.output
     with pytest.raises(lib.DatasetToolError, match='--resolution'):
         lib.parse_tuple(value)
+    with pytest.raises(ValueError) as info:  # the rule names no option; each caller adds it once
+        lib.parse_size(value)
+    assert f"'--resolution': {info.value}" in result.output and not str(info.value).startswith('--resolution')
 
 
 def test_center_crop_wide_refuses_tall_resolution(tmp_path):

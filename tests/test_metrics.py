@@ -261,3 +261,17 @@ def test_statistics_files_use_numpy_names_every_numpy_has(tmp_path):
         assert b'_core' not in (tmp_path / name).read_bytes(), name
     loaded = metrics.load_stats(str(tmp_path / 'ref.pkl'), verbose=False)
     assert np.array_equal(loaded['fid']['sigma'], sigma) and loaded['fid']['sigma'].dtype == sigma.dtype
+
+
+def test_readable_images_pass_shape_errors_on_and_skip_corrupt_files(tmp_path):
+    from training import dataset
+    os.makedirs(tmp_path / 'd')
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'd' / 'a.png')
+    PIL.Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'd' / 'b.png')
+    (tmp_path / 'd' / 'c.png').write_bytes(b'not a png')
+    items = metrics.ReadableImages(dataset.ImageFolderDataset(str(tmp_path / 'd')))
+    assert items[0][0].shape == (3, 8, 8)
+    assert items[1][:2] == (None, 'b.png') and items[1][2] == (
+        'b.png: image shape [3, 4, 4] != dataset shape [3, 8, 8] (all images must have the same size and channels;'
+        ' see --resolution)')
+    assert items[2] == (None, 'c.png', None)

@@ -310,3 +310,15 @@ def test_incomplete_torchrun_environment_is_one_line(data8, tmp_path):
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
     assert result.stderr.strip() == ('Error: Incomplete distributed environment (WORLD_SIZE=2): RANK is not set; start '
                                      'multi-process jobs with torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT')
+
+
+@pytest.mark.parametrize('opts, message', [
+    (dict(channel_mult=[]), '--channel-mult: needs at least one multiplier, e.g. 1,2,2'),
+    (dict(channel_mult=[1, 0]), '--channel-mult: "1,0" must be a comma-separated list of positive integers'),
+    (dict(attn_res=[-4]), '--attn-res: "-4" must be a comma-separated list of positive integers'),
+])
+def test_library_refuses_bad_level_lists_with_the_cli_wording(opts, message):
+    from training.train_config import ConfigError, _network_kwargs
+    with pytest.raises(ConfigError) as info:
+        _network_kwargs('edm2-img64-xs', dict(channels=8, dropout=0, fp16=False, **opts))
+    assert str(info.value) == message

@@ -63,6 +63,10 @@ class CorruptImageError(IOError):
     """A file of the dataset could not be decoded."""
 
 
+class ImageShapeError(IOError):
+    """An image's shape differs from the dataset's (all images must have the same size and channels)."""
+
+
 def _pil_mode_for_array(image: PIL.Image.Image) -> Optional[str]:
     """Mode to convert to so that np.array gives meaningful uint8 channels (palette/bilevel/CMYK...), or None."""
     if image.mode in ('L', 'LA', 'RGB', 'RGBA', 'I;16', 'I', 'F'):
@@ -161,18 +165,23 @@ class Dataset(torch.utils.data.Dataset):
             if self._raw_name(raw_idx) in self.skipped:
                 continue
             try:
-                image = self._get_image(raw_idx)
+                image = self._checked_image(raw_idx)
             except CorruptImageError as err:
                 self._record_skip(raw_idx, err)
                 continue
-            if list(image.shape) != self._raw_shape[1:]:
-                raise IOError(f'{self._raw_name(raw_idx)}: image shape {list(image.shape)} != dataset shape '
-                              f'{self._raw_shape[1:]} (all images must have the same size and channels)')
             if self._xflip[j]:
                 assert image.ndim == 3  # CHW
                 image = image[:, :, ::-1]
             return image.copy(), self.get_label(j)
         raise IOError(f'{self._name}: no readable image left ({len(self.skipped)} corrupted files skipped)')
+
+    def _checked_image(self, raw_idx: int, hint: str = '') -> np.ndarray:
+        """The (preprocessed) image; CorruptImageError if unreadable, ImageShapeError if its shape is not the dataset's."""
+        image = self._get_image(raw_idx)
+        if list(image.shape) != self._raw_shape[1:]:
+            raise ImageShapeError(f'{self._raw_name(raw_idx)}: image shape {list(image.shape)} != dataset shape '
+                          f'{self._raw_shape[1:]} (all images must have the same size and channels{hint})')
+        return image
 
     def _record_skip(self, raw_idx: int, err: Exception) -> None:
         name = self._raw_name(raw_idx)
@@ -374,10 +383,13 @@ class ImageFolderDataset(Dataset):
     # Decoding ----------------------------------------------------------------
 
     def _first_image_shape(self) -> list:
-        """Shape of the first readable image; unreadable ones before it are recorded as skipped."""
+        """Shape of the first readable image; unreadable ones before it are recorded as skipped.
+        Its raw shape and dtype are kept (`_first_raw_shape`, `_first_raw_dtype`) for format checks."""
         for raw_idx, fname in enumerate(self._image_fnames):
             try:
-                return list(self._load_raw_image(raw_idx).shape)
+                image = self._load_raw_image(raw_idx)
+                self._first_raw_shape, self._first_raw_dtype = list(image.shape), image.dtype
+                return list(image.shape)
             except CorruptImageError as err:
                 self.skipped[fname] = str(err)
                 print(f'Skipping corrupted file: {fname} ({err})', file=sys.stderr)
@@ -457,13 +469,15 @@ def select_filtered(
     top_per_category: Optional[float] = None,       # Keep the best X % of each category (at least one image).
     combine: str = 'union',                         # 'union' (the fork as implemented) or 'intersection' (its comment).
     require_category: bool = True,                  # Drop images without a category even for pure score filters.
+    dropped: Optional[dict] = None,                 # Filled with the counts dropped for lacking a score/category.
 ) -> list:
     """Indices of the kept images in ascending order (spec training.md §8.5, fixing quirks F8, F10).
 
     Images without a category (None) are dropped when `categories` or `top_per_category` is given or
     `require_category` is True (the fork always drops them, F11); otherwise pure score filters keep them.
     Images without a score (None: no metadata entry) are dropped by every score filter (§8.5 step 2),
-    never ranked as if they scored 0.
+    never ranked as if they scored 0. `dropped` receives `unscored` (images without a score, when a score
+    filter is on) and `uncategorized` (scored images without a category, when a category is needed).
     Every ranking sorts by (score descending, file index ascending), so the result does not depend on
     the process: all ranks see the same selection in the same order."""
     if combine not in ('union', 'intersection'):
@@ -476,6 +490,10 @@ def select_filtered(
         categories = set(categories)
     need_category = require_category or categories is not None or top_per_category is not None
     need_score = nima_threshold is not None or top_percent is not None or top_per_category is not None
+    if dropped is not None:
+        dropped['unscored'] = sum(score is None for score in scores) if need_score else 0
+        dropped['uncategorized'] = sum(cat is None for cat, score in zip(categories_of, scores)
+                                       if score is not None or not need_score) if need_category else 0
     kept = [i for i, (score, cat) in enumerate(zip(scores, categories_of))
             if (cat is not None or not need_category) and (score is not None or not need_score)
             and (nima_threshold is None or score >= nima_threshold)
@@ -574,17 +592,11 @@ class FilteredImageDataset(ImageFolderDataset):
         self._category_of = dict(zip(fnames, cats))
         if not self._filtering_active:
             return fnames
-        needs_scores = any(self._filter_kwargs[k] is not None for k in ('nima_threshold', 'top_percent', 'top_per_category'))
-        if needs_scores and not self._metadata:
-            raise IOError(f'{self._source_path}: nima_threshold/top_percent/top_per_category need metadata.json'
-                          ' with per-image scores at the dataset root')
-        if needs_scores:
-            self._check_metadata_matches(fnames, scores)
-            self._num_unscored = sum(score is None for score in scores)
-        kept = select_filtered(scores, cats, self._num_categories, **self._filter_kwargs)
-        if self._needs_category:
-            self._num_uncategorized = sum(cat is None for cat, score in zip(cats, scores)
-                                          if score is not None or not needs_scores)
+        dropped = dict()
+        kept = select_filtered(scores, cats, self._num_categories, **self._filter_kwargs, dropped=dropped)
+        self._num_unscored, self._num_uncategorized = dropped['unscored'], dropped['uncategorized']
+        if self._num_unscored == len(fnames):  # a score filter is on, and no image has a score
+            self._check_metadata_matches(fnames)
         if not kept:
             raise IOError(f'No image files left after filtering: {self._source_path}{self._dropped_note()}')
         return [fnames[i] for i in kept]
@@ -593,10 +605,12 @@ class FilteredImageDataset(ImageFolderDataset):
         entry = self._metadata.get(os.path.splitext(fname)[0], None)
         return None if entry is None else float(entry.get('nima', 0) or 0)
 
-    def _check_metadata_matches(self, fnames: list, scores: list) -> None:
-        """A metadata.json written for another layout (e.g. of a decoded copy) matches no file: say so."""
-        if any(score is not None for score in scores):
-            return
+    def _check_metadata_matches(self, fnames: list) -> None:
+        """No image has a score: metadata.json is missing, or was written for another layout (e.g. of a
+        decoded copy) and matches no file; say which."""
+        if not self._metadata:
+            raise IOError(f'{self._source_path}: nima_threshold/top_percent/top_per_category need metadata.json'
+                          ' with per-image scores at the dataset root')
         raise IOError(f'{self._source_path}: no metadata.json key matches an image file (e.g. key '
                       f'"{next(iter(self._metadata))}", file "{fnames[0]}"); keys are "<folder>/<file stem>" of '
                       'this dataset, so score a folder with the same layout (e.g. the source of process-and-encode)')
@@ -608,11 +622,6 @@ class FilteredImageDataset(ImageFolderDataset):
             note += (f' ({self._num_unscored} of {self._num_listed} images have no metadata.json entry'
                      ' and were dropped by the score filter)')
         return note
-
-    @property
-    def _needs_category(self) -> bool:
-        kwargs = self._filter_kwargs
-        return kwargs['require_category'] or kwargs['categories'] is not None or kwargs['top_per_category'] is not None
 
     def _uncategorized_note(self) -> str:
         """Why images were dropped for lacking a category ('' when none were)."""

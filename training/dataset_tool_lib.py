@@ -67,17 +67,26 @@ UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.Decom
 # Names and encodings.
 
 
-def parse_tuple(s: Optional[str]) -> tuple:
-    """'512x512' or '512,512' -> (512, 512); None -> (None, None). Sizes must be positive."""
+def parse_size(s: Optional[str]) -> tuple:
+    """'512x512' or '512,512' -> (512, 512); None -> (None, None). Sizes must be positive; ValueError
+    (the message names no option: the caller adds it)."""
     if s is None:
         return None, None
     parts = s.replace(',', 'x').split('x')
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise DatasetToolError(f'--resolution: cannot parse tuple {s} (expected WxH, e.g. 512x512)')
+        raise ValueError(f'cannot parse tuple {s} (expected WxH, e.g. 512x512)')
     width, height = int(parts[0]), int(parts[1])
     if width <= 0 or height <= 0:
-        raise DatasetToolError(f'--resolution: width and height must be positive, got {s}')
+        raise ValueError(f'width and height must be positive, got {s}')
     return width, height
+
+
+def parse_tuple(s: Optional[str]) -> tuple:
+    """`parse_size` of the --resolution option; DatasetToolError naming it."""
+    try:
+        return parse_size(s)
+    except ValueError as err:
+        raise DatasetToolError(f'--resolution: {err}') from None
 
 
 def archive_name(idx: int, prefix: str, ext: str) -> str:

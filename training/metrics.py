@@ -30,6 +30,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
+from training import dataset
 from training import detectors
 
 HIST_BINS_PER_UNIT = 10  # Histogram: 10 bins per score unit, bin k covers scores rounding to (k+1)/10.
@@ -245,7 +246,6 @@ def open_image_dataset(image_path: str, num_images: Optional[int] = None, seed: 
     """ImageFolderDataset (or FilteredImageDataset when a filter is set) over all or `num_images` images.
 
     `num_images` larger than the dataset is an error (official); `resolution` ADM-crops every image."""
-    from training import dataset
     filters = {k: v for k, v in filter_kwargs.items() if v is not None}
     try:
         if filters:
@@ -283,17 +283,14 @@ class ReadableImages(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, idx: int) -> tuple:
-        from training import dataset
         raw_idx = int(self.ds._raw_idx[idx])
         name = self.ds._raw_name(raw_idx)
         try:
-            image = self.ds._get_image(raw_idx)
+            return self.ds._checked_image(raw_idx, hint='; see --resolution'), name, None
         except dataset.CorruptImageError:
             return None, name, None
-        if list(image.shape) != self.ds.image_shape:
-            return None, name, (f'{name}: image shape {list(image.shape)} != dataset shape {self.ds.image_shape}'
-                                ' (all images must have the same size and channels; see --resolution)')
-        return image, name, None
+        except dataset.ImageShapeError as err:
+            return None, name, str(err)
 
 
 def collate_readable(items: list) -> dict:

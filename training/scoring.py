@@ -134,24 +134,15 @@ LATENT_HINT = ('latent datasets must be decoded first (dataset_tool.py decode); 
                ' e.g. the source folder of process-and-encode')
 
 
-def _first_readable_image(ds: dataset_lib.ImageFolderDataset) -> Optional[np.ndarray]:
-    for raw_idx in range(len(ds._image_fnames)):
-        try:
-            return ds._load_raw_image(raw_idx)
-        except dataset_lib.CorruptImageError:
-            continue
-    return None
-
-
 def check_pixel_images(ds: dataset_lib.ImageFolderDataset, image_path: str) -> None:
     """Refuse latents (.npy, float or many-channel arrays): the scorers would read them as pixels, or crash."""
     latents = [fname for fname in ds._image_fnames if ds._file_ext(fname) == '.npy']
     if latents:
         raise MetricsError(f'{image_path}: {latents[0]} is a latent (.npy); {LATENT_HINT}')
-    image = _first_readable_image(ds)
-    if image is not None and (image.dtype != np.uint8 or not 1 <= image.shape[0] <= 4):
-        raise MetricsError(f'{image_path}: scorers need 8-bit images with 1-4 channels, got {image.dtype} with '
-                           f'{image.shape[0]} channels; {LATENT_HINT}')
+    dtype, channels = ds._first_raw_dtype, ds._first_raw_shape[0]  # the first readable image, decoded on open
+    if dtype != np.uint8 or not 1 <= channels <= 4:
+        raise MetricsError(f'{image_path}: scorers need 8-bit images with 1-4 channels, got {dtype} with '
+                           f'{channels} channels; {LATENT_HINT}')
 
 
 def open_scoring_dataset(image_path: str, resolution: Optional[int]) -> dataset_lib.ImageFolderDataset:

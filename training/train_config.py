@@ -12,7 +12,7 @@ the official order, with this project's additions at the end:
 import json
 import os
 import re
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import dnnlib
 from torch_utils import distributed as dist
@@ -107,6 +107,15 @@ def _check_model2finetune(path: str) -> None:
         raise ConfigError(f'--model2finetune: {path} does not exist (expected a network snapshot .pkl)')
 
 
+def check_level_list(name: str, values: Sequence[int]) -> None:
+    """Rule for channel_mult / attn_resolutions (CLI callbacks and library alike): positive integers;
+    channel_mult needs at least one level, while an empty attn_resolutions means no attention."""
+    if values and min(values) < 1:
+        raise ValueError(f'"{",".join(str(v) for v in values)}" must be a comma-separated list of positive integers')
+    if not values and name == 'channel_mult':
+        raise ValueError('needs at least one multiplier, e.g. 1,2,2')
+
+
 def _network_kwargs(preset_name: str, opts: dict) -> dnnlib.EasyDict:
     kwargs = dnnlib.EasyDict(class_name=presets.PRECOND_CLASS_NAME, model_channels=opts['channels'],
                              dropout=opts['dropout'], use_fp16=opts['fp16'])
@@ -114,11 +123,11 @@ def _network_kwargs(preset_name: str, opts: dict) -> dnnlib.EasyDict:
     knobs = dict(channel_mult=opts.get('channel_mult'), num_blocks=opts.get('num_blocks'),
                  attn_resolutions=opts.get('attn_res'), channels_per_head=opts.get('channels_per_head'))
     for key, flag in (('channel_mult', '--channel-mult'), ('attn_resolutions', '--attn-res')):
-        value = knobs[key]
-        if value is not None and len(value) > 0 and min(value) < 1:
-            raise ConfigError(f'{flag}: {value} must be a list of positive integers')
-    if knobs['channel_mult'] is not None and len(knobs['channel_mult']) == 0:   # an empty --attn-res = no attention
-        raise ConfigError('--channel-mult: the U-Net needs at least one multiplier')
+        try:
+            if knobs[key] is not None:
+                check_level_list(key, knobs[key])
+        except ValueError as err:
+            raise ConfigError(f'{flag}: {err}') from None
     kwargs.update({key: value for key, value in knobs.items() if value is not None})
     return kwargs
 
