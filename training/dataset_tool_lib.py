@@ -493,18 +493,13 @@ def encode(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse',
     src = Source(source, image_extensions())
     names = _selected_names(src, max_images, 'image files')
     writer = DestWriter(dest)  # checks --dest before the VAE loads
-    vae, skips, labels = _make_vae(model_url, batch, device), SkipLog(len(names)), []
+    vae, skips = _make_vae(model_url, batch, device), SkipLog(len(names))
     shape = DatasetShape(multiple_of=8, hint=ENCODE_HINT, stage='')
-    with writer, torch.no_grad():
-        for group in _batches(_iter_arrays(src, names, decode_rgb, shape.check, skips, verbose), batch):
-            pixels = torch.from_numpy(np.stack([img for _i, _n, img in group])).permute(0, 3, 1, 2).to(device)
-            latents = vae.encode_pixels(pixels).cpu().numpy().astype(np.float32)
-            for (idx, name, _img), latent in zip(group, latents):
-                out_name = archive_name(idx, 'img-mean-std-', '.npy')
-                writer.write(out_name, encode_npy(latent))
-                labels.append([out_name, src.label(name)])
-        _check_something_written(labels, skips, source)
-        writer.write('dataset.json', dataset_json(labels))
+    def encode_batch(arrays: np.ndarray) -> np.ndarray:
+        pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(device)
+        return vae.encode_pixels(pixels).cpu().numpy().astype(np.float32)
+    items = _iter_arrays(src, names, decode_rgb, shape.check, skips, verbose)
+    _write_converted(writer, src, items, batch, encode_batch, ('img-mean-std-', '.npy', encode_npy), skips, source)
     return skips
 
 
@@ -515,20 +510,32 @@ def decode(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse',
     src = Source(source, {'.npy'})
     names = _selected_names(src, max_images, '.npy latents')
     writer = DestWriter(dest)  # checks --dest before the VAE loads
-    vae, skips, labels = _make_vae(model_url, batch, device), SkipLog(len(names)), []
+    vae, skips = _make_vae(model_url, batch, device), SkipLog(len(names))
     check = _LatentShape(2 * len(vae.scale))  # mean and std of every latent channel
     torch.manual_seed(seed)  # encode_latents draws the posterior sample from the global RNG
+    def decode_batch(arrays: np.ndarray) -> np.ndarray:
+        latents = torch.from_numpy(arrays).to(device)
+        return vae.decode(vae.encode_latents(latents)).permute(0, 2, 3, 1).cpu().numpy()
+    items = _iter_arrays(src, names, _load_npy, check, skips, verbose)
+    _write_converted(writer, src, items, batch, decode_batch, ('img', '.png', encode_png), skips, source)
+    return skips
+
+
+def _write_converted(writer: 'DestWriter', src: 'Source', items: Iterator, batch: int, convert: Callable,
+                     output: tuple, skips: 'SkipLog', source: str) -> None:
+    """Shared loop of encode/decode: convert `items` (index, name, array) in batches, write each result
+    as `output` = (name prefix, extension, serialiser) with its source label, then dataset.json."""
+    prefix, ext, serialise = output
+    labels = []
     with writer, torch.no_grad():
-        for group in _batches(_iter_arrays(src, names, _load_npy, check, skips, verbose), batch):
-            latents = torch.from_numpy(np.stack([x for _i, _n, x in group])).to(device)
-            pixels = vae.decode(vae.encode_latents(latents)).permute(0, 2, 3, 1).cpu().numpy()
-            for (idx, name, _x), img in zip(group, pixels):
-                out_name = archive_name(idx, 'img', '.png')
-                writer.write(out_name, encode_png(img))
+        for group in _batches(items, batch):
+            results = convert(np.stack([array for _i, _n, array in group]))
+            for (idx, name, _array), result in zip(group, results):
+                out_name = archive_name(idx, prefix, ext)
+                writer.write(out_name, serialise(result))
                 labels.append([out_name, src.label(name)])
         _check_something_written(labels, skips, source)
         writer.write('dataset.json', dataset_json(labels))
-    return skips
 
 # ----------------------------------------------------------------------------
 # process-and-encode (fork, spec data.md §4.6): category folders -> per-image latents, sharded over ranks.
