@@ -1,6 +1,6 @@
 """Calculate evaluation metrics (FID, FD_DINOv2, and the fork's NIMA / aesthetic scores).
 
-Thin click CLI over `training.metrics`; see `python calculate_metrics.py --help`.
+Thin click CLI over `training.evaluation.calculate_metrics`; see `python calculate_metrics.py --help`.
 """
 
 import pickle
@@ -12,9 +12,9 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import detectors
-from training import metrics as metrics_lib
-from training.sampling import ignored_gnet_warning
+from training.evaluation import detectors
+from training.evaluation import calculate_metrics as metrics_lib
+from training.sampling.presets import ignored_gnet_warning
 
 # ----------------------------------------------------------------------------
 # Option parsing and error reporting.

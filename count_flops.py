@@ -1,6 +1,6 @@
 """Count parameters, compute and activation memory of an EDM2 network.
 
-Thin CLI over `training.flops` (count_flops.md). `count_flops` and `print_flops`
+Thin CLI over `training.evaluation.count_flops` (count_flops.md). `count_flops` and `print_flops`
 are re-exported for scripts that import them from here, as with the original.
 """
 
@@ -8,9 +8,10 @@ import click
 
 from torch_utils import distributed as dist
 from torch_utils import persistence
-from training import flops, presets
-from training.cli import DeviceType
-from training.flops import count_flops, print_flops
+from training.evaluation import count_flops as flops
+from training.loop import presets
+from training.cli.options import DeviceType
+from training.evaluation.count_flops import count_flops, print_flops
 
 __all__ = ['count_flops', 'print_flops', 'cmdline']
 

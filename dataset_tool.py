@@ -1,6 +1,6 @@
 """Dataset processing tool for dataset image data conversion and VAE encode/decode preprocessing.
 
-Thin click CLI over `training.dataset_tool_lib` (spec data.md §4)."""
+Thin click CLI over `training.data_tools.dataset_tool` (spec data.md §4)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import click
 import PIL.Image
 
 from torch_utils import distributed
-from training import dataset_tool_lib as lib
-from training.cli import DEVICE
+from training.data_tools import dataset_tool as lib
+from training.cli.options import DEVICE
 
 PIL.Image.init()
 

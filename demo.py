@@ -21,8 +21,8 @@ import click
 import numpy as np
 import PIL.Image
 
-from training import demo_digits
-from training.cli import DEVICE
+from training.data_tools import demo_digits
+from training.cli.options import DEVICE
 
 # The toolkit's scripts sit next to this file; running them by absolute path lets the demo start from any
 # directory (Python puts a script's own folder first on sys.path, so their imports still resolve).

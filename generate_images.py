@@ -12,10 +12,12 @@ import tqdm
 
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training.cli import DEVICE
-from training.sampling import (  # noqa: F401 -- re-exported for compatibility
-    StackedRandomGenerator, config_presets, edm_sampler, generate_images, ignored_gnet_warning, missing_seeds,
-    model_root, parse_int_list, parse_interval, resolve_options, save_image_grid)
+from training.cli.options import DEVICE
+from dnnlib.util import parse_int_list
+from training.sampling.generate_images import generate_images, missing_seeds, save_image_grid
+from training.sampling.presets import (  # noqa: F401 -- re-exported for compatibility
+    config_presets, ignored_gnet_warning, model_root, parse_interval, resolve_options)
+from training.sampling.sampler import StackedRandomGenerator, edm_sampler  # noqa: F401 -- re-exported for compatibility
 
 
 def _parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list:

@@ -1,11 +1,11 @@
 """Reconstruct post-hoc EMA profiles from saved power-function EMA snapshots
-(EDM2, spec phema.md section 3). Logic: training/phema_reconstruct.py."""
+(EDM2, spec phema.md section 3). Logic: training/snapshots/reconstruct_phema.py."""
 
 import pickle
 
 import click
 
-from training.phema_reconstruct import (PhemaError, kimg_to_nimg, list_input_pickles, parse_std_list,
+from training.snapshots.reconstruct_phema import (PhemaError, kimg_to_nimg, list_input_pickles, parse_std_list,
                                        pickle_path, reconstruct_from_dir, reconstruct_phema)
 
 # The library API, re-exported for scripts that used the official module directly.

@@ -1,6 +1,6 @@
 """[FORK] Score every image of a dataset with NIMA or the LAION aesthetic predictor, resumably.
 
-Thin click CLI over `training.scoring`; see `python score_dataset.py --help`.
+Thin click CLI over `training.evaluation.score_dataset`; see `python score_dataset.py --help`.
 """
 
 import pickle
@@ -12,8 +12,8 @@ import click
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import scoring
-from training.metrics import MetricsError
+from training.evaluation import score_dataset as scoring
+from training.evaluation.calculate_metrics import MetricsError
 
 STOPPED_EXIT_CODE = 128 + signal.SIGTERM
 

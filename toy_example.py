@@ -9,7 +9,7 @@ import click
 import torch
 
 from training import toy
-from training.cli import DEVICE
+from training.cli.options import DEVICE
 
 URL_BASE = 'https://nvlabs-fi-cdn.nvidia.com/edm2/toy-example'
 DEFAULT_NET = f'{URL_BASE}/clsA-layers04-dim64/iter4096.pkl'

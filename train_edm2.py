@@ -1,4 +1,4 @@
-"""Train or fine-tune EDM2 diffusion models: a thin CLI over `training.train_config` and `training.training_loop`."""
+"""Train or fine-tune EDM2 diffusion models: a thin CLI over `training.loop.train_edm2` and `training.training_loop`."""
 
 import pickle
 import warnings
@@ -10,9 +10,9 @@ import dnnlib
 from dnnlib.util import parse_int_list
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import presets
-from training.cli import DEVICE
-from training.train_config import (ConfigError, check_config, check_level_list, launch_training, parse_nimg,
+from training.loop import presets
+from training.cli.options import DEVICE
+from training.loop.train_edm2 import (ConfigError, check_config, check_level_list, launch_training, parse_nimg,
                                    print_training_config, setup_training_config)
 from training.training_loop import TrainingDivergedError
 

@@ -17,9 +17,9 @@ import click
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training import data_cache  # noqa: E402
+from training.data_tools import node_cache as data_cache# noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
-from training.dataset_tool_lib import archive_name, encode_png  # noqa: E402
+from training.data_tools.dataset_tool import archive_name, encode_png  # noqa: E402
 
 # ----------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Benchmark of the metrics code: Inception-v3 feature extraction and the Fréchet distance.
 
 Prints feature-extraction images/s of the full-size Inception-v3 architecture
-(`training.detectors.InceptionV3Features`, random weights: speed does not depend on them)
+(`training.evaluation.detectors.InceptionV3Features`, random weights: speed does not depend on them)
 for uint8 inputs at a given resolution (resized to 299x299 inside, as for FID), measured
 over several rounds (median), plus the accumulation of float64 statistics. Then times the
 2048-d Fréchet distance (scipy sqrtm path vs the eigen/nuclear-norm fallback).
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training import detectors  # noqa: E402
-from training import metrics  # noqa: E402
+from training.evaluation import detectors# noqa: E402
+from training.evaluation import calculate_metrics as metrics# noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""Benchmark of image generation (training/sampling.py): plain path vs network fast paths.
+"""Benchmark of image generation (training/sampling/): plain path vs network fast paths.
 
 Runs the whole `generate_images()` pipeline (per-seed noise and labels, EDM Heun sampler,
 decode to uint8) for one batch, for each variant in turn, alternately (A B C A B C ...) so
@@ -35,7 +35,8 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training import presets, sampling  # noqa: E402
+from training.loop import presets  # noqa: E402
+from training.sampling import generate_images as sampling  # noqa: E402
 from training.encoders import StandardRGBEncoder  # noqa: E402
 
 FAST_PATHS = {

@@ -36,7 +36,7 @@ def cache_root(tmp_path_factory):
 def cache(cache_root, monkeypatch):
     """Point DNNLIB_CACHE_DIR / torch.hub at the stand-ins; one thread for the small detectors."""
     from tests import detector_standins
-    from training import detectors
+    from training.evaluation import detectors
     detector_standins.use_cache(monkeypatch, cache_root)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -18,7 +18,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
-from training import detectors
+from training.evaluation import detectors
 
 INCEPTION_WIDTH = 1 / 32
 DINO_WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'

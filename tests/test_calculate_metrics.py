@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import calculate_metrics
 from tests import detector_standins as standins
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
-from training import metrics
+from training.evaluation import calculate_metrics as metrics
 from tests.procs import child_env
 
 

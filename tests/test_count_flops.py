@@ -1,4 +1,4 @@
-"""Tests of training/flops.py and the count_flops.py CLI (spec count_flops.md)."""
+"""Tests of training/evaluation/count_flops.py and the count_flops.py CLI (spec count_flops.md)."""
 
 import re
 
@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 import count_flops as cli
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
-from training import flops, presets
+from training.evaluation import count_flops as flops
+from training.loop import presets
 
 #----------------------------------------------------------------------------
 # Counting rules, one operator kind at a time.

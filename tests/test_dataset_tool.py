@@ -1,4 +1,4 @@
-"""Tests of dataset_tool.py and training/dataset_tool_lib.py: convert, encode, decode, process-and-encode."""
+"""Tests of dataset_tool.py and training/data_tools/dataset_tool.py: convert, encode, decode, process-and-encode."""
 
 import io
 import json
@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import dataset_tool
-from training import dataset_tool_lib as lib
+from training.data_tools import dataset_tool as lib
 from training.dataset import ImageFolderDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

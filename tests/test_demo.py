@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import demo
-from training import demo_digits
+from training.data_tools import demo_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

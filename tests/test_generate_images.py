@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import generate_images as cli
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
-from training import sampling
+from training.sampling import generate_images as sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = dict(num_steps=4, verbose=False, device='cpu')

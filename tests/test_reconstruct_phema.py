@@ -1,4 +1,4 @@
-"""Tests for training/phema_reconstruct.py and the reconstruct_phema.py CLI.
+"""Tests for training/snapshots/reconstruct_phema.py and the reconstruct_phema.py CLI.
 
 A simulated training run of a tiny Precond (smooth parameter trajectory)
 tracks power-function EMAs with stds 0.050, 0.100, 0.150 and writes official-
@@ -16,8 +16,8 @@ import reconstruct_phema
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
 from torch_utils import persistence
 from training import phema
-from training import phema_reconstruct as pr
-from training import sampling
+from training.snapshots import reconstruct_phema as pr
+from training.sampling import generate_images as sampling
 
 STDS = [0.050, 0.100, 0.150]
 BATCH = 512

@@ -18,10 +18,14 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dnnlib
 import generate_images
 from torch_utils import distributed, persistence
-from training import dataset, phema_reconstruct, sampling, train_config
-from training.dataset_tool_lib import DatasetToolError, parse_tuple
+from training import dataset
+from training.snapshots import reconstruct_phema as phema_reconstruct
+from training.sampling import presets as sampling_presets
+from training.loop import train_edm2 as train_config
+from training.data_tools.dataset_tool import DatasetToolError, parse_tuple
 
 FUZZ = settings(max_examples=60, deadline=500, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FUZZ_IO = settings(max_examples=25, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -55,7 +59,7 @@ def test_parse_nimg_units(number, unit):
 @given(parser_text)
 def test_seed_lists_parse_or_raise_value_error(text):
     try:
-        seeds = sampling.parse_int_list(text)
+        seeds = dnnlib.util.parse_int_list(text)
     except ValueError as err:
         assert '\n' not in str(err).strip()
         return
@@ -67,10 +71,10 @@ def test_seed_lists_parse_or_raise_value_error(text):
 def test_seed_ranges_expand_inclusively(pairs):
     text = ','.join(f'{a}-{a + b}' for a, b in pairs)
     expected = [s for a, b in pairs for s in range(a, a + b + 1)]
-    assert sampling.parse_int_list(text) == expected
+    assert dnnlib.util.parse_int_list(text) == expected
 
 
-@pytest.mark.parametrize('parse', [sampling.parse_int_list, dataset.parse_int_list])
+@pytest.mark.parametrize('parse', [dnnlib.util.parse_int_list, dataset.parse_int_list])
 def test_huge_ranges_are_refused_not_expanded(parse):
     # A typo such as 0-99999999999 must give a clean error, not exhaust memory.
     with pytest.raises(ValueError, match='too many'):
@@ -110,7 +114,7 @@ def test_std_list_ellipsis_cannot_explode(text):
 @given(parser_text)
 def test_interval_parse_or_raise_value_error(text):
     try:
-        lo, hi = sampling.parse_interval(text)
+        lo, hi = sampling_presets.parse_interval(text)
     except ValueError:
         return
     assert 0 <= lo <= hi

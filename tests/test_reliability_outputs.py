@@ -101,28 +101,28 @@ def test_training_checkpoint(tmp_path, full_disk):
 
 
 def test_generated_png(tmp_path, full_disk):
-    from training import sampling
+    from training.sampling import generate_images as sampling
     path = str(tmp_path / '000000.png')
     image = np.full([8, 8, 3], 200, np.uint8)
     _check_previous_kept(path, lambda: sampling.save_png(image, path), full_disk)
 
 
 def test_image_grid(tmp_path, full_disk):
-    from training import sampling
+    from training.sampling import generate_images as sampling
     path = str(tmp_path / 'grid.png')
     images = torch.zeros([4, 3, 8, 8], dtype=torch.uint8)
     _check_previous_kept(path, lambda: sampling.save_image_grid(images, path), full_disk)
 
 
 def test_scores_csv(tmp_path, full_disk):
-    from training import scoring
+    from training.evaluation import score_dataset as scoring
     path = str(tmp_path / 'results_1.csv')
     _check_previous_kept(path, lambda: scoring.write_scores_csv({'a.png': 5.0}, path, 'nima'), full_disk)
 
 
 @pytest.mark.parametrize('ext', ['.pkl', '.npz'])
 def test_reference_stats(tmp_path, full_disk, ext):
-    from training import metrics
+    from training.evaluation import calculate_metrics as metrics
     path = str(tmp_path / f'ref{ext}')
     stats = {'fid': dict(mu=np.zeros(4), sigma=np.eye(4))}
     _check_previous_kept(path, lambda: metrics.save_stats(stats, path), full_disk)
@@ -130,7 +130,7 @@ def test_reference_stats(tmp_path, full_disk, ext):
 
 def test_training_options_json(tmp_path, full_disk):
     # _write_options keeps an existing file (resume), so the failing write is the first one.
-    from training import train_config
+    from training.loop import train_edm2 as train_config
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
     full_disk()
@@ -141,7 +141,7 @@ def test_training_options_json(tmp_path, full_disk):
 
 
 def test_node_cache_copy(tmp_path, full_disk):
-    from training import data_cache
+    from training.data_tools import node_cache as data_cache
     src = tmp_path / 'src.zip'
     src.write_bytes(b'z' * 1000)
     path = str(tmp_path / 'cache.zip')
@@ -149,7 +149,7 @@ def test_node_cache_copy(tmp_path, full_disk):
 
 
 def test_dataset_tool_zip(tmp_path, full_disk):
-    from training import dataset_tool_lib
+    from training.data_tools import dataset_tool as dataset_tool_lib
 
     def write():
         with dataset_tool_lib.DestWriter(path) as dest:

@@ -80,7 +80,7 @@ def _assert_one_line_refusal(result: subprocess.CompletedProcess, name: str) -> 
 @pytest.mark.parametrize('kind', ['hostile', 'truncated', 'empty', 'wrong_type', 'no_ema', 'torch_save', 'text'])
 def test_load_network_refuses_bad_files(files, kind):
     from torch_utils import persistence
-    from training import sampling
+    from training.sampling import generate_images as sampling
     with pytest.raises((persistence.PickleLoadError, ValueError)) as info:
         sampling.load_network(files[kind], verbose=False)
     message = str(info.value)
@@ -91,7 +91,7 @@ def test_load_network_refuses_bad_files(files, kind):
 @pytest.mark.parametrize('kind', ['hostile', 'truncated', 'wrong_type', 'no_ema', 'torch_save'])
 def test_finetune_source_refuses_bad_files(files, kind):
     from torch_utils import persistence
-    from training import finetune
+    from training.loop import finetune
     with pytest.raises((persistence.PickleLoadError, ValueError)) as info:
         finetune.load_finetune_source(files[kind])
     assert files[kind] in str(info.value)
@@ -100,7 +100,7 @@ def test_finetune_source_refuses_bad_files(files, kind):
 
 @pytest.mark.parametrize('kind', ['hostile', 'truncated', 'wrong_type', 'torch_save', 'text'])
 def test_reference_stats_refuse_bad_files(files, kind):
-    from training import metrics
+    from training.evaluation import calculate_metrics as metrics
     with pytest.raises(metrics.MetricsError) as info:
         metrics.load_stats(files[kind], verbose=False)
     assert files[kind] in str(info.value) and '\n' not in str(info.value)
@@ -108,7 +108,7 @@ def test_reference_stats_refuse_bad_files(files, kind):
 
 
 def test_reference_stats_npz_with_objects_is_refused(tmp_path):
-    from training import metrics
+    from training.evaluation import calculate_metrics as metrics
     path = str(tmp_path / 'ref.npz')
     np.savez(path, mu=np.array([object()], dtype=object), sigma=np.eye(2))
     with pytest.raises(metrics.MetricsError, match='ref.npz'):
@@ -116,7 +116,7 @@ def test_reference_stats_npz_with_objects_is_refused(tmp_path):
 
 
 def test_guide_with_other_architecture_is_refused(files):
-    from training import sampling
+    from training.sampling import generate_images as sampling
     _, net = sampling.load_network(files['good'], verbose=False)
     _, gnet = sampling.load_network(files['other_res'], verbose=False)
     with pytest.raises(ValueError, match='--gnet does not match --net: img_resolution'):

@@ -1,4 +1,4 @@
-"""score_dataset.py / training.scoring: CSV layout, resume after interruption, no duplicates (F22),
+"""score_dataset.py / training.evaluation.score_dataset: CSV layout, resume after interruption, no duplicates (F22),
 metadata.json usable by FilteredImageDataset (F14), zip input, bad input."""
 
 import csv
@@ -15,8 +15,8 @@ import score_dataset
 from tests import detector_standins as standins
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
-from training import detectors
-from training import scoring
+from training.evaluation import detectors
+from training.evaluation import score_dataset as scoring
 from tests.procs import child_env
 
 

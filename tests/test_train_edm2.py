@@ -14,11 +14,11 @@ import torch
 from click.testing import CliRunner
 
 import train_edm2
-from tests.test_training_loop import write_dataset
+from tests.training.test_training_loop import write_dataset
 from torch_utils import distributed as dist
 from tests.procs import child_env
 from tests.tiny import write_tiny_snapshot
-from training.train_config import _write_options, default_rampup, parse_nimg
+from training.loop.train_edm2 import _write_options, default_rampup, parse_nimg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
@@ -216,8 +216,8 @@ def test_sigkill_then_same_command_resumes_to_identical_weights(data8, reference
 
 
 def test_snapshots_load_in_generate_images_and_reconstruct_phema(reference_run, tmp_path):
-    from training.phema_reconstruct import reconstruct_from_dir
-    from training.sampling import generate_images
+    from training.snapshots.reconstruct_phema import reconstruct_from_dir
+    from training.sampling.generate_images import generate_images
     snapshot = os.path.join(reference_run, 'network-snapshot-0000003-0.100.pkl')
     images = [r.images for r in generate_images(net=snapshot, seeds=[0, 1], num_steps=4, device='cpu', verbose=False)]
     assert images[0].shape == (2, 3, 8, 8) and images[0].dtype == torch.uint8
@@ -318,7 +318,7 @@ def test_incomplete_torchrun_environment_is_one_line(data8, tmp_path):
     (dict(attn_res=[-4]), '--attn-res: "-4" must be a comma-separated list of positive integers'),
 ])
 def test_library_refuses_bad_level_lists_with_the_cli_wording(opts, message):
-    from training.train_config import ConfigError, _network_kwargs
+    from training.loop.train_edm2 import ConfigError, _network_kwargs
     with pytest.raises(ConfigError) as info:
         _network_kwargs('edm2-img64-xs', dict(channels=8, dropout=0, fp16=False, **opts))
     assert str(info.value) == message

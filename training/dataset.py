@@ -7,7 +7,7 @@
 
 Reliability beyond the originals: a corrupted file is skipped (replaced by the next readable item) and
 counted in `dataset.skipped`, never turned into a black image; a zip archive is opened once per process
-(reopened after fork); `node_cache=True` reads a node-local copy of the archive (`training.data_cache`).
+(reopened after fork); `node_cache=True` reads a node-local copy of the archive (`training.data_tools.node_cache`).
 """
 
 import json
@@ -21,8 +21,8 @@ import PIL.Image
 import torch
 
 from dnnlib.util import parse_int_list
-from training import data_cache
-from training import image_transforms
+from training.data_tools import node_cache as data_cache
+from training.data_tools import image_transforms
 
 try:
     import pyspng

@@ -335,7 +335,7 @@ def do_sample(net, x_init: torch.Tensor, guidance: float = 1, gnet=None, num_ste
               sigma_min: float = 0.002, sigma_max: float = 5, rho: float = 7) -> torch.Tensor:
     """Integrate the probability-flow ODE from x_init (at sigma_max); returns the
     trajectory [num_steps + 1, ..., 2]. `net`/`gnet` are ToyModels or GaussianMixtures."""
-    from training.sampling import edm_time_steps   # not at module level: the pickled source must load in the official tools
+    from training.sampling.sampler import edm_time_steps   # not at module level: the pickled source must load in the official tools
     denoise = guided_denoiser(net, gnet, guidance)
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, device=x_init.device)
     x = x_init.to(torch.float32)

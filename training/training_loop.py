@@ -3,7 +3,7 @@
 This file is embedded in every snapshot pickle (the `loss_fn` entry is an `EDM2Loss`),
 so what runs at import time uses only what the official toolkit provides: the standard
 library, numpy, torch, psutil, dnnlib and the official torch_utils modules. The loop's
-helpers (`training.train_step`, `training.train_status`, `training.finetune`) are
+helpers (`training.loop.step`, `training.loop.status`, `training.loop.finetune`) are
 imported inside `training_loop()`.
 
 Differences from the official loop (all documented in `train_edm2.py --help`):
@@ -151,7 +151,10 @@ def training_loop(
     tensorboard         = True,     # Also write TensorBoard scalars when tensorboard is installed.
 ):
     """Train (or fine-tune) an EDM2 network; returns 'done', 'stopped' (signal) or 'suspended' (slice)."""
-    from training import encoders, finetune, train_status, train_step
+    from training import encoders
+    from training.loop import finetune
+    from training.loop import status as train_status
+    from training.loop import step as train_step
     prev_status_time = time.time()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device(device) if device is not None else dist.get_device()

@@ -29,8 +29,8 @@ import torch
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training import dataset as dataset_lib
-from training import detectors
-from training.metrics import MetricsError
+from training.evaluation import detectors
+from training.evaluation.calculate_metrics import MetricsError
 
 CHECKPOINT_RE = re.compile(r'^results_(\d+)\.csv$')
 FULL_RESULTS = 'results_full.csv'
@@ -259,7 +259,7 @@ def _score_images(items: NamedImages, out_dir: str, metric: str, max_batch_size:
                   checkpoints: Optional[int], index: int, device: torch.device, verbose: bool) -> bool:
     """Score `items` (split over ranks); True if stopped early by a signal."""
     import tqdm
-    from training.sampling import split_seeds
+    from training.sampling.generate_images import split_seeds
     chunks = [chunk.tolist() for chunk in split_seeds(len(items), max_batch_size, dist.get_rank(), dist.get_world_size())]
     loader = torch.utils.data.DataLoader(items, batch_sampler=chunks, collate_fn=collate_named, num_workers=num_workers,
                                          prefetch_factor=(2 if num_workers > 0 else None),

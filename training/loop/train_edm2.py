@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, Union
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import presets
+from training.loop import presets
 from training.dataset import parse_int_list
 
 #----------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def _dataset_kwargs(opts: dict) -> dnnlib.EasyDict:
             raise ConfigError(f'--categories: {err}') from None
     kwargs = dnnlib.EasyDict(path=opts['data'], use_labels=opts['cond'])
     if opts.get('node_cache'):
-        kwargs.node_cache = True # slow network storage: read a node-local copy (training.data_cache)
+        kwargs.node_cache = True # slow network storage: read a node-local copy (training.data_tools.node_cache)
     if all(value is None for value in filters.values()):
         return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', **kwargs)
     return dnnlib.EasyDict(class_name='training.dataset.FilteredImageDataset', **kwargs, **filters)

@@ -1,4 +1,4 @@
-"""training.metrics: Fréchet distance, statistics accumulation, stats files, result files."""
+"""training.evaluation.calculate_metrics: Fréchet distance, statistics accumulation, stats files, result files."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import PIL.Image
 import pytest
 import torch
 
-from training import detectors
-from training import metrics
+from training.evaluation import detectors
+from training.evaluation import calculate_metrics as metrics
 
 
 

@@ -12,7 +12,7 @@ import torch
 
 import dnnlib
 from tests import detector_standins as standins
-from training import detectors
+from training.evaluation import detectors
 
 
 

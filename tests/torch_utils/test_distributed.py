@@ -18,7 +18,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from tests.procs import child_env
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.procs import REPO as REPO_ROOT  # noqa: E402
 
 
 def _clean_env():

@@ -1,4 +1,4 @@
-"""Tests of training/dataset.py and training/data_cache.py on tiny generated datasets."""
+"""Tests of training/dataset.py and training/data_tools/node_cache.py on tiny generated datasets."""
 
 import errno
 import json
@@ -15,12 +15,12 @@ import PIL.Image
 import pytest
 import torch
 
-from training import data_cache
+from training.data_tools import node_cache as data_cache
 from training.dataset import (CenterCropImagenet, FilteredImageDataset, ImageFolderDataset, parse_int_list,
                               select_filtered)
-from training.image_transforms import center_crop_dhariwal
+from training.data_tools.image_transforms import center_crop_dhariwal
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.procs import REPO  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # Dataset builders.

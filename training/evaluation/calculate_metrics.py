@@ -31,7 +31,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
 from training import dataset
-from training import detectors
+from training.evaluation import detectors
 
 HIST_BINS_PER_UNIT = 10  # Histogram: 10 bins per score unit, bin k covers scores rounding to (k+1)/10.
 
@@ -328,7 +328,7 @@ def rank_batches(num_items: int, max_batch_size: int) -> list:
     """This rank's index chunks, split like image generation (sampling.md §2 step 5). Empty chunks
     (fewer items than ranks) are kept: every rank needs the same number of batches, because the
     image count is all-reduced at every batch."""
-    from training.sampling import split_seeds
+    from training.sampling.generate_images import split_seeds
     return [chunk.tolist() for chunk in split_seeds(num_items, max_batch_size, dist.get_rank(), dist.get_world_size())]
 
 
@@ -398,8 +398,8 @@ def calculate_stats_for_network(
     **sampler_kwargs: Any,                  # guidance, num_steps, ...
 ) -> ProgressRecords:
     """Progress records (see `calculate_stats_for_iterable`) for images generated on the fly by
-    `training.sampling.generate_images`; the networks are loaded before this returns."""
-    from training.sampling import generate_images
+    `training.sampling.generate_images.generate_images`; the networks are loaded before this returns."""
+    from training.sampling.generate_images import generate_images
     if len(seeds) < 2:
         raise MetricsError(f'--num: need at least 2 images to compute statistics, got {len(seeds)}')
     if out_images is not None:  # generate_images leaves this check to its callers, which name the option

@@ -208,7 +208,7 @@ class InceptionV3Features(torch.nn.Module):
 
 # The safe loader rebuilds these classes from a pickle without executing its embedded source.
 for _name in ('BasicConv', 'InceptionA', 'InceptionB', 'InceptionC', 'InceptionD', 'InceptionE', 'InceptionV3Features'):
-    persistence.register_safe_class(_name, 'training.detectors')
+    persistence.register_safe_class(_name, 'training.evaluation.detectors')
 
 
 def inception_from_state_dict(state: dict) -> InceptionV3Features:

@@ -14,8 +14,10 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import persistence
-from training import finetune, train_status, train_step
-from training.train_config import setup_training_config
+from training.loop import finetune
+from training.loop import status as train_status
+from training.loop import step as train_step
+from training.loop.train_edm2 import setup_training_config
 from training.training_loop import (EDM2Loss, ResumeMismatchError, TrainingDivergedError, check_batch_settings, check_image_shape,
                                     learning_rate_schedule, training_loop)
 from tests.tiny import make_tiny_precond, write_tiny_snapshot

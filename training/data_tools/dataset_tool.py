@@ -25,7 +25,7 @@ import tqdm
 
 from torch_utils import distributed
 from torch_utils import misc
-from training import image_transforms
+from training.data_tools import image_transforms
 
 # ----------------------------------------------------------------------------
 # Errors and the skip log.

@@ -20,7 +20,7 @@ import dnnlib
 from tests import tiny
 from torch_utils import persistence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.procs import REPO as REPO_ROOT  # noqa: E402
 
 # Two versions of the same tiny network: "ours" (registered with the safe loader) and
 # "official" (same class names and state layout, different source text), each a real module file.

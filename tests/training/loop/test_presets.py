@@ -1,9 +1,9 @@
-"""Tests of training/presets.py (spec network.md §7, training.md §2 and §10)."""
+"""Tests of training/loop/presets.py (spec network.md §7, training.md §2 and §10)."""
 
 import pytest
 import torch
 
-from training import presets
+from training.loop import presets
 
 Mi = 1 << 20
 

@@ -1,4 +1,4 @@
-"""training/cli.py: the shared --device type (over torch_utils.misc.check_device)."""
+"""training/cli/options.py: the shared --device type (over torch_utils.misc.check_device)."""
 
 import click
 import pytest
@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from torch_utils.misc import check_device
-from training.cli import DEVICE, DeviceType
+from training.cli.options import DEVICE, DeviceType
 
 
 @click.command()

@@ -1,0 +1,1 @@
+"""The library behind `train_edm2.py`: options to config (`train_edm2`), presets, the parts of one training step, status and snapshots, and fine-tuning. The loop itself is `training.training_loop`, whose path is stored in pickles."""

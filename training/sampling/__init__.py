@@ -1,0 +1,1 @@
+"""The library behind `generate_images.py`: sampling presets, the sampler, and `generate_images()`."""

@@ -1,0 +1,1 @@
+"""Network snapshots after training: post-hoc EMA reconstruction (the library behind `reconstruct_phema.py`)."""
