@@ -16,7 +16,7 @@ from training.evaluation import detectors
 from training.evaluation import calculate_metrics as metrics_lib
 from training.sampling.presets import ignored_gnet_warning
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Option parsing and error reporting.
 
 _EXPECTED_ERRORS = (metrics_lib.MetricsError, OSError, pickle.UnpicklingError)
@@ -92,7 +92,7 @@ def _report(stats: dict, refs: dict, metric_list: list, out: Optional[str], hist
         for path in metrics_lib.save_results(results, out, metric_list, hist=hist):
             print(f'Saved {path}')
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 @click.group()
@@ -130,7 +130,7 @@ def cmdline():
         --metrics=fid,nima --out=results --hist
     """
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 _ref_option = click.option('--ref', 'refs', help='Reference statistics (.pkl, EDM v1 .npz, or URL); repeatable, results are named after each file', metavar='PKL|NPZ|URL', type=str, multiple=True)
@@ -167,7 +167,7 @@ def calc(image_path: str, refs: tuple, metrics: list, num_images: Optional[int],
     _collective(lambda: _report(stats, ref_stats, metrics, out, hist))
     dist.barrier()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 @cmdline.command()
@@ -201,7 +201,7 @@ def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: i
     _collective(lambda: _report(stats, ref_stats, metrics, out, hist))
     dist.barrier()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 @cmdline.command()
@@ -227,7 +227,7 @@ def ref(image_path: str, dest_path: str, metrics: list, max_batch_size: int, num
     dist.print0(f'Saved {dest_path}')
     dist.barrier()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 if __name__ == '__main__':

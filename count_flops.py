@@ -30,12 +30,12 @@ def _count_pickle(src: str, device: str) -> dict:
     except (persistence.PickleLoadError, OSError, ValueError) as err:
         raise click.ClickException(f'{src}: {err}' if src not in str(err) else str(err)) from None
 
-@click.command(epilog='''
+@click.command(epilog="""
 \b
 Examples:
   python count_flops.py https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-s-2147483-0.130.pkl
   python count_flops.py --preset=edm2-img512-xs
-''')
+""")
 @click.argument('net', metavar='PKL|URL', required=False)
 @click.option('--preset', help='Count a freshly built network of this training preset instead of a pickle.', metavar='NAME')
 @click.option('--device', help='Device for the forward pass. On "meta" nothing is computed: counts come from shapes and memory is estimated from tensor sizes.  [default: cuda if available, else meta]', metavar='STR', type=DeviceType(allow_meta=True))

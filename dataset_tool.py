@@ -18,7 +18,7 @@ from training.cli.options import DEVICE
 
 PIL.Image.init()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def _single_process_only() -> None:
@@ -70,7 +70,7 @@ def _add_options(options):
         return f
     return decorator
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 @click.group()
@@ -169,10 +169,10 @@ def process_and_encode(source, dest, model_url, resolution, transform, batch_siz
     _run(lib.process_and_encode, strict, source=source, dest=dest, model_url=model_url, resolution=resolution,
          transform=transform, batch_size=batch_size, num_workers=num_workers, gpu_batch_size=gpu_batch_size)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 if __name__ == '__main__':
     cmdline()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------

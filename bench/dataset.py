@@ -21,7 +21,7 @@ from training.data_tools import node_cache as data_cache# noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
 from training.data_tools.dataset_tool import archive_name, encode_png  # noqa: E402
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 class ThrottledFile:
@@ -66,7 +66,7 @@ class ReopeningZipDataset(ImageFolderDataset):
             self._zipfile = None
         return super()._open_file(fname)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def make_dataset(root: str, num_images: int, resolution: int) -> tuple:
@@ -98,7 +98,7 @@ def timed(fn):
     result = fn()
     return result, time.perf_counter() - start
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 @click.command()
@@ -131,10 +131,10 @@ def main(images, resolution, bandwidth_mb, latency_ms):
         for label, rate in rows:
             print(f'  {label:<58s} {rate:10.1f} img/s')
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 if __name__ == '__main__':
     main()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------

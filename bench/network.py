@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import networks_edm2# noqa: E402
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Workloads.
 
 
@@ -82,7 +82,7 @@ def heun_sample(net, noise, labels, num_steps=32, sigma_min=0.002, sigma_max=80,
         x = x_next
     return x
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Alternating measurement.
 
 
@@ -132,7 +132,7 @@ def tune_allocator():
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 31))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Benchmarks.
 
 
@@ -179,7 +179,7 @@ def flops_per_sample(net, device, batch=2, train=False):
             D.sum().backward()
     return counter.get_total_flops() / batch
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Command line.
 
 

@@ -2,4 +2,4 @@
 
 from .util import EasyDict, make_cache_dir_path
 
-__all__ = ["EasyDict", "make_cache_dir_path"]
+__all__ = ['EasyDict', 'make_cache_dir_path']

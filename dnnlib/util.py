@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # EasyDict
 
 
@@ -48,14 +48,14 @@ class EasyDict(dict):
             raise AttributeError(name) from None
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Logger: mirror stdout/stderr into a file.
 
 
 class Logger:
     """Replace sys.stdout and sys.stderr by a tee that also writes to `file_name`."""
 
-    def __init__(self, file_name: Optional[str] = None, file_mode: str = "w", should_flush: bool = True):
+    def __init__(self, file_name: Optional[str] = None, file_mode: str = 'w', should_flush: bool = True):
         self.file = open(file_name, file_mode) if file_name is not None else None
         self.should_flush = should_flush
         self.stdout = sys.stdout
@@ -63,7 +63,7 @@ class Logger:
         sys.stdout = self
         sys.stderr = self
 
-    def __enter__(self) -> "Logger":
+    def __enter__(self) -> 'Logger':
         return self
 
     def __exit__(self, *_exc: Any) -> None:
@@ -100,7 +100,7 @@ class Logger:
             self.file = None
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Cache directories.
 
 _dnnlib_cache_dir: Optional[str] = None
@@ -116,16 +116,16 @@ def make_cache_dir_path(*paths: str) -> str:
     """Path inside the cache root; the directory is not created."""
     if _dnnlib_cache_dir is not None:
         return os.path.join(_dnnlib_cache_dir, *paths)
-    if "DNNLIB_CACHE_DIR" in os.environ:
-        return os.path.join(os.environ["DNNLIB_CACHE_DIR"], *paths)
-    if "HOME" in os.environ:
-        return os.path.join(os.environ["HOME"], ".cache", "dnnlib", *paths)
-    if "USERPROFILE" in os.environ:
-        return os.path.join(os.environ["USERPROFILE"], ".cache", "dnnlib", *paths)
-    return os.path.join(tempfile.gettempdir(), ".cache", "dnnlib", *paths)
+    if 'DNNLIB_CACHE_DIR' in os.environ:
+        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
+    if 'HOME' in os.environ:
+        return os.path.join(os.environ['HOME'], '.cache', 'dnnlib', *paths)
+    if 'USERPROFILE' in os.environ:
+        return os.path.join(os.environ['USERPROFILE'], '.cache', 'dnnlib', *paths)
+    return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Small helpers.
 
 
@@ -133,24 +133,24 @@ def format_time(seconds: Union[int, float]) -> str:
     """Human-readable duration, e.g. '1h 02m 03s'."""
     s = int(np.rint(seconds))
     if s < 60:
-        return f"{s}s"
+        return f'{s}s'
     if s < 60 * 60:
-        return f"{s // 60}m {s % 60:02}s"
+        return f'{s // 60}m {s % 60:02}s'
     if s < 24 * 60 * 60:
-        return f"{s // 3600}h {(s // 60) % 60:02}m {s % 60:02}s"
-    return f"{s // 86400}d {(s // 3600) % 24:02}h {(s // 60) % 60:02}m"
+        return f'{s // 3600}h {(s // 60) % 60:02}m {s % 60:02}s'
+    return f'{s // 86400}d {(s // 3600) % 24:02}h {(s // 60) % 60:02}m'
 
 
 def format_time_brief(seconds: Union[int, float]) -> str:
     """Like format_time, but drops the smallest unit above one hour."""
     s = int(np.rint(seconds))
     if s < 60:
-        return f"{s}s"
+        return f'{s}s'
     if s < 60 * 60:
-        return f"{s // 60}m {s % 60:02}s"
+        return f'{s // 60}m {s % 60:02}s'
     if s < 24 * 60 * 60:
-        return f"{s // 3600}h {(s // 60) % 60:02}m"
-    return f"{s // 86400}d {(s // 3600) % 24:02}h"
+        return f'{s // 3600}h {(s // 60) % 60:02}m'
+    return f'{s // 86400}d {(s // 3600) % 24:02}h'
 
 
 def tuple_product(t: tuple) -> Any:
@@ -162,16 +162,16 @@ def tuple_product(t: tuple) -> Any:
 
 
 _str_to_ctype = {
-    "uint8": ctypes.c_ubyte,
-    "uint16": ctypes.c_uint16,
-    "uint32": ctypes.c_uint32,
-    "uint64": ctypes.c_uint64,
-    "int8": ctypes.c_byte,
-    "int16": ctypes.c_int16,
-    "int32": ctypes.c_int32,
-    "int64": ctypes.c_int64,
-    "float32": ctypes.c_float,
-    "float64": ctypes.c_double,
+    'uint8': ctypes.c_ubyte,
+    'uint16': ctypes.c_uint16,
+    'uint32': ctypes.c_uint32,
+    'uint64': ctypes.c_uint64,
+    'int8': ctypes.c_byte,
+    'int16': ctypes.c_int16,
+    'int32': ctypes.c_int32,
+    'int64': ctypes.c_int64,
+    'float32': ctypes.c_float,
+    'float64': ctypes.c_double,
 }
 
 
@@ -179,14 +179,14 @@ def get_dtype_and_ctype(type_obj: Any) -> tuple:
     """Numpy dtype and ctypes type for a type name ('uint8' ... 'float64') or a type object."""
     if isinstance(type_obj, str):
         type_str = type_obj
-    elif hasattr(type_obj, "__name__"):
+    elif hasattr(type_obj, '__name__'):
         type_str = type_obj.__name__
-    elif hasattr(type_obj, "name"):
+    elif hasattr(type_obj, 'name'):
         type_str = type_obj.name
     else:
-        raise RuntimeError(f"Cannot infer type name from input: {type_obj!r}")
+        raise RuntimeError(f'Cannot infer type name from input: {type_obj!r}')
     if type_str not in _str_to_ctype:
-        raise ValueError(f"Unsupported type name: {type_str}")
+        raise ValueError(f'Unsupported type name: {type_str}')
     dtype = np.dtype(type_str)
     ctype = _str_to_ctype[type_str]
     assert dtype.itemsize == ctypes.sizeof(ctype)
@@ -205,18 +205,18 @@ def is_pickleable(obj: Any) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Name-based lookup and construction.
 
 
 def get_module_from_obj_name(obj_name: str) -> tuple:
     """Split 'pkg.mod.Obj.attr' into (imported module, 'Obj.attr'), longest module first."""
-    if obj_name.startswith("np."):
-        obj_name = "numpy." + obj_name[3:]
-    if obj_name.startswith("tf."):
-        obj_name = "tensorflow." + obj_name[3:]
-    parts = obj_name.split(".")
-    splits = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts), 0, -1)]
+    if obj_name.startswith('np.'):
+        obj_name = 'numpy.' + obj_name[3:]
+    if obj_name.startswith('tf.'):
+        obj_name = 'tensorflow.' + obj_name[3:]
+    parts = obj_name.split('.')
+    splits = [('.'.join(parts[:i]), '.'.join(parts[i:])) for i in range(len(parts), 0, -1)]
 
     # Happy path: an importable module whose remainder resolves.
     for module_name, local_name in splits:
@@ -248,10 +248,10 @@ def get_module_from_obj_name(obj_name: str) -> tuple:
 
 def get_obj_from_module(module: types.ModuleType, obj_name: str) -> Any:
     """Resolve a dotted attribute path inside a module ('' -> the module)."""
-    if obj_name == "":
+    if obj_name == '':
         return module
     obj = module
-    for part in obj_name.split("."):
+    for part in obj_name.split('.'):
         obj = getattr(obj, part)
     return obj
 
@@ -267,7 +267,7 @@ def call_func_by_name(*args: Any, func_name: Union[str, Callable], **kwargs: Any
     assert func_name is not None
     func_obj = get_obj_by_name(func_name) if isinstance(func_name, str) else func_name
     if not callable(func_obj):
-        raise TypeError(f"{func_name} is not callable")
+        raise TypeError(f'{func_name} is not callable')
     return func_obj(*args, **kwargs)
 
 
@@ -291,13 +291,13 @@ def get_top_level_function_name(obj: Any) -> str:
     """'module.function' name; '__main__' is replaced by the script's base name."""
     assert is_top_level_function(obj)
     module = obj.__module__
-    if module == "__main__":
+    if module == '__main__':
         main_file = sys.modules[module].__file__
         module = os.path.splitext(os.path.basename(main_file))[0]
-    return module + "." + obj.__name__
+    return module + '.' + obj.__name__
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # File helpers.
 
 
@@ -330,7 +330,7 @@ def copy_files_and_create_dirs(files: list) -> None:
         shutil.copyfile(src, dst)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # URLs and downloads (spec persistence.md §5.2).
 
 
@@ -350,14 +350,14 @@ _CHUNK_BYTES = 1 << 20
 
 def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
     """True for strings like 'https://host.domain/...' (file:// only if allowed)."""
-    if not isinstance(obj, str) or "://" not in obj:
+    if not isinstance(obj, str) or '://' not in obj:
         return False
-    if allow_file_urls and obj.startswith("file://"):
+    if allow_file_urls and obj.startswith('file://'):
         return True
     try:
-        for candidate in (obj, urllib.parse.urljoin(obj, "/")):
+        for candidate in (obj, urllib.parse.urljoin(obj, '/')):
             parsed = urllib.parse.urlparse(candidate)
-            if not parsed.scheme or not parsed.netloc or "." not in parsed.netloc:
+            if not parsed.scheme or not parsed.netloc or '.' not in parsed.netloc:
                 return False
     except ValueError:
         return False
@@ -366,25 +366,25 @@ def is_url(obj: Any, allow_file_urls: bool = False) -> bool:
 
 def url_md5(url: str) -> str:
     """Cache key of a URL: MD5 hex digest of the URL string."""
-    return hashlib.md5(url.encode("utf-8")).hexdigest()
+    return hashlib.md5(url.encode('utf-8')).hexdigest()
 
 
 def safe_file_name(name: str) -> str:
     """Replace characters outside [0-9a-zA-Z-._] by '_' and keep at most 128 characters."""
-    return re.sub(r"[^0-9a-zA-Z\-._]", "_", name)[:128]
+    return re.sub(r'[^0-9a-zA-Z\-._]', '_', name)[:128]
 
 
 def expected_cache_path(url: str, cache_dir: Optional[str] = None) -> str:
     """Where open_url stores `url` when the server gives no Content-Disposition name."""
-    cache_dir = cache_dir if cache_dir is not None else make_cache_dir_path("downloads")
-    return os.path.join(cache_dir, f"{url_md5(url)}_{safe_file_name(url)}")
+    cache_dir = cache_dir if cache_dir is not None else make_cache_dir_path('downloads')
+    return os.path.join(cache_dir, f'{url_md5(url)}_{safe_file_name(url)}')
 
 
 def find_cached_file(url: str, cache_dir: str) -> Optional[str]:
     """The single cached file `<md5>_*` for `url`, or None (none or ambiguous)."""
     if not os.path.isdir(cache_dir):
         return None
-    prefix = url_md5(url) + "_"
+    prefix = url_md5(url) + '_'
     matches = [name for name in os.listdir(cache_dir) if name.startswith(prefix)]
     if len(matches) != 1:
         return None
@@ -393,26 +393,26 @@ def find_cached_file(url: str, cache_dir: str) -> Optional[str]:
 
 def _local_path_from_file_url(url: str) -> str:
     path = urllib.parse.urlparse(url).path
-    if re.match(r"^/[a-zA-Z]:", path):  # '/C:/...' -> 'C:/...' on Windows.
+    if re.match(r'^/[a-zA-Z]:', path):  # '/C:/...' -> 'C:/...' on Windows.
         path = path[1:]
     return urllib.parse.unquote(path)
 
 
 def _name_from_response(url: str, headers: Any) -> str:
-    disposition = headers.get("Content-Disposition", "") or ""
+    disposition = headers.get('Content-Disposition', '') or ''
     match = re.search(r'filename="([^"]*)"', disposition)
     return safe_file_name(match.group(1) if match else url)
 
 
 def _check_google_drive_nag(url: str, headers: Any, small_body: bytes) -> None:
     """Raise IOError (a retryable condition) for Google Drive virus-scan nags and quota pages."""
-    text = small_body.decode("utf-8", errors="replace")
-    if "download_warning" in headers.get("Set-Cookie", ""):
-        links = [html.unescape(part) for part in text.split('"') if "export=download" in part]
+    text = small_body.decode('utf-8', errors='replace')
+    if 'download_warning' in headers.get('Set-Cookie', ''):
+        links = [html.unescape(part) for part in text.split('"') if 'export=download' in part]
         if len(links) == 1:
             raise _Redirect(urllib.parse.urljoin(url, links[0]))
-    if "Google Drive - Quota exceeded" in text or "Google Drive - Virus scan warning" in text:
-        raise IOError("Google Drive download quota exceeded or virus-scan page returned")
+    if 'Google Drive - Quota exceeded' in text or 'Google Drive - Virus scan warning' in text:
+        raise IOError('Google Drive download quota exceeded or virus-scan page returned')
 
 
 class _Redirect(Exception):
@@ -431,7 +431,7 @@ def _is_unreachable(err: BaseException) -> bool:
         if isinstance(err, (socket.gaierror, ConnectionRefusedError)):
             return True
         text = str(err)
-        if "Name or service not known" in text or "Failed to resolve" in text or "Temporary failure in name resolution" in text:
+        if 'Name or service not known' in text or 'Failed to resolve' in text or 'Temporary failure in name resolution' in text:
             return True
         err = err.__cause__ or err.__context__ or (err.args[0] if err.args and isinstance(err.args[0], BaseException) else None)
     return False
@@ -441,11 +441,11 @@ def _download_to_file(session: Any, url: str, cache_dir: str, md5: str) -> str:
     """One attempt: stream `url` into a temp file in `cache_dir`, rename atomically, return the path."""
     with session.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as res:
         res.raise_for_status()
-        final_path = os.path.join(cache_dir, f"{md5}_{_name_from_response(url, res.headers)}")
-        tmp_path = os.path.join(cache_dir, f"tmp_{uuid.uuid4().hex}_{os.path.basename(final_path)}")
+        final_path = os.path.join(cache_dir, f'{md5}_{_name_from_response(url, res.headers)}')
+        tmp_path = os.path.join(cache_dir, f'tmp_{uuid.uuid4().hex}_{os.path.basename(final_path)}')
         try:
-            received, head = 0, b""
-            with open(tmp_path, "wb") as f:
+            received, head = 0, b''
+            with open(tmp_path, 'wb') as f:
                 for chunk in res.iter_content(_CHUNK_BYTES):
                     f.write(chunk)
                     received += len(chunk)
@@ -464,10 +464,10 @@ def _download_to_file(session: Any, url: str, cache_dir: str, md5: str) -> str:
 def _check_body(url: str, headers: Any, received: int, head: bytes) -> None:
     """Reject empty, truncated and Google Drive nag responses (all retryable)."""
     if received == 0:
-        raise IOError("No data received")
-    expected = headers.get("Content-Length")
-    if expected is not None and "Content-Encoding" not in headers and received != int(expected):
-        raise IOError(f"Truncated download: got {received} of {expected} bytes")
+        raise IOError('No data received')
+    expected = headers.get('Content-Length')
+    if expected is not None and 'Content-Encoding' not in headers and received != int(expected):
+        raise IOError(f'Truncated download: got {received} of {expected} bytes')
     if received < 8192:
         _check_google_drive_nag(url, headers, head)
 
@@ -492,26 +492,26 @@ def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 10, 
     assert not (return_filename and not cache)
 
     # Local path or file:// URL.
-    if not re.match(r"^[a-z]+://", url):
-        return url if return_filename else open(url, "rb")
-    if url.startswith("file://"):
+    if not re.match(r'^[a-z]+://', url):
+        return url if return_filename else open(url, 'rb')
+    if url.startswith('file://'):
         path = _local_path_from_file_url(url)
-        return path if return_filename else open(path, "rb")
+        return path if return_filename else open(path, 'rb')
     if not is_url(url):
-        raise ValueError(f"Not a valid URL: {url}")
+        raise ValueError(f'Not a valid URL: {url}')
 
-    cache_dir = cache_dir if cache_dir is not None else make_cache_dir_path("downloads")
+    cache_dir = cache_dir if cache_dir is not None else make_cache_dir_path('downloads')
     if cache:
         cached = find_cached_file(url, cache_dir)
         if cached is not None:
-            return cached if return_filename else open(cached, "rb")
+            return cached if return_filename else open(cached, 'rb')
 
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
     result = _download_with_retries(url, cache_dir, num_attempts, verbose, cache)
     if not cache:
         return io.BytesIO(result)
-    return result if return_filename else open(result, "rb")
+    return result if return_filename else open(result, 'rb')
 
 
 def _download_with_retries(url: str, cache_dir: str, num_attempts: int, verbose: bool, cache: bool) -> Any:
@@ -523,46 +523,46 @@ def _download_with_retries(url: str, cache_dir: str, num_attempts: int, verbose:
     last_error: Optional[BaseException] = None
     unreachable = 0
     if verbose:
-        print(f"Downloading {url} ...", end="", flush=True)
+        print(f'Downloading {url} ...', end='', flush=True)
     with requests.Session() as session:
         for attempt in range(num_attempts):
             try:
                 result = _download_to_file(session, current_url, cache_dir, md5) if cache else _download_to_memory(session, current_url)
                 if verbose:
-                    print(" done", flush=True)
+                    print(' done', flush=True)
                 return result
             except KeyboardInterrupt:
                 if verbose:
-                    print(" interrupted", flush=True)
+                    print(' interrupted', flush=True)
                 raise
             except _Redirect as redirect:
                 current_url = redirect.new_url
-                last_error = IOError("Google Drive virus checker nag")
+                last_error = IOError('Google Drive virus checker nag')
             except (requests.RequestException, OSError) as err:
                 last_error = err
                 unreachable = unreachable + 1 if _is_unreachable(err) else 0
-            local_failure = isinstance(last_error, OSError) and getattr(last_error, "errno", None) in LOCAL_WRITE_ERRNOS
+            local_failure = isinstance(last_error, OSError) and getattr(last_error, 'errno', None) in LOCAL_WRITE_ERRNOS
             refused = _client_error_status(last_error) is not None
             if attempt + 1 == num_attempts or unreachable >= MAX_UNREACHABLE_ATTEMPTS or local_failure or refused:
                 break
             if verbose:
-                print(".", end="", flush=True)
+                print('.', end='', flush=True)
             time.sleep(min(BACKOFF_BASE_S * 2**attempt, BACKOFF_MAX_S))
     if verbose:
-        print(" failed", flush=True)
+        print(' failed', flush=True)
     status = _client_error_status(last_error)
     if status is not None:
         raise DownloadError(f"Could not download {url}: the server answered HTTP {status} "
                             f"{last_error.response.reason or ''}".rstrip())
-    hint = "if this machine is offline, fetch" if unreachable else "you can also fetch"
-    raise DownloadError(f"Could not download {url} ({_one_line(last_error)}); {hint} the file elsewhere "
-                        f"and put it at {expected_cache_path(url, cache_dir)}")
+    hint = 'if this machine is offline, fetch' if unreachable else 'you can also fetch'
+    raise DownloadError(f'Could not download {url} ({_one_line(last_error)}); {hint} the file elsewhere '
+                        f'and put it at {expected_cache_path(url, cache_dir)}')
 
 
 def _client_error_status(err: Optional[BaseException]) -> Optional[int]:
     """The status of an HTTP 4xx answer that retrying cannot change (not 408 timeout / 429 rate limit), else None."""
-    response = getattr(err, "response", None)
-    status = getattr(response, "status_code", None)
+    response = getattr(err, 'response', None)
+    status = getattr(response, 'status_code', None)
     if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
         return status
     return None
@@ -576,14 +576,14 @@ def first_line(err: BaseException) -> str:
 
 def _one_line(err: Optional[BaseException]) -> str:
     if err is None:
-        return "unknown error"
-    text = f"{type(err).__name__}: {err}"
-    text = " ".join(text.split())
-    return text if len(text) <= 200 else text[:197] + "..."
+        return 'unknown error'
+    text = f'{type(err).__name__}: {err}'
+    text = ' '.join(text.split())
+    return text if len(text) <= 200 else text[:197] + '...'
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
-# ------------------------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Option parsing shared by the scripts (--seeds, --categories).
 
 _RANGE_RE = re.compile(r'^(\d+)-(\d+)$')

@@ -23,7 +23,7 @@ from training.evaluation import detectors
 INCEPTION_WIDTH = 1 / 32
 DINO_WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'
 
-DINO_HUBCONF = '''
+DINO_HUBCONF = """
 import torch
 
 dependencies = ['torch']
@@ -47,9 +47,9 @@ def dinov2_vitl14(pretrained=True, **kwargs):
     if pretrained:
         model.load_state_dict(torch.hub.load_state_dict_from_url({url!r}, map_location='cpu'))
     return model
-'''
+"""
 
-CLIP_HUBCONF = '''
+CLIP_HUBCONF = """
 import torch
 
 dependencies = ['torch']
@@ -69,7 +69,7 @@ class TinyCLIP(torch.nn.Module):
 def _load(name, device='cpu', jit=False, **kwargs):
     assert name == 'ViT-L/14'
     return TinyCLIP().eval(), (lambda image: image)
-'''
+"""
 
 
 class TinyNima(torch.nn.Module):

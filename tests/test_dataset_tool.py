@@ -19,7 +19,7 @@ from training.dataset import ImageFolderDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Source images: odd sizes and every common PIL mode, in two top-level folders (labels 0 and 1).
 
 
@@ -60,7 +60,7 @@ def _read_zip(path: str) -> dict:
 def _png(data: bytes) -> np.ndarray:
     return np.array(PIL.Image.open(io.BytesIO(data)))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # The transforms, written out from the spec (data.md §4.3) with PIL operations.
 
 
@@ -159,7 +159,7 @@ def test_unreadable_input_is_skipped(tmp_path):
     assert [n for n, _ in skips.items] == ['a/broken.png'] and 'unreadable' in skips.items[0][1]
     assert len(_read_zip(str(tmp_path / 'o.zip'))) == 5 + 1
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # CLI.
 
 
@@ -205,7 +205,7 @@ def test_cli_refuses_world_size(tmp_path, monkeypatch):
     result = _cli('convert', '--source=x', '--dest=y.zip')
     assert result.exit_code != 0 and 'Distributed execution is not supported' in result.output
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # VAE subcommands with a tiny random AutoencoderKL saved where load_stability_vae finds it (a local folder).
 
 
@@ -266,7 +266,7 @@ def test_encode_missing_model_is_one_clear_error(tmp_path, tiny_vae, pixel_datas
     assert result.exit_code == 1 and 'Cannot load the VAE' in result.output and len(result.output.splitlines()) == 1
     assert not os.path.exists(f'{tmp_path}/e.zip')
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # process-and-encode.
 
 
@@ -305,7 +305,7 @@ def test_process_and_encode_under_torchrun(tmp_path, tiny_vae):
                                    transform='center-crop', num_workers=0, verbose=False)
     assert [n for n, _ in skips.items] == ['dogs/broken.jpg'] and os.path.getmtime(dest / 'dogs' / 'im2.npy') == mtime
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Review fixes: permissions, damaged inputs, option checks, empty results, --dest checks, shapes, stale temps.
 
 
@@ -464,7 +464,7 @@ def test_decode_refuses_latents_of_the_wrong_shape(tmp_path, tiny_vae):
     assert result.exit_code == 1 and 'img-mean-std-00000000.npy: expected a latent array of shape [8, h, w]' in result.output
     assert not os.path.exists(tmp_path / 'd.zip')
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def test_process_and_encode_skips_name_the_category_folder():

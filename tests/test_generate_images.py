@@ -76,7 +76,7 @@ def _read_pngs(outdir):
 def _invoke(*args):
     return CliRunner().invoke(cli.cmdline, [str(a) for a in args])
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Reproducibility.
 
 
@@ -105,7 +105,7 @@ def test_torchrun_two_processes_write_the_same_files(pkls, tmp_path):
     single, multi = _read_pngs(tmp_path / 'single'), _read_pngs(tmp_path / 'multi')
     assert len(single) == 10 and single == multi
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Per-seed noise, labels and output layout.
 
 
@@ -136,7 +136,7 @@ def test_empty_chunks_are_yielded_without_images(pkls):
     results = _run_lib(pathlib.Path(pkls['net']), seeds=[], max_batch_size=4)  # paths may be PathLike
     assert len(results) == 1 and results[0].images is None and results[0].seeds == []
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Guidance through the CLI.
 
 
@@ -173,7 +173,7 @@ def test_cli_grid_and_skip_existing(pkls, tmp_path):
     assert result.exit_code == 0, result.output
     assert _read_pngs(out) == first and os.stat(out / '000001.png').st_mtime_ns == stamp
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Latent models: decoding through the pickle's VAE encoder, in chunks.
 
 
@@ -197,7 +197,7 @@ def test_latent_model_decodes_through_pickle_encoder(tmp_path, monkeypatch):
     assert chunk_sizes == [4, 2]  # encoder_batch_size=4 overrides the pickle's batch_size=8
     assert PIL.Image.open(tmp_path / 'out' / '000005.png').size == (32, 32)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Bad input: one clear error line, non-zero exit, no files.
 
 

@@ -45,7 +45,7 @@ def _read_all(ds) -> list:
 def as_zip(request):
     return request.param
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Images.
 
 
@@ -99,7 +99,7 @@ def test_truncated_zip_is_an_error(tmp_path):
     with pytest.raises(IOError, match='Not a valid zip archive'):
         dataset.ImageFolderDataset(path)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # dataset.json / metadata.json.
 
 
@@ -157,7 +157,7 @@ def test_out_of_range_category_is_an_error(tmp_path, categories):
     with pytest.raises(IOError, match='out of range'):
         dataset.FilteredImageDataset(_make(tmp_path / 'ds', {'c/a.png': _png()}), categories=categories)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Through the CLIs.
 
 

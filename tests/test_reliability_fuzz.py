@@ -34,7 +34,7 @@ FUZZ_IO = settings(max_examples=25, deadline=1000, suppress_health_check=[Health
 PARSER_ALPHABET = st.sampled_from(list('0123456789,-.eE+ KMGi') + ['...', 'inf', 'nan', 'x', '\n'])
 parser_text = st.lists(PARSER_ALPHABET, max_size=20).map(''.join) | st.text(max_size=20)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Option parsers.
 
 
@@ -143,7 +143,7 @@ def test_generate_images_seeds_option_is_a_clean_usage_error(text):
         assert result.exit_code == 1 and 'x.pkl' in result.output
     assert not isinstance(result.exception, (MemoryError, RecursionError))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Readers on random bytes.
 
 

@@ -84,7 +84,7 @@ def _tiny_net():
     from tests import tiny
     return tiny.make_tiny_precond()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def test_network_pickle(tmp_path, full_disk):

@@ -73,7 +73,7 @@ def _assert_one_line_refusal(result: subprocess.CompletedProcess, name: str) -> 
     errors = [line for line in result.stderr.splitlines() if line.startswith('Error')]
     assert len(errors) == 1 and name in errors[0], result.stderr
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Library level: one loader, one error type.
 
 
@@ -122,7 +122,7 @@ def test_guide_with_other_architecture_is_refused(files):
     with pytest.raises(ValueError, match='--gnet does not match --net: img_resolution'):
         sampling.check_guide_compatible(net, gnet)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Command lines (one subprocess each; the tiny files load in well under a second).
 
 

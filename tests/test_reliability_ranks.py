@@ -21,7 +21,7 @@ from torch_utils import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-WRAPPER = '''
+WRAPPER = """
 import os, runpy, signal, sys, time
 import torch.distributed as td
 
@@ -45,7 +45,7 @@ if os.environ.get('RANK') == '1':
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
 runpy.run_path(sys.argv[0], run_name='__main__')
-'''
+"""
 
 
 @pytest.fixture(scope='module')

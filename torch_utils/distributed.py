@@ -27,30 +27,30 @@ import dnnlib
 
 from . import misc, training_stats
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Process group.
 
 _device: Optional[torch.device] = None  # Compute device chosen by init().
-TIMEOUT_ENV_VAR = "EDM2_DIST_TIMEOUT"
+TIMEOUT_ENV_VAR = 'EDM2_DIST_TIMEOUT'
 DEFAULT_TIMEOUT_S = 1800
 
 
 def _find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
 
 def _choose_backend(device: Optional[str]) -> str:
     """'nccl' for CUDA jobs, 'gloo' for CPU jobs, machines without CUDA, and Windows."""
-    if os.name == "nt" or not torch.cuda.is_available():
-        return "gloo"
-    if device is not None and torch.device(device).type != "cuda":
-        return "gloo"
-    return "nccl"
+    if os.name == 'nt' or not torch.cuda.is_available():
+        return 'gloo'
+    if device is not None and torch.device(device).type != 'cuda':
+        return 'gloo'
+    return 'nccl'
 
 
-_RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_RENDEZVOUS_VARS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
 def _init_method_kwargs(env: Any) -> dict:
@@ -64,11 +64,11 @@ def _init_method_kwargs(env: Any) -> dict:
     """
     missing = [name for name in _RENDEZVOUS_VARS if name not in env]
     if not missing:
-        return dict(init_method="env://?use_libuv=False" if os.name == "nt" else "env://")
-    world_size, rank = env.get("WORLD_SIZE", "1"), env.get("RANK", "0")
-    if world_size.strip() == "1" and rank.strip() == "0":
-        return dict(init_method=f"tcp://localhost:{_find_free_port()}", rank=0, world_size=1)
-    given = ", ".join(f"{name}={env[name]}" for name in _RENDEZVOUS_VARS if name in env)
+        return dict(init_method='env://?use_libuv=False' if os.name == 'nt' else 'env://')
+    world_size, rank = env.get('WORLD_SIZE', '1'), env.get('RANK', '0')
+    if world_size.strip() == '1' and rank.strip() == '0':
+        return dict(init_method=f'tcp://localhost:{_find_free_port()}', rank=0, world_size=1)
+    given = ', '.join(f'{name}={env[name]}' for name in _RENDEZVOUS_VARS if name in env)
     raise ValueError(f"Incomplete distributed environment ({given}): {missing[0]} is not set; start multi-process "
                      f"jobs with torchrun, which sets {', '.join(_RENDEZVOUS_VARS)}")
 
@@ -76,13 +76,13 @@ def _init_method_kwargs(env: Any) -> dict:
 def check_single_process(script_name: str) -> None:
     """ValueError unless WORLD_SIZE (read as init() reads it: unset or 1) means a single process; for
     tools such as `script_name` that have no distributed mode."""
-    value = os.environ.get("WORLD_SIZE", "1")
-    if value.strip() == "1":
+    value = os.environ.get('WORLD_SIZE', '1')
+    if value.strip() == '1':
         return
-    hint = f"{script_name} runs as a single process (unset WORLD_SIZE)"
-    if re.fullmatch(r"\s*[+-]?\d+\s*", value) is None:
+    hint = f'{script_name} runs as a single process (unset WORLD_SIZE)'
+    if re.fullmatch(r'\s*[+-]?\d+\s*', value) is None:
         raise ValueError(f'WORLD_SIZE="{value}" is not an integer; {hint}')
-    raise ValueError(f"Distributed execution is not supported (WORLD_SIZE={value.strip()}); {hint}")
+    raise ValueError(f'Distributed execution is not supported (WORLD_SIZE={value.strip()}); {hint}')
 
 
 def init(device: Optional[str] = None, backend: Optional[str] = None) -> None:
@@ -98,17 +98,17 @@ def init(device: Optional[str] = None, backend: Optional[str] = None) -> None:
         return
     backend = backend if backend is not None else _choose_backend(device)
     init_kwargs = _init_method_kwargs(os.environ)
-    if backend == "nccl":
-        _device = torch.device("cuda", get_local_rank())
+    if backend == 'nccl':
+        _device = torch.device('cuda', get_local_rank())
         torch.cuda.set_device(_device)
     else:
-        _device = torch.device(device) if device is not None else torch.device("cpu")
+        _device = torch.device(device) if device is not None else torch.device('cpu')
     torch.distributed.init_process_group(backend=backend, timeout=collective_timeout(), **init_kwargs)
 
     # Cross-process sums run on the CUDA device with NCCL, on the CPU with Gloo.
     sync_device = None
     if get_world_size() > 1:
-        sync_device = _device if backend == "nccl" else torch.device("cpu")
+        sync_device = _device if backend == 'nccl' else torch.device('cpu')
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
 
 
@@ -119,9 +119,9 @@ def collective_timeout() -> datetime.timedelta:
     try:
         seconds = float(value)
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV_VAR}={value!r}: expected a number of seconds") from None
+        raise ValueError(f'{TIMEOUT_ENV_VAR}={value!r}: expected a number of seconds') from None
     if not seconds > 0:
-        raise ValueError(f"{TIMEOUT_ENV_VAR}={value!r}: must be positive")
+        raise ValueError(f'{TIMEOUT_ENV_VAR}={value!r}: must be positive')
     return datetime.timedelta(seconds=seconds)
 
 
@@ -141,7 +141,7 @@ def shutdown() -> None:
 
 def get_device() -> torch.device:
     """Compute device picked by init() (CPU before init)."""
-    return _device if _device is not None else torch.device("cpu")
+    return _device if _device is not None else torch.device('cpu')
 
 
 def get_rank() -> int:
@@ -153,7 +153,7 @@ def get_world_size() -> int:
 
 
 def get_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return int(os.environ.get('LOCAL_RANK', '0'))
 
 
 def barrier() -> None:
@@ -172,8 +172,8 @@ def any_rank(flag: bool) -> bool:
 
 
 def _sync_tensor_device() -> torch.device:
-    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "gloo"
-    return get_device() if backend == "nccl" else torch.device("cpu")
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else 'gloo'
+    return get_device() if backend == 'nccl' else torch.device('cpu')
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
@@ -182,7 +182,7 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Stop / suspend hooks. SIGTERM and SIGUSR1 (sent by cluster schedulers before
 # killing a job) request a clean stop; a second identical signal terminates at once.
 
@@ -207,14 +207,14 @@ def _handle_stop_signal(signum: int, _frame: Any) -> None:
 
 def install_signal_handlers() -> None:
     """Make SIGTERM and SIGUSR1 set should_stop(); call from the main thread."""
-    for name in ("SIGTERM", "SIGUSR1"):
+    for name in ('SIGTERM', 'SIGUSR1'):
         signum = getattr(signal, name, None)
         if signum is None:  # SIGUSR1 does not exist on Windows.
             continue
         try:
             _installed_handlers[signum] = signal.signal(signum, _handle_stop_signal)
         except ValueError:  # Not the main thread.
-            warnings.warn("install_signal_handlers() must be called from the main thread; signals not handled")
+            warnings.warn('install_signal_handlers() must be called from the main thread; signals not handled')
             return
 
 
@@ -224,8 +224,8 @@ def should_stop() -> bool:
     global _stop_announced
     if _stop_signal is not None and not _stop_announced:
         _stop_announced = True
-        print(f"Received signal {signal.Signals(_stop_signal).name}: stopping after the current step "
-              f"(send it again to terminate at once).", file=sys.stderr, flush=True)
+        print(f'Received signal {signal.Signals(_stop_signal).name}: stopping after the current step '
+              f'(send it again to terminate at once).', file=sys.stderr, flush=True)
     return _stop_requested
 
 
@@ -249,7 +249,7 @@ def get_progress() -> tuple:
     return _progress
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Checkpoint I/O (training.md §7).
 
 
@@ -272,12 +272,12 @@ _READ_ERRORS = (EOFError, OSError, RuntimeError, zipfile.BadZipFile, pickle.Unpi
 def _safe_globals() -> list:
     """Types allowed inside training-state files besides tensors and containers."""
     allowed = [dnnlib.EasyDict, np.dtype, np.ndarray, _numpy_core().multiarray.scalar, _numpy_core().multiarray._reconstruct]
-    allowed += [type(np.dtype(name)) for name in ("float16", "float32", "float64", "int32", "int64", "bool")]
+    allowed += [type(np.dtype(name)) for name in ('float16', 'float32', 'float64', 'int32', 'int64', 'bool')]
     return allowed
 
 
 def _numpy_core() -> Any:
-    return getattr(np, "_core", None) or getattr(np, "core")
+    return getattr(np, '_core', None) or getattr(np, 'core')
 
 
 def _allowed_globals() -> dict:
@@ -290,10 +290,10 @@ def _allowed_globals() -> dict:
     except (ImportError, AttributeError):  # Private API moved: fall back to the trusted-load hint.
         pass
     for obj in _safe_globals():
-        allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
-    for core_name in ("numpy.core.multiarray", "numpy._core.multiarray"):  # Files from numpy 1.x and 2.x.
-        allowed[f"{core_name}.scalar"] = _numpy_core().multiarray.scalar
-        allowed[f"{core_name}._reconstruct"] = _numpy_core().multiarray._reconstruct
+        allowed[f'{obj.__module__}.{obj.__qualname__}'] = obj
+    for core_name in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # Files from numpy 1.x and 2.x.
+        allowed[f'{core_name}.scalar'] = _numpy_core().multiarray.scalar
+        allowed[f'{core_name}._reconstruct'] = _numpy_core().multiarray._reconstruct
     return allowed
 
 
@@ -301,23 +301,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Plain unpickler that resolves only allow-listed globals (no arbitrary code)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if not hasattr(self, "_allowed"):
+        if not hasattr(self, '_allowed'):
             self._allowed = _allowed_globals()
         if (module, name) in _compat_pickle.NAME_MAPPING:  # Protocol-2 files use Python 2 names.
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        obj = self._allowed.get(f"{module}.{name}")
+        obj = self._allowed.get(f'{module}.{name}')
         if obj is None:
-            raise pickle.UnpicklingError(f"unsafe global {module}.{name}; weights only load refused it")
+            raise pickle.UnpicklingError(f'unsafe global {module}.{name}; weights only load refused it')
         return obj
 
 
-_restricted_pickle_module = types.SimpleNamespace(__name__="edm2_restricted_pickle", Unpickler=_RestrictedUnpickler,
+_restricted_pickle_module = types.SimpleNamespace(__name__='edm2_restricted_pickle', Unpickler=_RestrictedUnpickler,
                                                   load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
 
 
 def _trusted() -> bool:
-    return os.environ.get("EDM2_TRUST_PICKLE", "") == "1"
+    return os.environ.get('EDM2_TRUST_PICKLE', '') == '1'
 
 
 def load_training_state(path: str) -> Any:
@@ -329,18 +329,18 @@ def load_training_state(path: str) -> Any:
     """
     try:
         if _trusted():
-            return torch.load(path, map_location="cpu", weights_only=False)
-        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5; older ones go straight to our unpickler
+            return torch.load(path, map_location='cpu', weights_only=False)
+        if hasattr(torch.serialization, 'safe_globals'):  # torch >= 2.5; older ones go straight to our unpickler
             try:
                 with torch.serialization.safe_globals(_safe_globals()):
-                    return torch.load(path, map_location="cpu", weights_only=True)
+                    return torch.load(path, map_location='cpu', weights_only=True)
             except pickle.UnpicklingError:
                 pass
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
+        return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_restricted_pickle_module)
     except _READ_ERRORS:
         raise
     except Exception as err:  # Garbage bytes surface as struct.error, IndexError, KeyError, ...
-        raise pickle.UnpicklingError(f"corrupt or not a training-state file ({_one_line(err)})") from err
+        raise pickle.UnpicklingError(f'corrupt or not a training-state file ({_one_line(err)})') from err
 
 
 def _plain(value: Any) -> Any:
@@ -360,11 +360,11 @@ def _state_of(name: str, obj: Any) -> Any:
         return None
     if isinstance(obj, dict):
         return obj
-    if hasattr(obj, "state_dict"):
+    if hasattr(obj, 'state_dict'):
         return obj.state_dict()
-    if hasattr(obj, "__getstate__"):
+    if hasattr(obj, '__getstate__'):
         return obj.__getstate__()
-    if hasattr(obj, "__dict__"):
+    if hasattr(obj, '__dict__'):
         return obj.__dict__
     raise ValueError(f"CheckpointIO: cannot save '{name}' of type {type(obj).__name__}")
 
@@ -376,11 +376,11 @@ def _restore(name: str, obj: Any, state: Any) -> None:
     if isinstance(obj, dict):
         obj.clear()
         obj.update(state)
-    elif hasattr(obj, "load_state_dict"):
+    elif hasattr(obj, 'load_state_dict'):
         obj.load_state_dict(state)
-    elif hasattr(obj, "__setstate__"):
+    elif hasattr(obj, '__setstate__'):
         obj.__setstate__(state)
-    elif hasattr(obj, "__dict__"):
+    elif hasattr(obj, '__dict__'):
         obj.__dict__.clear()
         obj.__dict__.update(state)
     else:
@@ -395,12 +395,12 @@ class CheckpointIO:
 
     def save(self, path: str, verbose: bool = True) -> None:
         if verbose:
-            print0(f"Saving {path} ... ", end="", flush=True)
+            print0(f'Saving {path} ... ', end='', flush=True)
         data = {name: _state_of(name, obj) for name, obj in self._objects.items()}
         if get_rank() == 0:
             misc.atomic_torch_save(_plain(data), path)
         if verbose:
-            print0("done")
+            print0('done')
 
     def load(self, path: str, verbose: bool = True) -> None:
         self._apply(self._read(path), path, verbose)
@@ -408,34 +408,34 @@ class CheckpointIO:
     def _apply(self, data: dict, path: str, verbose: bool) -> None:
         """Restore every object; a mismatch raises CheckpointMismatchError (the 'Loading' line is ended first)."""
         if verbose:
-            print0(f"Loading {path} ... ", end="", flush=True)
+            print0(f'Loading {path} ... ', end='', flush=True)
         for name, obj in self._objects.items():
             try:
                 _restore(name, obj, data[name])
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
                 if verbose:
-                    print0("failed")
+                    print0('failed')
                 raise CheckpointMismatchError(path, name, _first_line(err)) from err
         if verbose:
-            print0("done")
+            print0('done')
 
     def _read(self, path: str) -> dict:
         """Whole file first, so a bad file never leaves the objects half-restored."""
         try:
             data = load_training_state(path)
         except pickle.UnpicklingError as err:
-            if "unsafe global" in str(err):
-                raise CheckpointError(f"{path}: {err}; set EDM2_TRUST_PICKLE=1 to load it anyway if you trust "
-                                      f"its origin") from None
+            if 'unsafe global' in str(err):
+                raise CheckpointError(f'{path}: {err}; set EDM2_TRUST_PICKLE=1 to load it anyway if you trust '
+                                      f'its origin') from None
             raise
         if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: not a training-state dict")
+            raise CheckpointError(f'{path}: not a training-state dict')
         missing = [name for name in self._objects if name not in data]
         if missing:
-            raise CheckpointError(f"{path}: missing entries {missing}")
+            raise CheckpointError(f'{path}: missing entries {missing}')
         return data
 
-    def load_latest(self, run_dir: str, pattern: str = r"training-state-(\d+).pt", verbose: bool = True) -> Optional[str]:
+    def load_latest(self, run_dir: str, pattern: str = r'training-state-(\d+).pt', verbose: bool = True) -> Optional[str]:
         """Load the newest readable file in `run_dir` matching `pattern`; None if there is none.
 
         A newest file that cannot be read (torn, truncated) is skipped with a warning and
@@ -452,18 +452,18 @@ class CheckpointIO:
             except CheckpointError:
                 raise
             except _READ_ERRORS as err:
-                warnings.warn(f"Skipping unreadable checkpoint {path}: {_one_line(err)}")
+                warnings.warn(f'Skipping unreadable checkpoint {path}: {_one_line(err)}')
                 continue
             self._apply(data, path, verbose)
             return path
-        raise CheckpointError(f"{run_dir}: none of the {len(candidates)} files matching {pattern} can be read")
+        raise CheckpointError(f'{run_dir}: none of the {len(candidates)} files matching {pattern} can be read')
 
 
 def _remove_stale_temp_files(run_dir: str) -> None:
     """Delete temp files of atomic writes (misc.atomic_open) that a killed run left behind."""
     stale = misc.remove_stale_atomic_temps(run_dir)
     if stale:
-        print0(f"Removed {len(stale)} incomplete file(s) left by an interrupted run, e.g. {os.path.basename(stale[0])}")
+        print0(f'Removed {len(stale)} incomplete file(s) left by an interrupted run, e.g. {os.path.basename(stale[0])}')
 
 
 def _matching_files(run_dir: str, pattern: str) -> list:
@@ -476,15 +476,15 @@ def _matching_files(run_dir: str, pattern: str) -> list:
 
 
 def _one_line(err: BaseException) -> str:
-    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    return ' '.join(f'{type(err).__name__}: {err}'.split())[:200]
 
 
 def _first_line(err: BaseException) -> str:
     """The most specific line of a restore error, e.g. the first 'size mismatch for ...' of load_state_dict."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+    if len(lines) > 1 and lines[0].startswith('Error(s) in loading state_dict'):
         lines = lines[1:]  # the header names only the class; the next line names the parameter
-    text = " ".join((lines[0] if lines else type(err).__name__).split())
-    return text if len(text) <= 160 else text[:157] + "..."
+    text = ' '.join((lines[0] if lines else type(err).__name__).split())
+    return text if len(text) <= 160 else text[:157] + '...'
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------

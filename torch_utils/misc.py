@@ -17,7 +17,7 @@ import torch
 
 import dnnlib
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Random seeds.
 
 
@@ -28,7 +28,7 @@ def set_random_seed(*args: Any) -> None:
     np.random.seed(seed)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Cached constants. The cache key holds only hashable plain data (shape, dtype
 # name, raw bytes, device, memory format). While torch.compile traces, the cache
 # is bypassed and the tensor is built inline, so dynamo sees a plain tensor
@@ -53,7 +53,7 @@ def _build_constant(value: Any, shape: Optional[tuple], dtype: torch.dtype, devi
 
 def _is_compiling() -> bool:
     """torch.compiler.is_compiling() where it exists (torch >= 2.3)."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
     return bool(is_compiling()) if is_compiling is not None else False
 
 
@@ -62,7 +62,7 @@ def constant(value: Any, shape: Optional[Sequence[int]] = None, dtype: Optional[
     """Cached constant tensor built from `value`, optionally broadcast to `shape`."""
     shape = tuple(shape) if shape is not None else None
     dtype = dtype if dtype is not None else torch.get_default_dtype()
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else torch.device('cpu')
     memory_format = memory_format if memory_format is not None else torch.contiguous_format
 
     if _is_compiling():
@@ -102,7 +102,7 @@ def pinned_buf(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Shape assertions that also work while tracing.
 
 symbolic_assert = torch._assert
@@ -113,26 +113,26 @@ class suppress_tracer_warnings(warnings.catch_warnings):
 
     def __enter__(self):
         super().__enter__()
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter('ignore', category=torch.jit.TracerWarning)
         return self
 
 
 def assert_shape(tensor: torch.Tensor, ref_shape: Sequence[Any]) -> None:
     """Check ndim and every size of `tensor` against `ref_shape` (None matches anything)."""
     if tensor.ndim != len(ref_shape):
-        raise AssertionError(f"Wrong number of dimensions: got {tensor.ndim}, expected {len(ref_shape)}")
+        raise AssertionError(f'Wrong number of dimensions: got {tensor.ndim}, expected {len(ref_shape)}')
     for idx, (size, ref_size) in enumerate(zip(tensor.shape, ref_shape)):
         if ref_size is None:
             continue
         if isinstance(ref_size, torch.Tensor):
             with suppress_tracer_warnings():
-                symbolic_assert(torch.equal(torch.as_tensor(size), ref_size), f"Wrong size for dimension {idx}")
+                symbolic_assert(torch.equal(torch.as_tensor(size), ref_size), f'Wrong size for dimension {idx}')
         elif isinstance(size, torch.Tensor):
             with suppress_tracer_warnings():
                 symbolic_assert(torch.equal(size, torch.as_tensor(ref_size)),
-                                f"Wrong size for dimension {idx}: expected {ref_size}")
+                                f'Wrong size for dimension {idx}: expected {ref_size}')
         elif size != ref_size:
-            raise AssertionError(f"Wrong size for dimension {idx}: got {size}, expected {ref_size}")
+            raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref_size}')
 
 
 def profiled_function(fn):
@@ -145,7 +145,7 @@ def profiled_function(fn):
     return decorator
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Endless data sampler.
 
 
@@ -158,7 +158,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
     def __init__(self, dataset: Any, rank: int = 0, num_replicas: int = 1, shuffle: bool = True,
                  seed: int = 0, start_idx: int = 0):
-        assert len(dataset) > 0, "InfiniteSampler needs a non-empty dataset"
+        assert len(dataset) > 0, 'InfiniteSampler needs a non-empty dataset'
         assert num_replicas > 0
         assert 0 <= rank < num_replicas
         super().__init__()
@@ -187,7 +187,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
             pos += self.num_replicas
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Parameters, buffers and DDP helpers.
 
 
@@ -233,7 +233,7 @@ def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] =
     assert isinstance(module, torch.nn.Module)
     mismatched = []
     for name, tensor in named_params_and_buffers(module):
-        fullname = type(module).__name__ + "." + name
+        fullname = type(module).__name__ + '.' + name
         if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
             continue
         tensor = tensor.detach()
@@ -246,7 +246,7 @@ def check_ddp_consistency(module: torch.nn.Module, ignore_regex: Optional[str] =
     assert not mismatched, f"Tensors differ from rank 0: {', '.join(mismatched)}"
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Module summary table.
 
 
@@ -286,23 +286,23 @@ def _summary_rows(module: torch.nn.Module, entries: list, skip_redundant: bool) 
         entries = [e for e in entries if e.params or e.buffers or e.new_outputs]
 
     names = {m: name for name, m in module.named_modules()}
-    header = [type(module).__name__, "Parameters", "Buffers", "Output shape", "Datatype"]
-    rows = [header, ["---"] * len(header)]
+    header = [type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype']
+    rows = [header, ['---'] * len(header)]
     param_total = buffer_total = 0
     for e in entries:
-        name = "<top-level>" if e.mod is module else names[e.mod]
+        name = '<top-level>' if e.mod is module else names[e.mod]
         num_params = sum(t.numel() for t in e.params)
         num_buffers = sum(t.numel() for t in e.buffers)
         param_total += num_params
         buffer_total += num_buffers
-        shapes = [str(list(t.shape)) for t in e.outputs] or ["-"]
-        dtypes = [str(t.dtype).split(".")[-1] for t in e.outputs] or ["-"]
-        suffix = lambda i: f":{i}" if len(e.outputs) >= 2 else ""
-        rows.append([name + suffix(0), str(num_params) if num_params else "-",
-                     str(num_buffers) if num_buffers else "-", shapes[0], dtypes[0]])
-        rows += [[name + suffix(i), "-", "-", shapes[i], dtypes[i]] for i in range(1, len(e.outputs))]
-    rows.append(["---"] * len(header))
-    rows.append(["Total", str(param_total), str(buffer_total), "-", "-"])
+        shapes = [str(list(t.shape)) for t in e.outputs] or ['-']
+        dtypes = [str(t.dtype).split('.')[-1] for t in e.outputs] or ['-']
+        suffix = lambda i: f':{i}' if len(e.outputs) >= 2 else ''
+        rows.append([name + suffix(0), str(num_params) if num_params else '-',
+                     str(num_buffers) if num_buffers else '-', shapes[0], dtypes[0]])
+        rows += [[name + suffix(i), '-', '-', shapes[i], dtypes[i]] for i in range(1, len(e.outputs))]
+    rows.append(['---'] * len(header))
+    rows.append(['Total', str(param_total), str(buffer_total), '-', '-'])
     return rows
 
 
@@ -317,32 +317,32 @@ def print_module_summary(module: torch.nn.Module, inputs: Sequence[Any], max_nes
     widths = [max(len(cell) for cell in column) for column in zip(*rows)]
     print()
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print()
     return outputs
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Images.
 
 
 def tile_images(x: torch.Tensor, w: int, h: int) -> torch.Tensor:
     """Arrange an NCHW batch of w*h images into one CHW grid, row by row."""
-    assert x.ndim == 4, "tile_images expects an NCHW batch"
+    assert x.ndim == 4, 'tile_images expects an NCHW batch'
     num, channels, height, width = x.shape
-    assert num == w * h, f"tile_images: batch of {num} cannot fill a {w}x{h} grid"
+    assert num == w * h, f'tile_images: batch of {num} cannot fill a {w}x{h} grid'
     x = x.reshape(h, w, channels, height, width)
     x = x.permute(2, 0, 3, 1, 4)
     return x.reshape(channels, h * height, w * width)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Devices.
 
 
 def default_device() -> torch.device:
     """The device used when none is given: cuda if available, else cpu."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
 def check_device(name: str, allow_meta: bool = False) -> torch.device:
@@ -351,17 +351,17 @@ def check_device(name: str, allow_meta: bool = False) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f'"{name}" is not a torch device (e.g. cuda, cuda:1, cpu)') from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("CUDA is not available on this machine; use cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "meta" and not allow_meta:
-        raise ValueError("the meta device computes nothing; use cpu or cuda")
-    if device.type not in ("cpu", "cuda", "meta"):
-        raise ValueError(f"{name}: only cpu and cuda devices are supported")
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('CUDA is not available on this machine; use cpu')
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f'{name}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    if device.type == 'meta' and not allow_meta:
+        raise ValueError('the meta device computes nothing; use cpu or cuda')
+    if device.type not in ('cpu', 'cuda', 'meta'):
+        raise ValueError(f'{name}: only cpu and cuda devices are supported')
     return device
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Atomic file writing.
 
 
@@ -382,10 +382,10 @@ def _fsync_dir(dir_path: str) -> None:
 def atomic_temp_prefix(path: str) -> str:
     """File-name prefix of atomic_open's temp files for `path` (".NAME.tmp-", then 12 hex digits): hidden,
     so that listings skip it, and recognisable, so that remove_stale_atomic_temps can clean up."""
-    return f".{os.path.basename(os.path.abspath(path))}.tmp-"
+    return f'.{os.path.basename(os.path.abspath(path))}.tmp-'
 
 
-_ANY_ATOMIC_TEMP = re.compile(r"\..+\.tmp-[0-9a-f]{12}")
+_ANY_ATOMIC_TEMP = re.compile(r'\..+\.tmp-[0-9a-f]{12}')
 
 
 def remove_stale_atomic_temps(dir_path: str, targets: Optional[Sequence[str]] = None) -> list:
@@ -413,38 +413,38 @@ def check_output_path(path: str, option: str, is_dir: bool = False) -> None:
     """Raise ValueError naming `option` unless `path` can be written as a file (is_dir: used or created as a
     directory). Checked before long work so that a bad path fails at once; nothing is created here."""
     if is_dir and os.path.lexists(path) and not os.path.isdir(path):
-        raise ValueError(f"{option}: {path} is a file, not a directory")
+        raise ValueError(f'{option}: {path} is a file, not a directory')
     if not is_dir and os.path.isdir(path):
-        raise ValueError(f"{option}: {path} is a directory, not a file")
+        raise ValueError(f'{option}: {path} is a directory, not a file')
     # The nearest existing directory is where makedirs or atomic_open will have to create something.
     base = os.path.abspath(path) if is_dir else os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(base):
         base = os.path.dirname(base)
     if not os.path.isdir(base):
-        raise ValueError(f"{option}: cannot create {path}: {base} is a file, not a directory")
+        raise ValueError(f'{option}: cannot create {path}: {base} is a file, not a directory')
     if not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"{option}: cannot write {path}: {base} is not writable")
+        raise ValueError(f'{option}: cannot write {path}: {base} is not writable')
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb", **open_kwargs: Any):
+def atomic_open(path: str, mode: str = 'wb', **open_kwargs: Any):
     """Write `path` all-or-nothing: yield a temp file in the same directory, fsync + rename on success.
 
     On any exception (disk full, Ctrl-C, ...) the temp file is deleted and a previous
     version of `path` stays untouched.
     """
-    assert mode.startswith("w") or mode.startswith("x"), "atomic_open only supports write modes"
+    assert mode.startswith('w') or mode.startswith('x'), 'atomic_open only supports write modes'
     path = os.fspath(path)
     dir_path = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(dir_path, f"{atomic_temp_prefix(path)}{uuid.uuid4().hex[:12]}")
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    tmp_path = os.path.join(dir_path, f'{atomic_temp_prefix(path)}{uuid.uuid4().hex[:12]}')
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
     try:
-        with os.fdopen(fd, mode.replace("x", "w"), **open_kwargs) as f:
+        with os.fdopen(fd, mode.replace('x', 'w'), **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if mode.startswith("x") and os.path.exists(path):
-            raise FileExistsError(f"{path} already exists")
+        if mode.startswith('x') and os.path.exists(path):
+            raise FileExistsError(f'{path} already exists')
         os.replace(tmp_path, path)
     except BaseException as err:
         if os.path.exists(tmp_path):
@@ -458,7 +458,7 @@ def atomic_open(path: str, mode: str = "wb", **open_kwargs: Any):
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """torch.save(obj, path) through atomic_open."""
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, 'wb') as f:
         torch.save(obj, f)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch
 import dnnlib
 from torch_utils import misc
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Module-level state (spec §1.2).
 
 _version = 6  # Stored in every pickle and checked on load; must stay 6 for compatibility.
@@ -51,11 +51,11 @@ _module_to_src_dict = dict()  # module object -> source text
 _src_to_module_dict = dict()  # source text -> module object
 
 PICKLE_PROTOCOL = 4  # What the official toolkit writes with Python 3.8-3.13 (pickle.DEFAULT_PROTOCOL).
-TRUST_ENV_VAR = "EDM2_TRUST_PICKLE"
-_OPT_IN = (f"set {TRUST_ENV_VAR}=1 (or trust=True) to load it with the official, code-executing loader "
-           "if you trust the file")
+TRUST_ENV_VAR = 'EDM2_TRUST_PICKLE'
+_OPT_IN = (f'set {TRUST_ENV_VAR}=1 (or trust=True) to load it with the official, code-executing loader '
+           'if you trust the file')
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Writer side: persistent_class (spec §1.3).
 
 
@@ -66,10 +66,10 @@ def persistent_class(orig_class: type) -> type:
     `_orig_module_src` and `_orig_class_name`. Constructor arguments are recorded (deep copies)
     in `_init_args` / `_init_kwargs` unless the instance sets `_record_init_args = False` first.
     """
-    assert isinstance(orig_class, type), "persistent_class() expects a class"
+    assert isinstance(orig_class, type), 'persistent_class() expects a class'
     if is_persistent(orig_class):
         return orig_class
-    assert orig_class.__module__ in sys.modules, f"module {orig_class.__module__} is not imported"
+    assert orig_class.__module__ in sys.modules, f'module {orig_class.__module__} is not imported'
     orig_module = sys.modules[orig_class.__module__]
     orig_module_src = _module_to_src(orig_module)
 
@@ -79,28 +79,28 @@ def persistent_class(orig_class: type) -> type:
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            record = getattr(self, "_record_init_args", True)
+            record = getattr(self, '_record_init_args', True)
             self._init_args = copy.deepcopy(args) if record else None
             self._init_kwargs = copy.deepcopy(kwargs) if record else None
             assert orig_class.__name__ in orig_module.__dict__, \
-                f"persistent class {orig_class.__name__} must be defined at the top level of its module"
+                f'persistent class {orig_class.__name__} must be defined at the top level of its module'
             _check_pickleable(self.__reduce__())
 
         @property
         def init_args(self) -> tuple:
-            assert self._init_args is not None, "constructor arguments were not recorded"
+            assert self._init_args is not None, 'constructor arguments were not recorded'
             return copy.deepcopy(self._init_args)
 
         @property
         def init_kwargs(self) -> dnnlib.EasyDict:
-            assert self._init_kwargs is not None, "constructor arguments were not recorded"
+            assert self._init_kwargs is not None, 'constructor arguments were not recorded'
             return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
 
         def __reduce__(self):
             fields = list(super().__reduce__())
             fields += [None] * max(3 - len(fields), 0)
             if fields[0] is not _reconstruct_persistent_obj:
-                meta = dict(type="class", version=_version, module_src=self._orig_module_src,
+                meta = dict(type='class', version=_version, module_src=self._orig_module_src,
                             class_name=self._orig_class_name, state=fields[2])
                 fields[0] = _reconstruct_persistent_obj  # Pickled by reference: the name every pickle uses.
                 fields[1] = (meta,)
@@ -148,7 +148,7 @@ def _src_to_module(src: str) -> types.ModuleType:
     """Module for a source text: the cached one, or a fresh private module executing it (trusted only)."""
     module = _src_to_module_dict.get(src, None)
     if module is None:
-        module = types.ModuleType("_imported_module_" + uuid.uuid4().hex)
+        module = types.ModuleType('_imported_module_' + uuid.uuid4().hex)
         sys.modules[module.__name__] = module
         _module_to_src_dict[module] = src  # Before exec: the module's own decorators look it up.
         _src_to_module_dict[src] = module
@@ -165,7 +165,7 @@ def _check_pickleable(obj: Any) -> None:
             return [[strip_known(k), strip_known(v)] for k, v in x.items()]
         if isinstance(x, (str, int, float, bool, bytes, bytearray)):
             return None
-        if f"{type(x).__module__}.{type(x).__name__}" in ("numpy.ndarray", "torch.Tensor", "torch.nn.parameter.Parameter"):
+        if f'{type(x).__module__}.{type(x).__name__}' in ('numpy.ndarray', 'torch.Tensor', 'torch.nn.parameter.Parameter'):
             return None
         if is_persistent(x):
             return None
@@ -173,16 +173,16 @@ def _check_pickleable(obj: Any) -> None:
     with io.BytesIO() as f:
         pickle.dump(strip_known(obj), f)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Official reader (spec §1.4): executes the embedded source. Reached by plain pickle.load.
 
 
 def _reconstruct_persistent_obj(meta: dict) -> Any:
     """Rebuild a persistent object from its meta by executing the embedded module source."""
     meta = _apply_import_hooks(meta)
-    assert meta.version == _version, f"persistent object version {meta.version} is not {_version}"
+    assert meta.version == _version, f'persistent object version {meta.version} is not {_version}'
     module = _src_to_module(meta.module_src)
-    assert meta.type == "class", f"unknown persistent object type {meta.type!r}"
+    assert meta.type == 'class', f'unknown persistent object type {meta.type!r}'
     orig_class = module.__dict__[meta.class_name]
     decorator_class = persistent_class(orig_class)
     return _new_with_state(decorator_class, meta.state)
@@ -193,38 +193,38 @@ def _apply_import_hooks(meta: dict) -> dnnlib.EasyDict:
     meta.state = dnnlib.EasyDict(meta.state)
     for hook in _import_hooks:
         meta = hook(meta)
-        assert meta is not None, f"import hook {hook} returned None"
+        assert meta is not None, f'import hook {hook} returned None'
     return meta
 
 
 def _new_with_state(cls: type, state: dict) -> Any:
     """Create `cls` without calling __init__, then apply the pickled state."""
     obj = cls.__new__(cls)
-    setstate = getattr(obj, "__setstate__", None)
+    setstate = getattr(obj, '__setstate__', None)
     if callable(setstate):
         setstate(state)
     else:
         obj.__dict__.update(state)
     return obj
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Safe reader: whitelisted globals only; persistent objects rebuilt with this project's classes.
 
 # Persistent class name -> module of this project that defines it. EDM v1 class names (a later
 # phase) do not clash with these and can be added with register_safe_class().
 safe_class_modules = {
-    "MPFourier": "training.networks_edm2",
-    "MPConv": "training.networks_edm2",
-    "Block": "training.networks_edm2",
-    "UNet": "training.networks_edm2",
-    "Precond": "training.networks_edm2",
-    "Encoder": "training.encoders",
-    "StandardRGBEncoder": "training.encoders",
-    "StabilityVAEEncoder": "training.encoders",
-    "EDM2Loss": "training.training_loop",
-    "MPSiLU": "training.toy",
-    "MPLinear": "training.toy",
-    "ToyModel": "training.toy",
+    'MPFourier': 'training.networks_edm2',
+    'MPConv': 'training.networks_edm2',
+    'Block': 'training.networks_edm2',
+    'UNet': 'training.networks_edm2',
+    'Precond': 'training.networks_edm2',
+    'Encoder': 'training.encoders',
+    'StandardRGBEncoder': 'training.encoders',
+    'StabilityVAEEncoder': 'training.encoders',
+    'EDM2Loss': 'training.training_loop',
+    'MPSiLU': 'training.toy',
+    'MPLinear': 'training.toy',
+    'ToyModel': 'training.toy',
 }
 
 
@@ -246,45 +246,45 @@ def _numpy_globals() -> dict:
     reconstruct = np.zeros(1).__reduce__()[0]
     frombuffer = np.zeros(1).__reduce_ex__(5)[0]
     scalar = np.float64(0).__reduce__()[0]
-    table = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype, "numpy.array": np.array}
-    for kind in ("int", "uint", "float"):   # the portable scalar names save_pickle writes
+    table = {'numpy.ndarray': np.ndarray, 'numpy.dtype': np.dtype, 'numpy.array': np.array}
+    for kind in ('int', 'uint', 'float'):   # the portable scalar names save_pickle writes
         for bits in (8, 16, 32, 64):
-            if hasattr(np, f"{kind}{bits}"):
-                table[f"numpy.{kind}{bits}"] = getattr(np, f"{kind}{bits}")
-    for core in ("numpy.core", "numpy._core"):
-        table[f"{core}.multiarray._reconstruct"] = reconstruct
-        table[f"{core}.multiarray.scalar"] = scalar
-        table[f"{core}.numeric._frombuffer"] = frombuffer
+            if hasattr(np, f'{kind}{bits}'):
+                table[f'numpy.{kind}{bits}'] = getattr(np, f'{kind}{bits}')
+    for core in ('numpy.core', 'numpy._core'):
+        table[f'{core}.multiarray._reconstruct'] = reconstruct
+        table[f'{core}.multiarray.scalar'] = scalar
+        table[f'{core}.numeric._frombuffer'] = frombuffer
     return table
 
 
 def _torch_globals() -> dict:
     """Tensor/parameter rebuild functions and plain torch value types (dtypes, devices, sizes)."""
-    table = {"torch.device": torch.device, "torch.Size": torch.Size, "torch.Tensor": torch.Tensor,
-             "torch.nn.parameter.Parameter": torch.nn.Parameter,
-             "torch.storage._load_from_bytes": _load_storage_weights_only}
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state"):
+    table = {'torch.device': torch.device, 'torch.Size': torch.Size, 'torch.Tensor': torch.Tensor,
+             'torch.nn.parameter.Parameter': torch.nn.Parameter,
+             'torch.storage._load_from_bytes': _load_storage_weights_only}
+    for name in ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3', '_rebuild_parameter',
+                 '_rebuild_parameter_with_state'):
         if hasattr(torch._utils, name):
-            table[f"torch._utils.{name}"] = getattr(torch._utils, name)
-    for name in ("_rebuild_from_type", "_rebuild_from_type_v2"):
+            table[f'torch._utils.{name}'] = getattr(torch._utils, name)
+    for name in ('_rebuild_from_type', '_rebuild_from_type_v2'):
         if hasattr(torch._tensor, name):
-            table[f"torch._tensor.{name}"] = getattr(torch._tensor, name)
-    if hasattr(torch.serialization, "_get_layout"):  # How torch.layout values pickle.
-        table["torch.serialization._get_layout"] = torch.serialization._get_layout
+            table[f'torch._tensor.{name}'] = getattr(torch._tensor, name)
+    if hasattr(torch.serialization, '_get_layout'):  # How torch.layout values pickle.
+        table['torch.serialization._get_layout'] = torch.serialization._get_layout
     for name in dir(torch):
         value = getattr(torch, name, None)
         if isinstance(value, (torch.dtype, torch.memory_format)):  # These pickle as `torch.<name>`.
-            table[f"torch.{name}"] = value
+            table[f'torch.{name}'] = value
     return table
 
 
 def _plain_globals() -> dict:
-    table = {"collections.OrderedDict": collections.OrderedDict, "_codecs.encode": codecs.encode,
-             "dnnlib.util.EasyDict": dnnlib.util.EasyDict, "dnnlib.EasyDict": dnnlib.util.EasyDict}
-    for name in ("set", "frozenset", "slice", "complex", "range", "bytearray", "bytes"):
-        table[f"builtins.{name}"] = getattr(builtins, name)
-        table[f"__builtin__.{name}"] = getattr(builtins, name)  # Protocol 2 spelling.
+    table = {'collections.OrderedDict': collections.OrderedDict, '_codecs.encode': codecs.encode,
+             'dnnlib.util.EasyDict': dnnlib.util.EasyDict, 'dnnlib.EasyDict': dnnlib.util.EasyDict}
+    for name in ('set', 'frozenset', 'slice', 'complex', 'range', 'bytearray', 'bytes'):
+        table[f'builtins.{name}'] = getattr(builtins, name)
+        table[f'__builtin__.{name}'] = getattr(builtins, name)  # Protocol 2 spelling.
     return table
 
 
@@ -300,7 +300,7 @@ def _safe_globals() -> dict:
 
 def _torch_module_class(module: str, name: str) -> Optional[type]:
     """Standard torch.nn layer classes (e.g. ModuleDict) are safe: their code is torch's own."""
-    if not module.startswith("torch.nn.modules."):
+    if not module.startswith('torch.nn.modules.'):
         return None
     try:
         value = getattr(importlib.import_module(module), name)
@@ -311,21 +311,21 @@ def _torch_module_class(module: str, name: str) -> Optional[type]:
 
 def _load_storage_weights_only(data: bytes) -> Any:
     """Stand-in for torch.storage._load_from_bytes: the embedded torch.save blob may hold tensors only."""
-    map_location = None if torch.cuda.is_available() else "cpu"
+    map_location = None if torch.cuda.is_available() else 'cpu'
     try:
         return torch.load(io.BytesIO(data), weights_only=True, map_location=map_location)
     except Exception as err:
-        raise _Refused(f"tensor storage refused by torch.load(weights_only=True) ({_first_line(err)}); "
-                       f"{_OPT_IN}") from err
+        raise _Refused(f'tensor storage refused by torch.load(weights_only=True) ({_first_line(err)}); '
+                       f'{_OPT_IN}') from err
 
 
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler resolving only whitelisted globals; persistent objects go to _rebuild_safely()."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("torch_utils.persistence", "_reconstruct_persistent_obj"):
+        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
             return _rebuild_safely
-        value = _safe_globals().get(f"{module}.{name}", None)
+        value = _safe_globals().get(f'{module}.{name}', None)
         if value is None:
             value = _torch_module_class(module, name)
         if value is None:
@@ -335,14 +335,14 @@ class _SafeUnpickler(pickle.Unpickler):
 
 def _rebuild_safely(meta: Any) -> Any:
     """Safe counterpart of _reconstruct_persistent_obj: never executes meta.module_src."""
-    if not isinstance(meta, dict) or not isinstance(meta.get("state", None), dict):
-        raise _Refused(f"malformed persistent object (expected a meta dict with a state dict); {_OPT_IN}")
+    if not isinstance(meta, dict) or not isinstance(meta.get('state', None), dict):
+        raise _Refused(f'malformed persistent object (expected a meta dict with a state dict); {_OPT_IN}')
     meta = _apply_import_hooks(meta)
-    if meta.get("version", None) != _version:
+    if meta.get('version', None) != _version:
         raise _Refused(f"persistent object version {meta.get('version', None)!r} is not {_version}")
-    if meta.get("type", None) != "class":
+    if meta.get('type', None) != 'class':
         raise _Refused(f"unknown persistent object type {meta.get('type', None)!r}")
-    cls = _project_class(meta.get("class_name", None))
+    cls = _project_class(meta.get('class_name', None))
     return _new_with_state(cls, meta.state)
 
 
@@ -353,10 +353,10 @@ def _project_class(class_name: Any) -> type:
         raise _Refused(f"persistent class {class_name!r} is not one of this project's classes; {_OPT_IN}")
     cls = getattr(importlib.import_module(module_name), class_name, None)
     if cls is None or not is_persistent(cls):
-        raise _Refused(f"{module_name}.{class_name} is missing or not a persistent class")
+        raise _Refused(f'{module_name}.{class_name} is missing or not a persistent class')
     return cls
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Public load/save API.
 
 
@@ -370,7 +370,7 @@ def load_pickle(src: Union[str, os.PathLike, BinaryIO], *, trust: Optional[bool]
     """
     trust = _trust_from_env() if trust is None else bool(trust)
     if not isinstance(src, (str, os.PathLike)):
-        return _load_stream(src, str(getattr(src, "name", "<stream>")), trust)
+        return _load_stream(src, str(getattr(src, 'name', '<stream>')), trust)
     name = os.fspath(src)
     with _open_source(name) as f:
         return _load_stream(f, name, trust)
@@ -382,9 +382,9 @@ class _PortablePickler(pickle.Pickler):
     import, so the official environment could not load our latent-model snapshots (encoder constants)."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is np.ndarray and obj.dtype.kind in "biuf":
+        if type(obj) is np.ndarray and obj.dtype.kind in 'biuf':
             return np.array, (obj.tolist(), obj.dtype.str)
-        if isinstance(obj, np.generic) and obj.dtype.kind in "iuf" and type(obj).__name__ == obj.dtype.name:
+        if isinstance(obj, np.generic) and obj.dtype.kind in 'iuf' and type(obj).__name__ == obj.dtype.name:
             return type(obj), (obj.item(),)
         return NotImplemented
 
@@ -399,35 +399,35 @@ def save_pickle(obj: Any, path: Union[str, os.PathLike]) -> None:
     path = os.fspath(path)
     dir_path = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(dir_path):
-        raise FileNotFoundError(f"{path}: output directory {dir_path} does not exist")
-    with misc.atomic_open(path, "wb") as f:
+        raise FileNotFoundError(f'{path}: output directory {dir_path} does not exist')
+    with misc.atomic_open(path, 'wb') as f:
         dump_portable(obj, f)
 
 
 def _trust_from_env() -> bool:
-    value = os.environ.get(TRUST_ENV_VAR, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
+    value = os.environ.get(TRUST_ENV_VAR, '').strip().lower()
+    if value in ('', '0', 'false', 'no', 'off'):
         return False
-    if value in ("1", "true", "yes", "on"):
+    if value in ('1', 'true', 'yes', 'on'):
         return True
-    raise ValueError(f"{TRUST_ENV_VAR}={value!r}: expected 1 (trust pickles) or 0 (safe loading)")
+    raise ValueError(f'{TRUST_ENV_VAR}={value!r}: expected 1 (trust pickles) or 0 (safe loading)')
 
 
 def _open_source(name: str) -> BinaryIO:
-    if "://" in name:
+    if '://' in name:
         return dnnlib.util.open_url(name)
-    return open(name, "rb")
+    return open(name, 'rb')
 
 
 def _load_stream(f: BinaryIO, name: str, trust: bool) -> Any:
     try:
         return pickle.load(f) if trust else _SafeUnpickler(f).load()
     except _Refused as err:
-        raise PickleLoadError(f"{name}: {_first_line(err)}") from err
+        raise PickleLoadError(f'{name}: {_first_line(err)}') from err
     except (EOFError, pickle.UnpicklingError) as err:
-        raise PickleLoadError(f"{name}: {_describe_bad_format(f, err)}") from err
+        raise PickleLoadError(f'{name}: {_describe_bad_format(f, err)}') from err
     except Exception as err:
-        raise PickleLoadError(f"{name}: cannot load pickle ({type(err).__name__}: {_first_line(err)})") from err
+        raise PickleLoadError(f'{name}: cannot load pickle ({type(err).__name__}: {_first_line(err)})') from err
 
 
 def _describe_bad_format(f: BinaryIO, err: BaseException) -> str:
@@ -436,44 +436,44 @@ def _describe_bad_format(f: BinaryIO, err: BaseException) -> str:
         f.seek(0)
         magic = f.read(4)
     except (OSError, AttributeError, ValueError):
-        magic = b""
-    if magic == b"PK\x03\x04":
-        return f"a zip archive (e.g. a torch.save checkpoint), not a network pickle; use torch.load ({detail})"
-    return f"truncated or not a pickle ({detail})"
+        magic = b''
+    if magic == b'PK\x03\x04':
+        return f'a zip archive (e.g. a torch.save checkpoint), not a network pickle; use torch.load ({detail})'
+    return f'truncated or not a pickle ({detail})'
 
 
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
-    return lines[0].strip() if lines else ""
+    return lines[0].strip() if lines else ''
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Compatibility check for modules whose source gets embedded (spec §1.7).
 
 # Public API of the official torch_utils / dnnlib modules (spec persistence.md §1.5, §2-§5).
 OFFICIAL_API = {
-    "torch_utils": {"persistence", "misc", "distributed", "training_stats"},
-    "torch_utils.persistence": {"persistent_class", "is_persistent", "import_hook", "_reconstruct_persistent_obj"},
-    "torch_utils.misc": {
-        "set_random_seed", "constant", "const_like", "pinned_buf", "symbolic_assert", "suppress_tracer_warnings",
-        "assert_shape", "profiled_function", "InfiniteSampler", "params_and_buffers", "named_params_and_buffers",
-        "copy_params_and_buffers", "ddp_sync", "check_ddp_consistency", "print_module_summary", "tile_images"},
-    "torch_utils.distributed": {
-        "init", "get_rank", "get_world_size", "should_stop", "should_suspend", "request_suspend",
-        "update_progress", "print0", "CheckpointIO"},
-    "torch_utils.training_stats": {"init_multiprocessing", "report", "report0", "Collector", "default_collector"},
-    "dnnlib": {"util", "EasyDict", "make_cache_dir_path"},
-    "dnnlib.util": {
-        "EasyDict", "Logger", "set_cache_dir", "make_cache_dir_path", "format_time", "format_time_brief",
-        "tuple_product", "get_dtype_and_ctype", "is_pickleable", "get_module_from_obj_name",
-        "get_obj_from_module", "get_obj_by_name", "call_func_by_name", "construct_class_by_name",
-        "get_module_dir_by_obj_name", "is_top_level_function", "get_top_level_function_name",
-        "list_dir_recursively_with_ignore", "copy_files_and_create_dirs", "is_url", "open_url"},
+    'torch_utils': {'persistence', 'misc', 'distributed', 'training_stats'},
+    'torch_utils.persistence': {'persistent_class', 'is_persistent', 'import_hook', '_reconstruct_persistent_obj'},
+    'torch_utils.misc': {
+        'set_random_seed', 'constant', 'const_like', 'pinned_buf', 'symbolic_assert', 'suppress_tracer_warnings',
+        'assert_shape', 'profiled_function', 'InfiniteSampler', 'params_and_buffers', 'named_params_and_buffers',
+        'copy_params_and_buffers', 'ddp_sync', 'check_ddp_consistency', 'print_module_summary', 'tile_images'},
+    'torch_utils.distributed': {
+        'init', 'get_rank', 'get_world_size', 'should_stop', 'should_suspend', 'request_suspend',
+        'update_progress', 'print0', 'CheckpointIO'},
+    'torch_utils.training_stats': {'init_multiprocessing', 'report', 'report0', 'Collector', 'default_collector'},
+    'dnnlib': {'util', 'EasyDict', 'make_cache_dir_path'},
+    'dnnlib.util': {
+        'EasyDict', 'Logger', 'set_cache_dir', 'make_cache_dir_path', 'format_time', 'format_time_brief',
+        'tuple_product', 'get_dtype_and_ctype', 'is_pickleable', 'get_module_from_obj_name',
+        'get_obj_from_module', 'get_obj_by_name', 'call_func_by_name', 'construct_class_by_name',
+        'get_module_dir_by_obj_name', 'is_top_level_function', 'get_top_level_function_name',
+        'list_dir_recursively_with_ignore', 'copy_files_and_create_dirs', 'is_url', 'open_url'},
 }
-OFFICIAL_THIRD_PARTY = frozenset({"numpy", "torch", "psutil"})
+OFFICIAL_THIRD_PARTY = frozenset({'numpy', 'torch', 'psutil'})
 _STDLIB_FALLBACK = frozenset({  # Python 3.9 has no sys.stdlib_module_names.
-    "__future__", "abc", "ast", "collections", "contextlib", "copy", "ctypes", "dataclasses", "functools",
-    "glob", "hashlib", "importlib", "inspect", "io", "itertools", "json", "math", "os", "pickle", "random",
-    "re", "shutil", "socket", "sys", "tempfile", "time", "types", "typing", "uuid", "warnings", "zipfile"})
+    '__future__', 'abc', 'ast', 'collections', 'contextlib', 'copy', 'ctypes', 'dataclasses', 'functools',
+    'glob', 'hashlib', 'importlib', 'inspect', 'io', 'itertools', 'json', 'math', 'os', 'pickle', 'random',
+    're', 'shutil', 'socket', 'sys', 'tempfile', 'time', 'types', 'typing', 'uuid', 'warnings', 'zipfile'})
 
 
 def check_module_src_imports(src: str, extra_allowed: Iterable[str] = (), check_api: bool = True,
@@ -487,7 +487,7 @@ def check_module_src_imports(src: str, extra_allowed: Iterable[str] = (), check_
     `include_functions=False`, code inside function bodies (not run when a pickle loads) is skipped.
     """
     nodes = list(_walk(ast.parse(src), include_functions))
-    allowed_top = set(getattr(sys, "stdlib_module_names", _STDLIB_FALLBACK)) | OFFICIAL_THIRD_PARTY | set(extra_allowed)
+    allowed_top = set(getattr(sys, 'stdlib_module_names', _STDLIB_FALLBACK)) | OFFICIAL_THIRD_PARTY | set(extra_allowed)
     problems, aliases = set(), {}
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -510,8 +510,8 @@ def _walk(node: ast.AST, include_functions: bool) -> Iterable[ast.AST]:
 
 
 def _module_allowed(name: str, allowed_top: set) -> bool:
-    top = name.split(".")[0]
-    if top in ("torch_utils", "dnnlib"):
+    top = name.split('.')[0]
+    if top in ('torch_utils', 'dnnlib'):
         return name in OFFICIAL_API
     return top in allowed_top
 
@@ -523,19 +523,19 @@ def _check_import(node: ast.Import, allowed_top: set, problems: set, aliases: di
         elif alias.asname:
             aliases[alias.asname] = alias.name
         else:
-            top = alias.name.split(".")[0]
+            top = alias.name.split('.')[0]
             aliases[top] = top
 
 
 def _check_import_from(node: ast.ImportFrom, allowed_top: set, check_api: bool, problems: set, aliases: dict) -> None:
     if node.level:
-        problems.add("." * node.level + (node.module or ""))
+        problems.add('.' * node.level + (node.module or ''))
         return
     if not _module_allowed(node.module, allowed_top):
         problems.add(node.module)
         return
     for alias in node.names:
-        full = f"{node.module}.{alias.name}"
+        full = f'{node.module}.{alias.name}'
         if full in OFFICIAL_API:
             aliases[alias.asname or alias.name] = full
         elif check_api and node.module in OFFICIAL_API and alias.name not in OFFICIAL_API[node.module]:
@@ -553,8 +553,8 @@ def _check_attribute(node: ast.Attribute, aliases: dict, problems: set) -> None:
     path = aliases[node.id]
     for attr in reversed(chain):
         if attr not in OFFICIAL_API[path]:
-            problems.add(f"{path}.{attr}")
+            problems.add(f'{path}.{attr}')
             return
-        if f"{path}.{attr}" not in OFFICIAL_API:
+        if f'{path}.{attr}' not in OFFICIAL_API:
             return
-        path = f"{path}.{attr}"
+        path = f'{path}.{attr}'

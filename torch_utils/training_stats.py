@@ -16,7 +16,7 @@ import dnnlib
 
 from . import misc
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 _num_moments = 3  # [num_scalars, sum_of_scalars, sum_of_squares]
 _reduce_dtype = torch.float32  # Per-tensor reduction.
@@ -27,13 +27,13 @@ _sync_called = False  # Has _sync() run yet?
 _counters: dict = {}  # name -> device -> moments tensor, in registration order.
 _cumulative: dict = {}  # name -> cumulative moments on CPU.
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def init_multiprocessing(rank: int, sync_device: Optional[torch.device]) -> None:
     """Set this process's rank and the device used for all-reduce; call before the first sync."""
     global _rank, _sync_device
-    assert not _sync_called, "training_stats.init_multiprocessing() must be called before the first sync"
+    assert not _sync_called, 'training_stats.init_multiprocessing() must be called before the first sync'
     _rank = rank
     _sync_device = sync_device
 
@@ -71,13 +71,13 @@ def report0(name: str, value: Any) -> Any:
     return value
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 class Collector:
     """Reads the counters of the names matching `regex` and exposes per-interval statistics."""
 
-    def __init__(self, regex: str = ".*", keep_previous: bool = False):
+    def __init__(self, regex: str = '.*', keep_previous: bool = False):
         self._regex = re.compile(regex)
         self._keep_previous = keep_previous
         self._cumulative: dict = {}  # name -> cumulative moments seen at this collector's last update.
@@ -115,14 +115,14 @@ class Collector:
         """Mean of the last interval; NaN without data."""
         delta = self._get_delta(name)
         if int(delta[0]) == 0:
-            return float("nan")
+            return float('nan')
         return float(delta[1] / delta[0])
 
     def std(self, name: str) -> float:
         """Standard deviation of the last interval: sqrt(max(E[x²] − E[x]², 0)); 0 for one value."""
         delta = self._get_delta(name)
         if int(delta[0]) == 0 or not np.isfinite(float(delta[1])):
-            return float("nan")
+            return float('nan')
         if int(delta[0]) == 1:
             return 0.0
         mean = float(delta[1] / delta[0])
@@ -140,7 +140,7 @@ class Collector:
         return self.mean(name)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def _multi_process() -> bool:
@@ -154,7 +154,7 @@ def _check_names_consistent(names: list, device: torch.device) -> None:
     extremes = torch.tensor([value, -value], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
     if int(extremes[0]) != value or int(extremes[1]) != -value:  # max(h) == min(h) on every rank.
-        raise ValueError("Training statistics are inconsistent between ranks")
+        raise ValueError('Training statistics are inconsistent between ranks')
 
 
 def _sync(names: list) -> list:
@@ -163,7 +163,7 @@ def _sync(names: list) -> list:
     if len(names) == 0:
         return []
     _sync_called = True
-    device = _sync_device if _sync_device is not None else torch.device("cpu")
+    device = _sync_device if _sync_device is not None else torch.device('cpu')
     multi = _multi_process()
     if multi:
         _check_names_consistent(names, device)
@@ -187,11 +187,11 @@ def _sync(names: list) -> list:
     return [(name, _cumulative[name]) for name in names]
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 default_collector = Collector()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def reset() -> None:

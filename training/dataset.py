@@ -29,7 +29,7 @@ try:
 except ImportError:
     pyspng = None
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Helpers.
 
 
@@ -77,7 +77,7 @@ def _pil_mode_for_array(image: PIL.Image.Image) -> Optional[str]:
         return 'L'
     return 'RGB'
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -243,7 +243,7 @@ class Dataset(torch.utils.data.Dataset):
     def has_onehot_labels(self) -> bool:
         return self._get_raw_labels().dtype == np.int64
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 class CenterCropImagenet:
@@ -265,7 +265,7 @@ class CenterCropImagenet:
             rgb = image_transforms.center_crop_dhariwal(rgb, self.size)
         return rgb.transpose(2, 0, 1)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 class ImageFolderDataset(Dataset):
@@ -456,7 +456,7 @@ class ImageFolderDataset(Dataset):
                   f'(e.g. {absent[0]}); ignored', file=sys.stderr)
         return _label_array([labels[fname] for fname in self._image_fnames], self._source_path)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def select_filtered(
@@ -513,7 +513,7 @@ def select_filtered(
     chosen = set.union(*selections) if combine == 'union' else set.intersection(*selections)
     return sorted(chosen)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 class FilteredImageDataset(ImageFolderDataset):
@@ -655,4 +655,4 @@ class FilteredImageDataset(ImageFolderDataset):
                           f' top-level folder name; {len(missing)} such images)')
         return np.array(cats, dtype=np.int64)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------

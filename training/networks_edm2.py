@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch_utils import misc
 from torch_utils import persistence
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Fast-path switches (see module docstring).
 
 PLAIN = dict(fused=False, weight_cache=False, sdpa=False, dtype=None, channels_last=False, compile=False)
@@ -103,7 +103,7 @@ def _state_without_runtime(module: torch.nn.Module) -> dict:
         state.pop(key, None)
     return state
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Normalize given tensor to unit magnitude with respect to the given
 # dimensions. Default = all dimensions except the first.
 
@@ -123,7 +123,7 @@ def _normalize_fast(x: torch.Tensor, dim, eps: float = 1e-4) -> torch.Tensor:
     norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Upsample or downsample the given tensor with the given filter,
 # or keep it as is.
 
@@ -152,14 +152,14 @@ def _resample_fast(x: torch.Tensor, f, mode: str) -> torch.Tensor:
         return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
     return resample(x, f, mode)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Magnitude-preserving SiLU (Equation 81).
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
     """silu(x) / 0.596: unit-variance input gives unit-variance output (eq. 81)."""
     return F.silu(x) / 0.596
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Magnitude-preserving sum (Equation 88).
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
@@ -172,7 +172,7 @@ def _mp_sum_coefs(t: float) -> tuple:
     scale = float(np.sqrt((1 - t) ** 2 + t ** 2))
     return (1 - t) / scale, t / scale
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Magnitude-preserving concatenation (Equation 103).
 
 def _mp_cat_coefs(na: int, nb: int, t: float) -> tuple:
@@ -219,7 +219,7 @@ def _clip_fast(x: torch.Tensor, limit: float) -> torch.Tensor:
             return x
     return x.clip_(-limit, limit)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Fused weight normalisation: w * gain / (sqrt(fan_in) * (eps + ||w_o|| / sqrt(M)))
 # per output row o, one multiply forward and two passes backward.
 
@@ -256,7 +256,7 @@ class _NormalizedWeight(torch.autograd.Function):
             grad_gain = (dot * unit_scale).sum().to(ctx.gain_dtype)
         return grad_w, grad_gain, None, None, None
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Magnitude-preserving Fourier features (Equation 75).
 
 @persistence.persistent_class
@@ -279,7 +279,7 @@ class MPFourier(torch.nn.Module):
     def __getstate__(self):
         return _state_without_runtime(self)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Magnitude-preserving convolution or fully-connected layer (Equation 47)
 # with force weight normalization (Equation 66).
 
@@ -358,7 +358,7 @@ class MPConv(torch.nn.Module):
     def __getstate__(self):
         return _state_without_runtime(self)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # U-Net encoder/decoder block with optional self-attention (Figure 21).
 
 @persistence.persistent_class
@@ -488,7 +488,7 @@ class Block(torch.nn.Module):
     def __getstate__(self):
         return _state_without_runtime(self)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # EDM2 U-Net model (Figure 21).
 
 @persistence.persistent_class
@@ -583,7 +583,7 @@ class UNet(torch.nn.Module):
     def __getstate__(self):
         return _state_without_runtime(self)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Preconditioning and uncertainty estimation.
 
 @persistence.persistent_class
@@ -666,4 +666,4 @@ class Precond(torch.nn.Module):
     def __getstate__(self):
         return _state_without_runtime(self)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------

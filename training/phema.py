@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Conversions between exponent gamma and relative standard deviation sigma_rel.
 
 MAX_STD = 0.289  # exp_to_std(0) ~= 0.2887: the widest power-function profile.
@@ -36,7 +36,7 @@ def std_to_exp(std: Any) -> np.ndarray:
     return np.float64(flat).reshape(np.shape(std))
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Profiles, their inner products, and the per-step decay.
 
 
@@ -77,7 +77,7 @@ def _beta_from_exp(exp: Any, t_next: Any, t_delta: Any) -> np.ndarray:
     return (1 - np.float64(t_delta) / np.float64(t_next)) ** (np.float64(exp) + 1)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Post-hoc reconstruction: least squares in the space of profiles.
 
 
@@ -114,7 +114,7 @@ def posthoc_fit_error(in_ofs: Any, in_std: Any, out_ofs: Any, out_std: Any, coef
     return np.sqrt(np.maximum(sq, 0) / c)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # EMA trackers used by the training loop.
 
 

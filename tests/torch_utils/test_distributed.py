@@ -27,13 +27,13 @@ def _clean_env():
 
 
 def _run_script(tmp_path, source, *args, timeout=60):
-    script = tmp_path / "script.py"
+    script = tmp_path / 'script.py'
     script.write_text(textwrap.dedent(source))
     return subprocess.run([sys.executable, *args, str(script), str(tmp_path)], cwd=REPO_ROOT, env=_clean_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Single process, no torchrun.
 
 SINGLE_PROCESS_SCRIPT = """
@@ -67,14 +67,14 @@ SINGLE_PROCESS_SCRIPT = """
 """
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals needed")
+@pytest.mark.skipif(not hasattr(signal, 'SIGUSR1'), reason='POSIX signals needed')
 def test_single_process_init_stats_and_signals(tmp_path):
     result = _run_script(tmp_path, SINGLE_PROCESS_SCRIPT)
-    assert "mean 2.0" in result.stdout, result.stderr
-    assert "stop after SIGUSR1: True" in result.stdout
-    assert "still alive" not in result.stdout
+    assert 'mean 2.0' in result.stdout, result.stderr
+    assert 'stop after SIGUSR1: True' in result.stdout
+    assert 'still alive' not in result.stdout
     assert result.returncode == -signal.SIGTERM, result.stderr
-    assert "Received signal SIGUSR1" in result.stderr
+    assert 'Received signal SIGUSR1' in result.stderr
 
 
 def test_helpers_without_process_group(capsys):
@@ -82,11 +82,11 @@ def test_helpers_without_process_group(capsys):
     assert dist.get_rank() == 0 and dist.get_world_size() == 1
     dist.barrier()
     assert dist.any_rank(True) and not dist.any_rank(False)
-    dist.print0("visible")
-    assert capsys.readouterr().out == "visible\n"
+    dist.print0('visible')
+    assert capsys.readouterr().out == 'visible\n'
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Two gloo ranks under torchrun.
 
 TORCHRUN_SCRIPT = """
@@ -141,23 +141,23 @@ TORCHRUN_SCRIPT = """
 
 
 def test_torchrun_two_gloo_ranks(tmp_path):
-    result = _run_script(tmp_path, TORCHRUN_SCRIPT, "-m", "torch.distributed.run", "--standalone",
-                         "--nproc_per_node=2")
+    result = _run_script(tmp_path, TORCHRUN_SCRIPT, '-m', 'torch.distributed.run', '--standalone',
+                         '--nproc_per_node=2')
     assert result.returncode == 0, result.stdout + result.stderr
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
     all_values = np.arange(6, dtype=np.float64)
     for r, res in enumerate(ranks):
-        assert (res["rank"], res["world"], res["local_rank"], res["backend"]) == (r, 2, r, "gloo")
-        assert res["num"] == 6 and res["mean"] == pytest.approx(all_values.mean())
-        assert res["std"] == pytest.approx(all_values.std())
-        assert res["only0"] == 1
-        assert res["any"] is True and res["none"] is False
-        assert res["loaded_cur_nimg"] == 1000  # Only rank 0 wrote the file.
-        assert res["inconsistent"] == "Training statistics are inconsistent between ranks"
-    assert ranks[0]["ddp_mismatch"] is False and ranks[1]["ddp_mismatch"] is True
+        assert (res['rank'], res['world'], res['local_rank'], res['backend']) == (r, 2, r, 'gloo')
+        assert res['num'] == 6 and res['mean'] == pytest.approx(all_values.mean())
+        assert res['std'] == pytest.approx(all_values.std())
+        assert res['only0'] == 1
+        assert res['any'] is True and res['none'] is False
+        assert res['loaded_cur_nimg'] == 1000  # Only rank 0 wrote the file.
+        assert res['inconsistent'] == 'Training statistics are inconsistent between ranks'
+    assert ranks[0]['ddp_mismatch'] is False and ranks[1]['ddp_mismatch'] is True
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # CheckpointIO.
 
 
@@ -166,7 +166,7 @@ class _LossLike:
         self.P_mean = p_mean
         self.P_std = 1.0
         self._init_args = ()
-        self._init_kwargs = {"P_mean": p_mean}
+        self._init_kwargs = {'P_mean': p_mean}
 
 
 def _make_objects(seed):
@@ -176,58 +176,58 @@ def _make_objects(seed):
     net(torch.randn(5, 4)).square().sum().backward()
     optimizer.step()
     state = dnnlib.EasyDict(cur_nimg=seed * 1000, total_elapsed_time=float(seed))
-    ema = {"stds": [0.05, 0.1], "emas": [net.state_dict(), net.state_dict()]}
+    ema = {'stds': [0.05, 0.1], 'emas': [net.state_dict(), net.state_dict()]}
     return dict(state=state, net=net, loss_fn=_LossLike(-0.4 + seed), optimizer=optimizer, ema=ema, extra=None)
 
 
 def test_checkpoint_roundtrip(tmp_path, capsys):
     src = _make_objects(seed=1)
-    path = str(tmp_path / "training-state-0001000.pt")
+    path = str(tmp_path / 'training-state-0001000.pt')
     dist.CheckpointIO(**src).save(path)
-    assert capsys.readouterr().out == f"Saving {path} ... done\n"
+    assert capsys.readouterr().out == f'Saving {path} ... done\n'
     dst = _make_objects(seed=2)
     dist.CheckpointIO(**dst).load(path)
-    assert capsys.readouterr().out == f"Loading {path} ... done\n"
-    assert type(dst["state"]) is dnnlib.EasyDict and dst["state"] == {"cur_nimg": 1000, "total_elapsed_time": 1.0}
-    for a, b in zip(src["net"].state_dict().values(), dst["net"].state_dict().values()):
+    assert capsys.readouterr().out == f'Loading {path} ... done\n'
+    assert type(dst['state']) is dnnlib.EasyDict and dst['state'] == {'cur_nimg': 1000, 'total_elapsed_time': 1.0}
+    for a, b in zip(src['net'].state_dict().values(), dst['net'].state_dict().values()):
         assert torch.equal(a, b)
-    assert dst["loss_fn"].P_mean == src["loss_fn"].P_mean
-    assert dst["optimizer"].state_dict()["state"][0]["step"] == 1
-    assert dst["ema"]["stds"] == [0.05, 0.1]
+    assert dst['loss_fn'].P_mean == src['loss_fn'].P_mean
+    assert dst['optimizer'].state_dict()['state'][0]['step'] == 1
+    assert dst['ema']['stds'] == [0.05, 0.1]
 
 
 def test_load_latest_picks_numerically_newest(tmp_path):
     for nimg in (2, 10, 9):
         objects = _make_objects(seed=nimg)
-        dist.CheckpointIO(**objects).save(str(tmp_path / f"training-state-{nimg}.pt"), verbose=False)
-    (tmp_path / "training-state-99.pt.bak").write_bytes(b"not matching")
-    (tmp_path / "network-snapshot-0000100-0.050.pkl").write_bytes(b"other")
+        dist.CheckpointIO(**objects).save(str(tmp_path / f'training-state-{nimg}.pt'), verbose=False)
+    (tmp_path / 'training-state-99.pt.bak').write_bytes(b'not matching')
+    (tmp_path / 'network-snapshot-0000100-0.050.pkl').write_bytes(b'other')
     dst = _make_objects(seed=0)
     loaded = dist.CheckpointIO(**dst).load_latest(str(tmp_path), verbose=False)
-    assert loaded == str(tmp_path / "training-state-10.pt") and dst["state"].cur_nimg == 10000
+    assert loaded == str(tmp_path / 'training-state-10.pt') and dst['state'].cur_nimg == 10000
 
 
 def test_load_latest_empty_dir_returns_none(tmp_path):
     assert dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path)) is None
-    assert dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path / "missing")) is None
+    assert dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path / 'missing')) is None
 
 
 def test_load_latest_skips_torn_newest_file(tmp_path):
     good = _make_objects(seed=3)
-    dist.CheckpointIO(**good).save(str(tmp_path / "training-state-0003000.pt"), verbose=False)
-    data = (tmp_path / "training-state-0003000.pt").read_bytes()
-    (tmp_path / "training-state-0004000.pt").write_bytes(data[: len(data) // 2])  # Torn copy.
+    dist.CheckpointIO(**good).save(str(tmp_path / 'training-state-0003000.pt'), verbose=False)
+    data = (tmp_path / 'training-state-0003000.pt').read_bytes()
+    (tmp_path / 'training-state-0004000.pt').write_bytes(data[: len(data) // 2])  # Torn copy.
     dst = _make_objects(seed=0)
-    with pytest.warns(UserWarning, match="training-state-0004000.pt"):
+    with pytest.warns(UserWarning, match='training-state-0004000.pt'):
         loaded = dist.CheckpointIO(**dst).load_latest(str(tmp_path), verbose=False)
-    assert loaded.endswith("training-state-0003000.pt") and dst["state"].cur_nimg == 3000
+    assert loaded.endswith('training-state-0003000.pt') and dst['state'].cur_nimg == 3000
 
 
 def test_load_latest_all_torn_raises(tmp_path):
-    (tmp_path / "training-state-0000001.pt").write_bytes(b"\x00" * 10)
+    (tmp_path / 'training-state-0000001.pt').write_bytes(b'\x00' * 10)
     state = dnnlib.EasyDict(cur_nimg=5)
     with pytest.warns(UserWarning):
-        with pytest.raises(dist.CheckpointError, match="none of the 1 files"):
+        with pytest.raises(dist.CheckpointError, match='none of the 1 files'):
             dist.CheckpointIO(state=state).load_latest(str(tmp_path))
     assert state.cur_nimg == 5
 
@@ -237,16 +237,16 @@ class _Exploit:
         self.marker = marker
 
     def __reduce__(self):
-        return (open, (self.marker, "w"))
+        return (open, (self.marker, 'w'))
 
 
 def test_untrusted_checkpoint_is_refused_without_running_code(tmp_path, monkeypatch):
-    marker = str(tmp_path / "pwned")
-    torch.save({"state": _Exploit(marker)}, str(tmp_path / "training-state-0000001.pt"))
-    with pytest.raises(dist.CheckpointError, match="EDM2_TRUST_PICKLE"):
+    marker = str(tmp_path / 'pwned')
+    torch.save({'state': _Exploit(marker)}, str(tmp_path / 'training-state-0000001.pt'))
+    with pytest.raises(dist.CheckpointError, match='EDM2_TRUST_PICKLE'):
         dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path), verbose=False)
     assert not os.path.exists(marker)
-    monkeypatch.setenv("EDM2_TRUST_PICKLE", "1")  # Explicit opt-in restores plain torch.load.
+    monkeypatch.setenv('EDM2_TRUST_PICKLE', '1')  # Explicit opt-in restores plain torch.load.
     with pytest.raises(Exception):
         dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path), verbose=False)
     assert os.path.exists(marker)
@@ -255,32 +255,32 @@ def test_untrusted_checkpoint_is_refused_without_running_code(tmp_path, monkeypa
 def test_official_style_file_with_easydict_loads(tmp_path):
     """Files from the original toolkit pickle the EasyDict itself (plain torch.save)."""
     src = _make_objects(seed=4)
-    official = {"state": src["state"], "net": src["net"].state_dict(), "loss_fn": src["loss_fn"].__dict__,
-                "optimizer": src["optimizer"].state_dict(), "ema": src["ema"], "extra": None,
-                "np_scalar": np.float64(0.5), "misc": dnnlib.EasyDict(arr=np.arange(3), tags={"a", "b"})}
-    torch.save(official, str(tmp_path / "training-state-0004000.pt"))
-    assert dist.load_training_state(str(tmp_path / "training-state-0004000.pt"))["misc"]["tags"] == {"a", "b"}
+    official = {'state': src['state'], 'net': src['net'].state_dict(), 'loss_fn': src['loss_fn'].__dict__,
+                'optimizer': src['optimizer'].state_dict(), 'ema': src['ema'], 'extra': None,
+                'np_scalar': np.float64(0.5), 'misc': dnnlib.EasyDict(arr=np.arange(3), tags={'a', 'b'})}
+    torch.save(official, str(tmp_path / 'training-state-0004000.pt'))
+    assert dist.load_training_state(str(tmp_path / 'training-state-0004000.pt'))['misc']['tags'] == {'a', 'b'}
     dst = _make_objects(seed=0)
-    dist.CheckpointIO(**dst).load(str(tmp_path / "training-state-0004000.pt"), verbose=False)
-    assert dst["state"] == {"cur_nimg": 4000, "total_elapsed_time": 4.0}
-    assert dst["loss_fn"].P_mean == pytest.approx(3.6)
+    dist.CheckpointIO(**dst).load(str(tmp_path / 'training-state-0004000.pt'), verbose=False)
+    assert dst['state'] == {'cur_nimg': 4000, 'total_elapsed_time': 4.0}
+    assert dst['loss_fn'].P_mean == pytest.approx(3.6)
 
 
 def test_missing_entry_is_a_clear_error(tmp_path):
-    path = str(tmp_path / "training-state-0000001.pt")
+    path = str(tmp_path / 'training-state-0000001.pt')
     dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=1)).save(path, verbose=False)
     with pytest.raises(dist.CheckpointError, match="missing entries \\['net'\\]"):
         dist.CheckpointIO(state=dnnlib.EasyDict(), net=torch.nn.Linear(1, 1)).load(path)
 
 
 def test_save_is_atomic_and_rank0_only(tmp_path, monkeypatch):
-    path = tmp_path / "training-state-0000001.pt"
+    path = tmp_path / 'training-state-0000001.pt'
     dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=1)).save(str(path), verbose=False)
 
     def disk_full(_fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(errno.ENOSPC, 'No space left on device')
 
-    monkeypatch.setattr(os, "fsync", disk_full)
+    monkeypatch.setattr(os, 'fsync', disk_full)
     with pytest.raises(OSError):
         dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=2)).save(str(path), verbose=False)
     monkeypatch.undo()
@@ -289,64 +289,64 @@ def test_save_is_atomic_and_rank0_only(tmp_path, monkeypatch):
     dist.CheckpointIO(state=state).load(str(path), verbose=False)
     assert state.cur_nimg == 1
 
-    monkeypatch.setattr(dist, "get_rank", lambda: 1)
-    dist.CheckpointIO(state=state).save(str(tmp_path / "training-state-0000002.pt"), verbose=False)
-    assert not (tmp_path / "training-state-0000002.pt").exists()
+    monkeypatch.setattr(dist, 'get_rank', lambda: 1)
+    dist.CheckpointIO(state=state).save(str(tmp_path / 'training-state-0000002.pt'), verbose=False)
+    assert not (tmp_path / 'training-state-0000002.pt').exists()
 
 
 def test_atomic_torch_save_used_by_checkpoint_is_loadable_weights_only(tmp_path):
-    path = str(tmp_path / "s.pt")
+    path = str(tmp_path / 's.pt')
     dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=7)).save(path, verbose=False)
-    assert torch.load(path, weights_only=True)["state"] == {"cur_nimg": 7}  # No extra globals needed.
-    misc.atomic_torch_save({"x": 1}, path)
-    assert torch.load(path, weights_only=True) == {"x": 1}
+    assert torch.load(path, weights_only=True)['state'] == {'cur_nimg': 7}  # No extra globals needed.
+    misc.atomic_torch_save({'x': 1}, path)
+    assert torch.load(path, weights_only=True) == {'x': 1}
 
 
 def test_state_of_another_shape_is_a_mismatch_error_after_a_failed_loading_line(tmp_path, capsys):
     src = _make_objects(seed=1)
-    path = str(tmp_path / "training-state-0001000.pt")
+    path = str(tmp_path / 'training-state-0001000.pt')
     dist.CheckpointIO(**src).save(path, verbose=False)
     dst = _make_objects(seed=2)
-    dst["net"] = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5))  # another network shape
+    dst['net'] = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5))  # another network shape
     with pytest.raises(dist.CheckpointMismatchError) as info:
         dist.CheckpointIO(**dst).load_latest(str(tmp_path))
-    assert info.value.path == path and info.value.name == "net"
-    assert "size mismatch for 0.weight" in info.value.detail and "\n" not in str(info.value)
-    assert capsys.readouterr().out == f"Loading {path} ... failed\n"  # the line is ended before the error
+    assert info.value.path == path and info.value.name == 'net'
+    assert 'size mismatch for 0.weight' in info.value.detail and '\n' not in str(info.value)
+    assert capsys.readouterr().out == f'Loading {path} ... failed\n'  # the line is ended before the error
 
 
 def test_torch_without_safe_globals_reads_states_with_the_restricted_unpickler(tmp_path, monkeypatch):
     """torch < 2.5 has no torch.serialization.safe_globals: our states still load, hostile ones are still refused."""
     src = _make_objects(seed=1)
-    path = str(tmp_path / "training-state-0001000.pt")
+    path = str(tmp_path / 'training-state-0001000.pt')
     dist.CheckpointIO(**src).save(path, verbose=False)
-    monkeypatch.delattr(torch.serialization, "safe_globals")
+    monkeypatch.delattr(torch.serialization, 'safe_globals')
     loaded = dist.load_training_state(path)
-    assert loaded["state"]["cur_nimg"] == 1000
-    for key, value in src["net"].state_dict().items():
-        assert torch.equal(loaded["net"][key], value)
-    marker = str(tmp_path / "pwned")
-    torch.save({"state": _Exploit(marker)}, str(tmp_path / "training-state-0000001.pt"))
+    assert loaded['state']['cur_nimg'] == 1000
+    for key, value in src['net'].state_dict().items():
+        assert torch.equal(loaded['net'][key], value)
+    marker = str(tmp_path / 'pwned')
+    torch.save({'state': _Exploit(marker)}, str(tmp_path / 'training-state-0000001.pt'))
     with pytest.raises(pickle.UnpicklingError):
-        dist.load_training_state(str(tmp_path / "training-state-0000001.pt"))
+        dist.load_training_state(str(tmp_path / 'training-state-0000001.pt'))
     assert not os.path.exists(marker)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Incomplete torchrun environments; the stop-signal message.
 
 
-@pytest.mark.parametrize("env", [{}, {"WORLD_SIZE": "1"}, {"RANK": "0"}, {"WORLD_SIZE": "1", "RANK": "0"},
-                                 {"WORLD_SIZE": "1", "MASTER_ADDR": "nowhere.invalid"}])
+@pytest.mark.parametrize('env', [{}, {'WORLD_SIZE': '1'}, {'RANK': '0'}, {'WORLD_SIZE': '1', 'RANK': '0'},
+                                 {'WORLD_SIZE': '1', 'MASTER_ADDR': 'nowhere.invalid'}])
 def test_world_size_one_is_a_private_single_process(env):
     kwargs = dist._init_method_kwargs(dict(env))
-    assert kwargs["init_method"].startswith("tcp://localhost:") and (kwargs["rank"], kwargs["world_size"]) == (0, 1)
+    assert kwargs['init_method'].startswith('tcp://localhost:') and (kwargs['rank'], kwargs['world_size']) == (0, 1)
 
 
-@pytest.mark.parametrize("env, missing", [({"WORLD_SIZE": "2"}, "RANK"), ({"RANK": "1"}, "WORLD_SIZE"),
-                                          ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "h"}, "MASTER_PORT")])
+@pytest.mark.parametrize('env, missing', [({'WORLD_SIZE': '2'}, 'RANK'), ({'RANK': '1'}, 'WORLD_SIZE'),
+                                          ({'WORLD_SIZE': '2', 'RANK': '0', 'MASTER_ADDR': 'h'}, 'MASTER_PORT')])
 def test_incomplete_multi_process_environment_names_the_missing_variable(env, missing):
-    with pytest.raises(ValueError, match=f"Incomplete distributed environment .*: {missing} is not set"):
+    with pytest.raises(ValueError, match=f'Incomplete distributed environment .*: {missing} is not set'):
         dist._init_method_kwargs(env)
 
 
@@ -359,15 +359,15 @@ def test_world_size_one_alone_initializes_without_writing_environ(tmp_path):
         assert (dist.get_rank(), dist.get_world_size()) == (0, 1) and dict(os.environ) == before
         print("ok")
     """
-    (tmp_path / "s.py").write_text(textwrap.dedent(script))
-    result = subprocess.run([sys.executable, str(tmp_path / "s.py")], cwd=REPO_ROOT, env=child_env(WORLD_SIZE="1"),
+    (tmp_path / 's.py').write_text(textwrap.dedent(script))
+    result = subprocess.run([sys.executable, str(tmp_path / 's.py')], cwd=REPO_ROOT, env=child_env(WORLD_SIZE='1'),
                             capture_output=True, text=True, timeout=60)
-    assert result.stdout == "ok\n", result.stderr
+    assert result.stdout == 'ok\n', result.stderr
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals needed")
+@pytest.mark.skipif(not hasattr(signal, 'SIGUSR1'), reason='POSIX signals needed')
 def test_stop_signal_handler_prints_nothing_until_should_stop(monkeypatch, capsys):
-    for name in ("_stop_requested", "_stop_signal", "_stop_announced"):
+    for name in ('_stop_requested', '_stop_signal', '_stop_announced'):
         monkeypatch.setattr(dist, name, getattr(dist, name))  # restored after the test
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
     try:
@@ -376,23 +376,23 @@ def test_stop_signal_handler_prints_nothing_until_should_stop(monkeypatch, capsy
         for _ in range(100):  # let the handler run
             if dist._stop_requested:
                 break
-        assert dist._stop_requested and capsys.readouterr().err == ""  # the handler itself wrote nothing
+        assert dist._stop_requested and capsys.readouterr().err == ''  # the handler itself wrote nothing
         assert dist.should_stop() and dist.should_stop()
         err = capsys.readouterr().err
-        assert err.count("Received signal SIGUSR1: stopping after the current step") == 1 and err.count("\n") == 1
+        assert err.count('Received signal SIGUSR1: stopping after the current step') == 1 and err.count('\n') == 1
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-@pytest.mark.parametrize("value, message", [("1", None), (" 1 ", None), ("2", "Distributed execution is not supported"),
-                                            ("-1", "Distributed execution is not supported"),
-                                            ("x", 'WORLD_SIZE="x" is not an integer')])
+@pytest.mark.parametrize('value, message', [('1', None), (' 1 ', None), ('2', 'Distributed execution is not supported'),
+                                            ('-1', 'Distributed execution is not supported'),
+                                            ('x', 'WORLD_SIZE="x" is not an integer')])
 def test_check_single_process(monkeypatch, value, message):
-    monkeypatch.setenv("WORLD_SIZE", value)
+    monkeypatch.setenv('WORLD_SIZE', value)
     if message is None:
-        dist.check_single_process("tool.py")
+        dist.check_single_process('tool.py')
     else:
         with pytest.raises(ValueError, match=message) as info:
-            dist.check_single_process("tool.py")
-        assert "tool.py runs as a single process" in str(info.value)
+            dist.check_single_process('tool.py')
+        assert 'tool.py runs as a single process' in str(info.value)

@@ -57,13 +57,13 @@ class TinyNet(torch.nn.Module):
 '''
 
 # Ours derives a cache attribute the official state lacks: the documented __setstate__ pattern.
-OURS_EXTRA = '''
+OURS_EXTRA = """
         self._cache = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._cache = {}
-'''
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +122,7 @@ def _net_and_input(module, seed=0):
     net = module.TinyNet(channels=3, hidden=4, scale=0.5).eval()
     return net, torch.randn(2, 3, 8, 8)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Writer side: persistent_class and the official format.
 
 
@@ -154,7 +154,7 @@ def test_persistent_class_records_source_args_and_official_meta(tiny_modules):
 
 def test_init_args_not_recorded_when_disabled(tmp_path):
     path = tmp_path / 'norecord_mod.py'
-    path.write_text(textwrap.dedent('''
+    path.write_text(textwrap.dedent("""
         from torch_utils import persistence
 
         class Base:
@@ -165,7 +165,7 @@ def test_init_args_not_recorded_when_disabled(tmp_path):
         @persistence.persistent_class
         class NoRecord(Base):
             pass
-    '''))
+    """))
     module = _import_file(str(path), f'norecord_{uuid.uuid4().hex[:8]}')
     obj = module.NoRecord(5)
     assert obj._init_args is None and obj._init_kwargs is None
@@ -201,7 +201,7 @@ def test_import_hook_applies_on_both_paths(ours, tmp_path):
         persistence._import_hooks.remove(hook)
     assert seen.count('TinyNet') == 2 and seen.count('TinyConv') == 4
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Safe loader: rebuild with our classes, never execute embedded code.
 
 
@@ -336,7 +336,7 @@ def test_unknown_torch_or_project_globals_are_refused():
     with pytest.raises(persistence.PickleLoadError, match="'torch_utils.persistence.save_pickle'"):
         persistence.load_pickle(io.BytesIO(blob))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Errors, sources, atomic writes.
 
 
@@ -392,7 +392,7 @@ def test_official_tools_load_our_pickles_with_plain_pickle(ours, tmp_path):
         data = tiny.write_tiny_snapshot(str(tmp_path / 'precond.pkl'))
         args = (torch.randn(2, 3, 16, 16), torch.tensor([0.3, 3.0]))
         torch.save(dict(args=args, y=data.ema.float()(*args)), tmp_path / 'precond.pt')
-    script = textwrap.dedent('''
+    script = textwrap.dedent("""
         import os, pickle, sys, torch
         sys.modules['training'] = None  # Only torch_utils and dnnlib exist, as in the official toolkit.
         folder = sys.argv[1]
@@ -409,18 +409,18 @@ def test_official_tools_load_our_pickles_with_plain_pickle(ours, tmp_path):
             expected = torch.load(os.path.join(folder, 'precond.pt'))
             assert torch.equal(data.ema.float()(*expected['args']), expected['y'])
         print('ok')
-    ''')
+    """)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHONDONTWRITEBYTECODE='1')
     result = subprocess.run([sys.executable, '-c', script, str(tmp_path)], cwd=str(tmp_path), env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-3000:]
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Embedded-source import check.
 
 
 def test_check_module_src_imports_flags_what_official_tools_lack():
-    good = textwrap.dedent('''
+    good = textwrap.dedent("""
         import os, warnings
         import numpy as np
         import torch.nn.functional as F
@@ -429,9 +429,9 @@ def test_check_module_src_imports_flags_what_official_tools_lack():
         from torch_utils import misc, persistence
         from torch_utils.training_stats import report
         x = misc.const_like(None, 1) and dnnlib.util.open_url and torch_utils.persistence.persistent_class
-    ''')
+    """)
     assert persistence.check_module_src_imports(good) == []
-    bad = textwrap.dedent('''
+    bad = textwrap.dedent("""
         import scipy.special
         import training.phema
         from . import sibling
@@ -443,7 +443,7 @@ def test_check_module_src_imports_flags_what_official_tools_lack():
             import diffusers
             return misc.atomic_torch_save, dnnlib.util.nope
         import dnnlib
-    ''')
+    """)
     assert persistence.check_module_src_imports(bad) == [
         '.', 'diffusers', 'dnnlib.util.DownloadError', 'dnnlib.util.nope', 'scipy.special', 'torch_utils.foo',
         'torch_utils.misc.atomic_open', 'torch_utils.misc.atomic_torch_save', 'training.phema']

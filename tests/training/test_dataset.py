@@ -22,7 +22,7 @@ from training.data_tools.image_transforms import center_crop_dhariwal
 
 from tests.procs import REPO  # noqa: E402
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Dataset builders.
 
 
@@ -69,7 +69,7 @@ def _labeled_files(n=6) -> dict:
     files['dataset.json'] = {'labels': [[f'00000/img{i:08d}.png', i % 3] for i in range(n)]}
     return files
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # ImageFolderDataset.
 
 
@@ -197,7 +197,7 @@ def test_zip_opened_once_per_process(tmp_path):
     assert np.array_equal(images.numpy(), np.stack([ds[i][0] for i in range(8)]))
     assert len({line.split()[0] for line in opener.calls()}) == 3 and len(opener.calls()) == 3
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Node-local cache.
 
 
@@ -306,7 +306,7 @@ def test_lock_file_without_fcntl_says_what_it_waits_for(tmp_path, monkeypatch, c
     assert capsys.readouterr().out == f'Waiting for {lock} (held by another process; delete it if no job is running)\n'
     assert not lock.exists()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # FilteredImageDataset.
 
 CATEGORY_SCORES = {'cat': [5.0, 2.0, 7.0, 4.0], 'dog': [1.0, 6.0, 3.0], 'eel': [8.0, 0.5]}
@@ -453,12 +453,12 @@ def test_checked_image_refuses_a_shape_mismatch_and_first_raw_dtype_is_kept(tmp_
         ds._checked_image(1, hint='; hint')
 
 
-ORDER_SCRIPT = '''
+ORDER_SCRIPT = """
 import sys
 from training.dataset import FilteredImageDataset
 ds = FilteredImageDataset(sys.argv[1], top_per_category=60, top_percent=60, max_size=4)
 print([ds._image_fnames[i] for i in ds._raw_idx])
-'''
+"""
 
 
 def test_two_processes_see_the_same_order(tmp_path):
@@ -472,4 +472,4 @@ def test_two_processes_see_the_same_order(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == here and here.count('.png') == 4
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from training import networks_edm2 as N
 from tests.tiny import make_tiny_precond, tiny_kwargs
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Layout: parameter counts and state-dict keys (spec network.md §4, §6).
 
 # (img_resolution 64, img_channels, label_dim, model_channels) -> millions of parameters, 2 decimals (spec §6).
@@ -105,7 +105,7 @@ def test_official_init_gives_c_skip_times_x():
     assert torch.equal(D, c_skip.reshape(-1, 1, 1, 1) * x)
     assert logvar.shape == (2, 1, 1, 1) and logvar.abs().sum() > 0
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Magnitude-preserving invariants (EDM2 paper §3, spec §1, §8).
 
 def _rms(x):
@@ -166,7 +166,7 @@ def test_resample_filters():
     assert smooth.shape == (2, 5, 4, 4)
     assert torch.allclose(smooth.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=0.2)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Fast paths equal the plain path (float32, CPU).
 
 FAST_CASES = {
@@ -265,7 +265,7 @@ def test_unknown_switch_is_rejected():
     with pytest.raises(ValueError, match='fp8'):
         make_tiny_precond().set_fast(dtype='fp8')
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Weight cache: reuse and invalidation.
 
 def _plain_reference(net, x, sigma):
@@ -325,7 +325,7 @@ def test_cache_not_used_when_weight_gradients_are_needed():
     net(x, sigma).sum().backward()   # eval mode but grad enabled
     assert net.unet.out_conv.weight.grad is not None and net.unet.out_conv.weight.grad.abs().sum() > 0
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Precond conventions (spec §5) and runtime state outside pickles.
 
 def test_precond_label_and_sigma_conventions():

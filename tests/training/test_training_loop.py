@@ -225,7 +225,7 @@ def test_finetune_keeps_frozen_weights_bit_identical(dataset_dir, tmp_path):
     run_dir = str(tmp_path / 'ft')
     c = tiny_config(dataset_dir, duration=1024, snapshot=1024, model2finetune=str(tmp_path / 'source.pkl'),
                     freeze_down=True, freeze_attn=True, max_grad_norm=0.5)
-    assert c.max_grad_norm == 0.5 and c.preload_model.endswith("source.pkl")
+    assert c.max_grad_norm == 0.5 and c.preload_model.endswith('source.pkl')
     training_loop(run_dir=run_dir, device='cpu', **c)
     after = persistence.load_pickle(os.path.join(run_dir, 'network-snapshot-0000001-0.100.pkl')).ema.state_dict()
     frozen = [k for k in before if 'down' in k or 'attn' in k]

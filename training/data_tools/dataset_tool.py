@@ -27,7 +27,7 @@ from torch_utils import distributed
 from torch_utils import misc
 from training.data_tools import image_transforms
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Errors and the skip log.
 
 
@@ -63,7 +63,7 @@ class SkipLog:
 UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError,
                      zipfile.BadZipFile, zlib.error)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Names and encodings.
 
 
@@ -126,7 +126,7 @@ def encode_npy(array: np.ndarray) -> bytes:
     np.save(buf, array)
     return buf.getvalue()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Input readers (spec data.md §4.1).
 
 
@@ -213,7 +213,7 @@ class Source:
             self._zip.close()
             self._zip = None
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Output writers (spec data.md §4.2), atomic: a zip is written to a temp file, a folder to a temp folder,
 # and renamed into place only when everything succeeded.
 
@@ -302,7 +302,7 @@ def dataset_json(labels: list) -> bytes:
         labels = None
     return json.dumps({'labels': labels}).encode('utf-8')
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # convert (spec data.md §4.3).
 
 
@@ -432,7 +432,7 @@ def convert(source: str, dest: str, max_images: Optional[int] = None, transform:
         writer.write('dataset.json', dataset_json(labels))
     return skips
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # encode / decode (spec data.md §4.4-4.5) through training.encoders.StabilityVAEEncoder, batched.
 
 
@@ -537,7 +537,7 @@ def _write_converted(writer: 'DestWriter', src: 'Source', items: Iterator, batch
         _check_something_written(labels, skips, source)
         writer.write('dataset.json', dataset_json(labels))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # process-and-encode (fork, spec data.md §4.6): category folders -> per-image latents, sharded over ranks.
 
 
@@ -663,7 +663,7 @@ def _encode_shard(dataset: _CategoryImages, dest: str, model_url: str, batch_siz
                 with misc.atomic_open(_latent_path(dest, dataset.categories, dataset.items[i]), 'wb') as f:
                     np.save(f, latent)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def sum_over_ranks(value: int) -> int:
@@ -674,4 +674,4 @@ def sum_over_ranks(value: int) -> int:
     torch.distributed.all_reduce(tensor)
     return int(tensor.item())
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------

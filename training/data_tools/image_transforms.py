@@ -12,7 +12,7 @@ import PIL.Image
 
 TRANSFORM_MODES = ('center-crop', 'center-crop-wide', 'center-crop-dhariwal')
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def _resize(img: np.ndarray, size: tuple, resample: int) -> np.ndarray:
@@ -60,7 +60,7 @@ def center_crop_dhariwal(img: np.ndarray, size: int) -> np.ndarray:
     left = (arr.shape[1] - size) // 2
     return arr[top:top + size, left:left + size]
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 class TransformWrapper:
@@ -101,4 +101,4 @@ def to_rgb_array(image: PIL.Image.Image) -> np.ndarray:
     """HWC uint8 RGB array of a PIL image of any mode (palette, grayscale, RGBA, ...)."""
     return np.array(image.convert('RGB'))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from torch_utils import misc
 COPY_CHUNK = 4 << 20
 LOCK_NOTICE_S = 10.0  # Without fcntl, say after this long which lock file we are waiting for.
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def default_cache_dir() -> str:
@@ -70,7 +70,7 @@ def is_valid_copy(copy_path: str, stamp_path: str, stamp: dict) -> bool:
     except (OSError, ValueError):
         return False
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -121,7 +121,7 @@ def _copy_stream(inp, out, total: int, verbose: bool, label: str) -> None:
             out.write(chunk)
             bar.update(len(chunk))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def localize(path: str, cache_dir: Optional[str] = None, opener: Callable = open, verbose: bool = True) -> str:
@@ -180,4 +180,4 @@ def _write_json_atomic(path: str, obj: dict) -> None:
         json.dump(obj, f)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------

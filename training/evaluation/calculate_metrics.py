@@ -39,7 +39,7 @@ HIST_BINS_PER_UNIT = 10  # Histogram: 10 bins per score unit, bin k covers score
 class MetricsError(ValueError):
     """Bad input to a metrics computation; the message is one line naming the file/option at fault."""
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Metric names.
 
 
@@ -54,7 +54,7 @@ def parse_metric_list(metrics: Union[str, Sequence[str]]) -> list:
             raise MetricsError(f'Invalid metric "{name}" (choose from {", ".join(detectors.detector_classes)})')
     return list(dict.fromkeys(names))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Accumulation (metrics.md §2.1).
 
 
@@ -237,7 +237,7 @@ def run_with_progress(records: Iterable[dnnlib.EasyDict], total: Optional[int] =
         raise MetricsError('the progress records ended without statistics')
     return stats
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Image sources (metrics.md §3, §4.2).
 
 
@@ -416,7 +416,7 @@ def calculate_stats_for_network(
     return calculate_stats_for_iterable(image_iter, metrics=metrics, verbose=verbose, dest_path=dest_path,
                                         device=device)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Statistics files (metrics.md §2.2).
 
 
@@ -464,7 +464,7 @@ def save_stats(stats: dict, path: str) -> None:
     with misc.atomic_open(path, 'wb') as f:
         persistence.dump_portable(stats, f)  # readable by the official tools, also under numpy < 1.26
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Fréchet distance (metrics.md §2.3).
 
 
@@ -519,7 +519,7 @@ def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigm
         trace_sqrt = _trace_sqrt_product_eig(sigma, sigma_ref)
     return float(np.square(mu - mu_ref).sum() + np.trace(sigma) + np.trace(sigma_ref) - 2 * trace_sqrt)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Metrics from statistics (metrics.md §2.3, §4.4).
 
 
@@ -593,7 +593,7 @@ def calculate_results(stats: dict, refs: dict, metrics: Sequence[str], verbose: 
         results['metrics'][metric] = values
     return results
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Result files (metrics.md §4.4).
 
 

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Cost rules. `out` = shape of the first output, `ins` = shapes of the tensor
 # inputs in argument order (non-tensor arguments have shape []).
 
-_ZERO_COST = set('''
+_ZERO_COST = set("""
     to zeros ones full ones_like reshape flatten slice contiguous t mT unsqueeze unbind tile chunk cat lift_fresh size
     Int detach resolve_conj resolve_neg dropout arange ScalarImplicit view upsample_nearest2d embedding split permute
     transpose empty numel expand expand_as eye repeat select squeeze copy_ pad flip clone gather
@@ -40,13 +40,13 @@ _ZERO_COST = set('''
     new_zeros new_ones new_full zeros_like full_like fill_ fill lift_fresh_copy split_with_sizes unsafe_split
     _local_scalar_dense scalar_tensor detach_ t_ native_dropout constant_pad_nd unsqueeze_ squeeze_
     transpose_ view_as index_select _unsafe_index stack promote_types result_type
-'''.split())
+""".split())
 
 _ELEMENTWISE = {  # name -> flops per output element
-    **{name: 1 for name in '''
+    **{name: 1 for name in """
         add add_ sub sub_ rsub exp exp_ mul mul_ div div_ addcmul addcmul_ floor_divide pow pow_ reciprocal square sqrt
         sqrt_ rsqrt sin cos log eq gt neg neg_ mean sum clamp_min clamp_min_ outer affine_grid_generator
-    '''.split()},
+    """.split()},
     **{name: 2 for name in 'lerp lerp_ leaky_relu clamp_ clamp'.split()},
     **{name: 3 for name in 'silu silu_ sigmoid softmax _softmax _safe_softmax'.split()},
     **{name: 4 for name in 'group_norm native_group_norm layer_norm native_layer_norm upsample_bilinear2d'.split()},

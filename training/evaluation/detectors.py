@@ -53,7 +53,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 class DetectorLoadError(OSError):
     """A detector's weights or code could not be obtained; the one-line message says what to do."""
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Inception-v3 (the TF 2015 graph used by FID), built in torch.
 
 
@@ -261,7 +261,7 @@ def load_inception(url: str = INCEPTION_URL, verbose: bool = True) -> torch.nn.M
     return model
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Shared helpers.
 
 
@@ -316,7 +316,7 @@ def _open_weights(url: str, verbose: bool) -> bytes:
     with dnnlib.util.open_url(url, verbose=verbose) as f:
         return f.read()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Detectors.
 
 
@@ -417,7 +417,7 @@ class AestheticPredictor(Detector):
             emb = emb / emb.norm(dim=-1, keepdim=True)
             return self.head.to(x.device)(emb)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Metric table and cached construction.
 
 

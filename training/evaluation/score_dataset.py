@@ -36,7 +36,7 @@ CHECKPOINT_RE = re.compile(r'^results_(\d+)\.csv$')
 FULL_RESULTS = 'results_full.csv'
 METADATA = 'metadata.json'
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # CSV files.
 
 
@@ -82,7 +82,7 @@ def read_checkpoints(out_dir: str, metric: str) -> tuple:
         next_index = index + 1
     return scores, next_index
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Dataset items with names; corrupted files are reported, never replaced by another image.
 
 
@@ -154,7 +154,7 @@ def open_scoring_dataset(image_path: str, resolution: Optional[int]) -> dataset_
     check_pixel_images(ds, image_path)
     return ds
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Cross-rank merging and the final files.
 
 
@@ -210,7 +210,7 @@ def write_final_files(out_dir: str, metric: str) -> dict:
         json.dump(dict(metadata=metadata_of(scores, metric, existing)), f, indent=1, sort_keys=True)
     return scores
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 
 
 def score_dataset(

@@ -21,7 +21,7 @@ from torch_utils import misc
 from torch_utils import persistence
 from training.sampling.sampler import FixedBatchNet, StackedRandomGenerator, edm_sampler
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Network loading and checks.
 
 
@@ -59,7 +59,7 @@ def _prepare(module: torch.nn.Module, device: torch.device, fast_path: Optional[
 def _default_encoder() -> Any:
     return dnnlib.util.construct_class_by_name(class_name='training.encoders.StandardRGBEncoder')
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Output files (sampling.md §6).
 
 
@@ -87,7 +87,7 @@ def save_image_grid(images: torch.Tensor, path: str) -> None:
     grid = canvas.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
     save_png(grid.numpy(), path)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Seed splitting (sampling.md §2 step 5).
 
 
@@ -97,7 +97,7 @@ def split_seeds(num_seeds: int, max_batch_size: int, rank: int = 0, world_size: 
     num_batches = max((num_seeds - 1) // (max_batch_size * world_size) + 1, 1) * world_size
     return np.array_split(np.arange(num_seeds), num_batches)[rank::world_size]
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # generate_images() (sampling.md §2).
 
 
@@ -228,7 +228,7 @@ def generate_images(
                           net_batch_size=net_batch_size)
     return ImageIterable(run, chunks, [sum(len(c[i]) for c in all_chunks) for i in range(len(chunks))])
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Helpers for callers that want to skip work already done.
 
 

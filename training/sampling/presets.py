@@ -3,7 +3,7 @@ with explicit `--net`/`--gnet`/`--guidance`/`--guidance-interval` options (sampl
 
 from typing import Any, Optional, Sequence, Union
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Presets (sampling.md §5). Keys filled from a preset: net, gnet, guidance.
 
 model_root = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
@@ -90,7 +90,7 @@ def ignored_gnet_warning(gnet: Any, guidance: Optional[float]) -> Optional[str]:
         return '--gnet is ignored without guidance (--guidance 1)'
     return None
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Option parsing.
 
 def parse_interval(s: Union[str, Sequence[float], None]) -> Optional[tuple]:

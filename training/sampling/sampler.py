@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Per-seed random numbers (sampling.md §4).
 
 
@@ -28,7 +28,7 @@ class StackedRandomGenerator:
         assert size[0] == len(self.generators)
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # EDM sampler (sampling.md §3).
 
 
@@ -105,7 +105,7 @@ def edm_sampler(net: Callable, noise: torch.Tensor, labels: Optional[torch.Tenso
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Batch-size-independent network evaluation (extension).
 
 

@@ -36,7 +36,7 @@ class PhemaError(ValueError):
     """Bad input to the reconstruction; the message is one line naming the culprit."""
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Std lists: "0.050,0.100" or "0.010,0.015,...,0.250" (phema.md 3.2).
 
 
@@ -100,7 +100,7 @@ def parse_std_list(s: str | Sequence[float]) -> list[float]:
     return values
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # File names and discovery (phema.md 3.3).
 
 _PICKLE_NAME = re.compile(r'(.*)-(\d+)-(\d+\.\d+)\.pkl')
@@ -142,7 +142,7 @@ def list_input_pickles(in_dir: str, in_std: Sequence[float] | None = None,
     return sorted(found, key=lambda pkl: (pkl.nimg, pkl.std))
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Planning: which inputs, which outputs, in which batches.
 
 
@@ -201,7 +201,7 @@ def _split_batches(stds: list[float], max_batch_size: int) -> list[list[int]]:
     return [chunk.tolist() for chunk in np.array_split(np.arange(len(stds)), num_batches)]
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Streaming accumulation.
 
 
@@ -345,7 +345,7 @@ def _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg, out_dir, out_p
                                       out_dir, out_prefix, batch_idx * len(in_pkls), num_steps)
 
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Command-line driver used by reconstruct_phema.py.
 
 

@@ -20,7 +20,7 @@ def random_stats(dim, seed, n=None):
     a = rng.randn(dim, n or 2 * dim)
     return rng.randn(dim), a @ a.T / a.shape[1]
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Fréchet distance.
 
 
@@ -55,7 +55,7 @@ def test_fd_dimension_mismatch():
     with pytest.raises(metrics.MetricsError, match='feature dimensions differ'):
         metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Accumulation.
 
 
@@ -155,7 +155,7 @@ def test_parse_metric_list():
     with pytest.raises(metrics.MetricsError, match='Invalid metric "is"'):
         metrics.parse_metric_list('fid,is')
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Statistics files.
 
 
@@ -186,11 +186,11 @@ def test_missing_and_unsafe_stats_files(tmp_path):
     with pytest.raises(metrics.MetricsError, match='missing.pkl'):
         metrics.load_stats(str(tmp_path / 'missing.pkl'), verbose=False)
     unsafe = tmp_path / 'unsafe.pkl'
-    unsafe.write_bytes(pickle.dumps({"fid": os.getcwd}))  # a global outside the safe list
+    unsafe.write_bytes(pickle.dumps({'fid': os.getcwd}))  # a global outside the safe list
     with pytest.raises(metrics.MetricsError, match='unsafe.pkl'):
         metrics.load_stats(str(unsafe), verbose=False)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Results (fork): several references, scorers, merged result files, histograms.
 
 

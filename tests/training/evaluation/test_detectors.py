@@ -28,7 +28,7 @@ def one_thread():
 def images(n=4, size=20, seed=0):
     return torch.from_numpy(np.random.RandomState(seed).randint(0, 256, [n, 3, size, size]).astype(np.uint8))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Inception-v3.
 
 
@@ -148,7 +148,7 @@ def test_offline_clip_error_names_the_weights_file_under_the_cache(tmp_path, mon
     assert calls[0]['download_root'] == os.path.dirname(weights)  # not CLIP's default ~/.cache/clip
     assert f'its weights at {weights}' in str(info.value) and 'openai_CLIP_main' in str(info.value)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # DINOv2 and the fork's scorers.
 
 

@@ -10,7 +10,7 @@ import torch
 import dnnlib
 from training.sampling import generate_images, presets, sampler
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Analytic denoisers: for data ~ N(0, s^2) the ideal denoiser is D(x, sigma) = x s^2 / (s^2 + sigma^2),
 # and the probability-flow ODE dx/dsigma = (x - D) / sigma has the exact solution
 # x(sigma) = x(sigma_0) * sqrt((s^2 + sigma^2) / (s^2 + sigma_0^2)).
@@ -41,7 +41,7 @@ class ExplodingNet(torch.nn.Module):
 def _noise(n=4, c=3, r=8, seed=0):
     return torch.randn([n, c, r, r], generator=torch.Generator().manual_seed(seed))
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Option parsing and presets.
 
 
@@ -96,7 +96,7 @@ def test_resolve_options_rules():
     with pytest.raises(ValueError, match='Please specify --gnet when using guidance'):
         presets.resolve_options(net='a.pkl', guidance=2)
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Per-seed random numbers.
 
 
@@ -122,7 +122,7 @@ def test_stacked_generator_randn_like_keeps_dtype_and_shape():
     with pytest.raises(AssertionError):
         rnd.randn([2, 1])
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Time steps.
 
 
@@ -142,7 +142,7 @@ def test_single_step_does_not_divide_by_zero():
     x = sampler.edm_sampler(GaussianDenoiser(0.5), _noise(), num_steps=1)
     assert torch.isfinite(x).all()
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Sampler.
 
 
@@ -250,7 +250,7 @@ def test_sampler_runs_in_requested_dtype():
     x = sampler.edm_sampler(GaussianDenoiser(0.5), _noise(), num_steps=4, dtype=torch.float64)
     assert x.dtype == torch.float64
 
-# ----------------------------------------------------------------------------
+#----------------------------------------------------------------------------
 # Seed splitting and file naming.
 
 
