@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.data_tools import node_cache as data_cache# noqa: E402
+from training.data_tools import node_cache as data_cache  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
 from training.data_tools.dataset_tool import archive_name, encode_png  # noqa: E402
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.evaluation import detectors# noqa: E402
-from training.evaluation import calculate_metrics as metrics# noqa: E402
+from training.evaluation import detectors  # noqa: E402
+from training.evaluation import calculate_metrics as metrics  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -29,7 +29,7 @@ import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training import networks_edm2# noqa: E402
+from training import networks_edm2  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Workloads.

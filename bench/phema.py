@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib  # noqa: E402
 from torch_utils import persistence  # noqa: E402
-from training.snapshots import reconstruct_phema as phema_reconstruct# noqa: E402
+from training.snapshots import reconstruct_phema as phema_reconstruct  # noqa: E402
 from training.networks_edm2 import Precond  # noqa: E402
 
 OUT_STDS = '0.030,0.060,...,0.240'  # 8 profiles

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dnnlib.util import parse_int_list  # noqa: E402
-from training import toy# noqa: E402
+from training import toy  # noqa: E402
 
 
 def trained(outdir: str, classes: str, dim: int, iters: int, seed: int) -> toy.ToyModel:

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.loop import step as train_step# noqa: E402
+from training.loop import step as train_step  # noqa: E402
 from training.networks_edm2 import Precond  # noqa: E402
 from training.phema import PowerFunctionEMA  # noqa: E402
 from training.training_loop import EDM2Loss  # noqa: E402

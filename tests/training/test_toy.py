@@ -14,7 +14,7 @@ matplotlib.use('Agg')
 
 import toy_example  # noqa: E402
 from torch_utils import persistence  # noqa: E402
-from training import toy# noqa: E402
+from training import toy  # noqa: E402
 
 #----------------------------------------------------------------------------
 # Helpers.
