@@ -12,6 +12,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import persistence
 from training.evaluation import detectors
 from training.evaluation import calculate_metrics as metrics_lib
 from training.sampling.presets import ignored_gnet_warning
@@ -19,7 +20,7 @@ from training.sampling.presets import ignored_gnet_warning
 #----------------------------------------------------------------------------
 # Option parsing and error reporting.
 
-_EXPECTED_ERRORS = (metrics_lib.MetricsError, OSError, pickle.UnpicklingError)
+_EXPECTED_ERRORS = (metrics_lib.MetricsError, OSError, pickle.UnpicklingError, persistence.TrustSettingError)
 
 
 def _parse_metrics(ctx: click.Context, param: click.Parameter, value: str) -> list:

@@ -7,7 +7,6 @@ are re-exported for scripts that import them from here, as with the original.
 import click
 
 from torch_utils import distributed as dist
-from torch_utils import persistence
 from training.evaluation import count_flops as flops
 from training.loop import presets
 from training.cli.options import DeviceType
@@ -27,7 +26,7 @@ def _count_preset(name: str, device: str) -> dict:
 def _count_pickle(src: str, device: str) -> dict:
     try:
         return count_flops(src, device=device)
-    except (persistence.PickleLoadError, OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # ValueError: SnapshotError, TrustSettingError, not an image network
         raise click.ClickException(f'{src}: {err}' if src not in str(err) else str(err)) from None
 
 @click.command(epilog="""

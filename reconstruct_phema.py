@@ -1,10 +1,10 @@
 """Reconstruct post-hoc EMA profiles from saved power-function EMA snapshots
 (EDM2, spec phema.md section 3). Logic: training/snapshots/reconstruct_phema.py."""
 
-import pickle
-
 import click
 
+from torch_utils import persistence
+from training.snapshots.loading import SnapshotError
 from training.snapshots.reconstruct_phema import (PhemaError, kimg_to_nimg, list_input_pickles, parse_std_list,
                                        pickle_path, reconstruct_from_dir, reconstruct_phema)
 
@@ -74,9 +74,7 @@ def cmdline(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, ba
     try:
         reconstruct_from_dir(indir=indir, outdir=outdir, outstd=outstd, inprefix=inprefix, instd=instd,
                              outprefix=outprefix, outkimg=outkimg, skip=skip, batch=batch)
-    except PhemaError as err:
-        raise click.ClickException(str(err)) from None
-    except (OSError, EOFError, pickle.UnpicklingError) as err:  # DownloadError, PickleLoadError, ...
+    except (PhemaError, SnapshotError, persistence.TrustSettingError, OSError) as err:  # OSError: DownloadError, ...
         raise click.ClickException(str(err)) from None
 
 

@@ -22,7 +22,7 @@ def _load(option, src, device):
     """Load a toy pickle; any failure becomes one clear error line naming the option."""
     try:
         return toy.load_toy_net(src, device)
-    except (OSError, pickle.UnpicklingError, TypeError) as err:
+    except (OSError, pickle.UnpicklingError, TypeError, ValueError) as err:  # ValueError: EDM2_TRUST_PICKLE
         raise click.ClickException(f'{option}: {err}') from err
 
 def _print_table(rows):

@@ -27,7 +27,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from torch_utils import distributed  # noqa: E402
+from torch_utils import persistence  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
 DURATION = 4096  # 4 kimg = 64 steps of batch 64; checkpoints and snapshots every 1 kimg.
@@ -80,10 +80,10 @@ def check_states(outdir: str) -> tuple:
     good, bad = [], []
     for path in sorted(glob.glob(os.path.join(outdir, 'training-state-*.pt'))):
         try:
-            distributed.load_training_state(path)
+            persistence.load_torch_file(path)
             good.append(os.path.basename(path))
-        except Exception as err:  # noqa: BLE001 - any failure is a torn file
-            bad.append(f'{os.path.basename(path)}: {type(err).__name__}')
+        except persistence.PickleLoadError as err:  # a torn file
+            bad.append(f'{os.path.basename(path)}: {err.reason}')
     return good, bad
 
 
@@ -109,8 +109,8 @@ def reference_run(out: str, data: str) -> tuple:
 
 def compare(reference: str, resumed: str) -> list:
     """Names of state entries that differ (empty = bit-identical)."""
-    ref = torch.load(reference, map_location='cpu', weights_only=False)
-    res = torch.load(resumed, map_location='cpu', weights_only=False)
+    ref = persistence.load_torch_file(reference)
+    res = persistence.load_torch_file(resumed)
     diffs = []
 
     def walk(a, b, name):

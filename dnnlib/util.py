@@ -555,8 +555,8 @@ def _download_with_retries(url: str, cache_dir: str, num_attempts: int, verbose:
         raise DownloadError(f"Could not download {url}: the server answered HTTP {status} "
                             f"{last_error.response.reason or ''}".rstrip())
     hint = 'if this machine is offline, fetch' if unreachable else 'you can also fetch'
-    raise DownloadError(f'Could not download {url} ({_one_line(last_error)}); {hint} the file elsewhere '
-                        f'and put it at {expected_cache_path(url, cache_dir)}')
+    raise DownloadError(f'Could not download {url} ({first_line(last_error, with_type=True)}); {hint} the file '
+                        f'elsewhere and put it at {expected_cache_path(url, cache_dir)}')
 
 
 def _client_error_status(err: Optional[BaseException]) -> Optional[int]:
@@ -568,17 +568,17 @@ def _client_error_status(err: Optional[BaseException]) -> Optional[int]:
     return None
 
 
-def first_line(err: BaseException) -> str:
-    """The first non-empty line of str(err), else the exception type name: one readable error line."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _one_line(err: Optional[BaseException]) -> str:
-    if err is None:
-        return 'unknown error'
-    text = f'{type(err).__name__}: {err}'
-    text = ' '.join(text.split())
+def first_line(err: BaseException, with_type: bool = False) -> str:
+    """One readable line for an error message: the first non-empty line of str(err), whitespace collapsed,
+    cut to 200 characters. A first line ending in ':' only announces the detail (e.g. torch's
+    'Error(s) in loading state_dict for X:'), so the next line is used. Without text, the exception type
+    name; `with_type` prefixes it anyway ('KeyError: ...')."""
+    lines = [' '.join(line.split()) for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(':'):
+        lines = lines[1:]
+    if not lines:
+        return type(err).__name__
+    text = f'{type(err).__name__}: {lines[0]}' if with_type else lines[0]
     return text if len(text) <= 200 else text[:197] + '...'
 
 #----------------------------------------------------------------------------

@@ -5,19 +5,15 @@ Importing this module has no side effects: no process group, no CUDA.
 it uses NCCL when the job runs on CUDA and Gloo otherwise.
 """
 
-import _compat_pickle
 import collections
 import datetime
 import gc
 import os
-import pickle
 import re
 import signal
 import socket
 import sys
-import types
 import warnings
-import zipfile
 from typing import Any, Optional
 
 import numpy as np
@@ -25,7 +21,7 @@ import torch
 
 import dnnlib
 
-from . import misc, training_stats
+from . import misc, persistence, training_stats
 
 #----------------------------------------------------------------------------
 # Process group.
@@ -266,91 +262,17 @@ class CheckpointMismatchError(CheckpointError):
         self.path, self.name, self.detail = path, name, detail
 
 
-_READ_ERRORS = (EOFError, OSError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError)
-
-
-def _safe_globals() -> list:
-    """Types allowed inside training-state files besides tensors and containers."""
-    allowed = [dnnlib.EasyDict, np.dtype, np.ndarray, _numpy_core().multiarray.scalar, _numpy_core().multiarray._reconstruct]
-    allowed += [type(np.dtype(name)) for name in ('float16', 'float32', 'float64', 'int32', 'int64', 'bool')]
-    return allowed
-
-
-def _numpy_core() -> Any:
-    return getattr(np, '_core', None) or getattr(np, 'core')
-
-
-def _allowed_globals() -> dict:
-    """'module.name' -> object for the restricted unpickler: torch's weights-only list plus ours."""
-    allowed = {}
-    try:
-        from torch import _weights_only_unpickler as wou
-        allowed.update(wou._get_allowed_globals())
-        allowed.update(wou._get_user_allowed_globals())
-    except (ImportError, AttributeError):  # Private API moved: fall back to the trusted-load hint.
-        pass
-    for obj in _safe_globals():
-        allowed[f'{obj.__module__}.{obj.__qualname__}'] = obj
-    for core_name in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # Files from numpy 1.x and 2.x.
-        allowed[f'{core_name}.scalar'] = _numpy_core().multiarray.scalar
-        allowed[f'{core_name}._reconstruct'] = _numpy_core().multiarray._reconstruct
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Plain unpickler that resolves only allow-listed globals (no arbitrary code)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if not hasattr(self, '_allowed'):
-            self._allowed = _allowed_globals()
-        if (module, name) in _compat_pickle.NAME_MAPPING:  # Protocol-2 files use Python 2 names.
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        obj = self._allowed.get(f'{module}.{name}')
-        if obj is None:
-            raise pickle.UnpicklingError(f'unsafe global {module}.{name}; weights only load refused it')
-        return obj
-
-
-_restricted_pickle_module = types.SimpleNamespace(__name__='edm2_restricted_pickle', Unpickler=_RestrictedUnpickler,
-                                                  load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
-
-
-def _trusted() -> bool:
-    return os.environ.get('EDM2_TRUST_PICKLE', '') == '1'
-
-
-def load_training_state(path: str) -> Any:
-    """Read a training-state file without executing arbitrary code (unless EDM2_TRUST_PICKLE=1).
-
-    First `torch.load(weights_only=True)` with our safe globals; files written by the official
-    toolkit hold an EasyDict (a dict subclass the weights-only loader cannot fill), so those are
-    read again with an unpickler restricted to the same allow-list.
-    """
-    try:
-        if _trusted():
-            return torch.load(path, map_location='cpu', weights_only=False)
-        if hasattr(torch.serialization, 'safe_globals'):  # torch >= 2.5; older ones go straight to our unpickler
-            try:
-                with torch.serialization.safe_globals(_safe_globals()):
-                    return torch.load(path, map_location='cpu', weights_only=True)
-            except pickle.UnpicklingError:
-                pass
-        return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_restricted_pickle_module)
-    except _READ_ERRORS:
-        raise
-    except Exception as err:  # Garbage bytes surface as struct.error, IndexError, KeyError, ...
-        raise pickle.UnpicklingError(f'corrupt or not a training-state file ({_one_line(err)})') from err
-
-
 def _plain(value: Any) -> Any:
-    """Copy dict subclasses (EasyDict) inside lists/tuples/dicts to plain dicts so weights_only can read them."""
+    """Copy of `value` that plain torch.load(weights_only=True) can read: dict subclasses (EasyDict) inside
+    lists/tuples/dicts become plain dicts, numpy scalars (e.g. the learning rate) Python numbers."""
     if isinstance(value, dict) and not isinstance(value, collections.OrderedDict):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_plain(item) for item in value]
     if isinstance(value, tuple) and type(value) is tuple:
         return tuple(_plain(item) for item in value)
+    if isinstance(value, np.generic):
+        return value.item()
     return value
 
 
@@ -415,19 +337,13 @@ class CheckpointIO:
             except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
                 if verbose:
                     print0('failed')
-                raise CheckpointMismatchError(path, name, _first_line(err)) from err
+                raise CheckpointMismatchError(path, name, dnnlib.util.first_line(err)) from err
         if verbose:
             print0('done')
 
     def _read(self, path: str) -> dict:
         """Whole file first, so a bad file never leaves the objects half-restored."""
-        try:
-            data = load_training_state(path)
-        except pickle.UnpicklingError as err:
-            if 'unsafe global' in str(err):
-                raise CheckpointError(f'{path}: {err}; set EDM2_TRUST_PICKLE=1 to load it anyway if you trust '
-                                      f'its origin') from None
-            raise
+        data = persistence.load_torch_file(path)
         if not isinstance(data, dict):
             raise CheckpointError(f'{path}: not a training-state dict')
         missing = [name for name in self._objects if name not in data]
@@ -438,8 +354,9 @@ class CheckpointIO:
     def load_latest(self, run_dir: str, pattern: str = r'training-state-(\d+).pt', verbose: bool = True) -> Optional[str]:
         """Load the newest readable file in `run_dir` matching `pattern`; None if there is none.
 
-        A newest file that cannot be read (torn, truncated) is skipped with a warning and
-        the previous one is used; if no matching file can be read, CheckpointError is raised.
+        A newest file that cannot be read (torn, truncated) is skipped with a warning and the previous
+        one is used; if no matching file can be read, CheckpointError is raised. A file the safe loader
+        refuses (persistence.UnsafePickleError) is never skipped: it stops the run.
         """
         if get_rank() == 0:
             _remove_stale_temp_files(run_dir)
@@ -449,10 +366,10 @@ class CheckpointIO:
         for path in candidates:
             try:
                 data = self._read(path)
-            except CheckpointError:
+            except persistence.UnsafePickleError:
                 raise
-            except _READ_ERRORS as err:
-                warnings.warn(f'Skipping unreadable checkpoint {path}: {_one_line(err)}')
+            except (persistence.PickleLoadError, OSError) as err:
+                warnings.warn(f'Skipping unreadable checkpoint: {dnnlib.util.first_line(err)}')  # names the file
                 continue
             self._apply(data, path, verbose)
             return path
@@ -474,17 +391,5 @@ def _matching_files(run_dir: str, pattern: str) -> list:
     entries.sort(key=lambda name: float(re.fullmatch(pattern, name).group(1)), reverse=True)
     return [os.path.join(run_dir, name) for name in entries]
 
-
-def _one_line(err: BaseException) -> str:
-    return ' '.join(f'{type(err).__name__}: {err}'.split())[:200]
-
-
-def _first_line(err: BaseException) -> str:
-    """The most specific line of a restore error, e.g. the first 'size mismatch for ...' of load_state_dict."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith('Error(s) in loading state_dict'):
-        lines = lines[1:]  # the header names only the class; the next line names the parameter
-    text = ' '.join((lines[0] if lines else type(err).__name__).split())
-    return text if len(text) <= 160 else text[:157] + '...'
 
 #----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Pickles that carry the source code of their classes (spec persistence.md §1), and a safe loader.
+"""Pickles that carry the source code of their classes, and the project's one safe loader.
 
 Writer side (official format, version 6): a class decorated with `persistent_class`
 pickles the full source text of its defining module together with the instance state,
@@ -6,12 +6,15 @@ as `(torch_utils.persistence._reconstruct_persistent_obj, (meta,))`. The officia
 `_reconstruct_persistent_obj`, executes that source in a private module; it is what a
 plain `pickle.load` runs, here and in the original toolkit.
 
-Reader side for this project: `load_pickle` is the one loader every script uses. By default
-it is SAFE: only the globals a network pickle really needs are resolved (tensors, arrays,
-containers, dtypes, torch.nn containers, `dnnlib.util.EasyDict`), embedded sources are
-never executed, and every persistent object is rebuilt with this project's own class of the
-same name (`safe_class_modules`). `trust=True` or `EDM2_TRUST_PICKLE=1` gives the official,
-code-executing `pickle.load`.
+Safe loading: this module owns it for the whole project. `load_pickle` (network snapshots, statistics,
+toy models, detector pickles) and `load_torch_file` (training states and other torch.save files) read
+every file through one restricted unpickler: only the globals these files really need are resolved
+(tensors, arrays, containers, dtypes, torch.nn containers, `dnnlib.util.EasyDict`), embedded sources are
+never executed, and every persistent object is rebuilt with this project's own class of the same name
+(`safe_class_modules`, extended with `register_safe_class`). Anything else is refused with one line
+naming the file, the global and the opt-in. `is_trusted` reads the opt-in, EDM2_TRUST_PICKLE, the same
+way for every kind of file: 1/true/yes/on trusts (the official, code-executing `pickle.load` and
+`torch.load`), unset/empty/0/false/no/off loads safely, anything else is an error.
 
 A class whose instances need attributes derived from the pickled state should compute them
 in its own `__setstate__` (calling super()), which every loading path goes through.
@@ -20,6 +23,7 @@ in its own `__setstate__` (calling super()), which every loading path goes throu
 official environment provides, so our pickles stay loadable by the original tools.
 """
 
+import _compat_pickle
 import ast
 import builtins
 import codecs
@@ -51,9 +55,6 @@ _module_to_src_dict = dict()  # module object -> source text
 _src_to_module_dict = dict()  # source text -> module object
 
 PICKLE_PROTOCOL = 4  # What the official toolkit writes with Python 3.8-3.13 (pickle.DEFAULT_PROTOCOL).
-TRUST_ENV_VAR = 'EDM2_TRUST_PICKLE'
-_OPT_IN = (f'set {TRUST_ENV_VAR}=1 (or trust=True) to load it with the official, code-executing loader '
-           'if you trust the file')
 
 #----------------------------------------------------------------------------
 # Writer side: persistent_class (spec §1.3).
@@ -208,10 +209,15 @@ def _new_with_state(cls: type, state: dict) -> Any:
     return obj
 
 #----------------------------------------------------------------------------
-# Safe reader: whitelisted globals only; persistent objects rebuilt with this project's classes.
+# Safe loading: the one restricted unpickler, used for pickles and torch.save files alike.
 
-# Persistent class name -> module of this project that defines it. EDM v1 class names (a later
-# phase) do not clash with these and can be added with register_safe_class().
+TRUST_ENV_VAR = 'EDM2_TRUST_PICKLE'
+TRUST_VALUES = ('1', 'true', 'yes', 'on')       # Trust every file: the official, code-executing loaders.
+SAFE_VALUES = ('', '0', 'false', 'no', 'off')   # Unset counts as '': safe loading.
+ZIP_MAGIC = b'PK\x03\x04'                       # First bytes of a torch.save file (and of any zip archive).
+
+# Persistent class name -> module of this project that defines it. EDM v1 class names do not clash
+# with these and are added with register_safe_class().
 safe_class_modules = {
     'MPFourier': 'training.networks_edm2',
     'MPConv': 'training.networks_edm2',
@@ -233,12 +239,45 @@ def register_safe_class(class_name: str, module_name: str) -> None:
     safe_class_modules[class_name] = module_name
 
 
+class TrustSettingError(ValueError):
+    """EDM2_TRUST_PICKLE holds a value that means neither yes nor no."""
+
+
 class PickleLoadError(pickle.UnpicklingError):
-    """A network pickle could not be loaded; the one-line message names the file and the problem."""
+    """A file could not be loaded; the one-line message is '<path>: <reason>'."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f'{path}: {reason}')
+        self.path, self.reason = path, reason
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.reason)
+
+
+class UnsafePickleError(PickleLoadError):
+    """The safe loader refused a global or class the file needs; the message names it and how to opt in."""
 
 
 class _Refused(pickle.UnpicklingError):
-    """Raised inside the safe unpickler; load_pickle() prefixes the file name."""
+    """Raised inside the safe unpickler with what it refused; the loaders turn it into UnsafePickleError."""
+
+
+class _Malformed(pickle.UnpicklingError):
+    """Raised inside the safe unpickler for a persistent object that no loader could rebuild."""
+
+
+def is_trusted(trust: Optional[bool] = None) -> bool:
+    """`trust` when given, else whether EDM2_TRUST_PICKLE says yes (1, true, yes, on; any case) or no
+    (unset, empty, 0, false, no, off). Any other value raises TrustSettingError: a typo must not decide
+    whether code in a file runs."""
+    if trust is not None:
+        return bool(trust)
+    value = os.environ.get(TRUST_ENV_VAR, '')
+    setting = value.strip().lower()
+    if setting in TRUST_VALUES or setting in SAFE_VALUES:
+        return setting in TRUST_VALUES
+    raise TrustSettingError(f'{TRUST_ENV_VAR}={value!r}: expected {", ".join(TRUST_VALUES)} to trust files (running '
+                            f'the code they reference), or {", ".join(SAFE_VALUES[1:])} or unset for safe loading')
 
 
 def _numpy_globals() -> dict:
@@ -262,7 +301,7 @@ def _torch_globals() -> dict:
     """Tensor/parameter rebuild functions and plain torch value types (dtypes, devices, sizes)."""
     table = {'torch.device': torch.device, 'torch.Size': torch.Size, 'torch.Tensor': torch.Tensor,
              'torch.nn.parameter.Parameter': torch.nn.Parameter,
-             'torch.storage._load_from_bytes': _load_storage_weights_only}
+             'torch.storage._load_from_bytes': _load_storage_safely}
     for name in ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3', '_rebuild_parameter',
                  '_rebuild_parameter_with_state'):
         if hasattr(torch._utils, name):
@@ -284,7 +323,6 @@ def _plain_globals() -> dict:
              'dnnlib.util.EasyDict': dnnlib.util.EasyDict, 'dnnlib.EasyDict': dnnlib.util.EasyDict}
     for name in ('set', 'frozenset', 'slice', 'complex', 'range', 'bytearray', 'bytes'):
         table[f'builtins.{name}'] = getattr(builtins, name)
-        table[f'__builtin__.{name}'] = getattr(builtins, name)  # Protocol 2 spelling.
     return table
 
 
@@ -309,39 +347,52 @@ def _torch_module_class(module: str, name: str) -> Optional[type]:
     return value if isinstance(value, type) and issubclass(value, torch.nn.Module) else None
 
 
-def _load_storage_weights_only(data: bytes) -> Any:
-    """Stand-in for torch.storage._load_from_bytes: the embedded torch.save blob may hold tensors only."""
-    map_location = None if torch.cuda.is_available() else 'cpu'
-    try:
-        return torch.load(io.BytesIO(data), weights_only=True, map_location=map_location)
-    except Exception as err:
-        raise _Refused(f'tensor storage refused by torch.load(weights_only=True) ({_first_line(err)}); '
-                       f'{_OPT_IN}') from err
+def _python3_name(module: str, name: str) -> tuple:
+    """Protocol 0-2 pickles (torch.save writes protocol 2) use Python 2 names such as `__builtin__.set`;
+    pickle.Unpickler.find_class translates them, so an override has to as well."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler resolving only whitelisted globals; persistent objects go to _rebuild_safely()."""
+    """Resolves allow-listed globals only; persistent objects go to _rebuild_safely(), which never runs
+    their embedded source."""
 
     def find_class(self, module: str, name: str) -> Any:
+        module, name = _python3_name(module, name)
         if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
             return _rebuild_safely
         value = _safe_globals().get(f'{module}.{name}', None)
         if value is None:
             value = _torch_module_class(module, name)
         if value is None:
-            raise _Refused(f"refusing to load global '{module}.{name}' (not on the safe-loading whitelist); {_OPT_IN}")
+            raise _Refused(f"global '{module}.{name}', which is not on the safe-loading list")
         return value
+
+
+# What torch.load(pickle_module=...) needs: the safe unpickler for the data and the metadata records.
+_SAFE_PICKLE_MODULE = types.SimpleNamespace(__name__='torch_utils.persistence.safe', Unpickler=_SafeUnpickler,
+                                            load=lambda f, **kwargs: _SafeUnpickler(f, **kwargs).load())
+
+
+def _load_storage_safely(data: bytes) -> Any:
+    """Safe stand-in for torch.storage._load_from_bytes, through which plainly pickled tensors store their
+    data: the embedded torch.save blob is read by the same restricted unpickler."""
+    map_location = None if torch.cuda.is_available() else 'cpu'
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False,
+                      pickle_module=_SAFE_PICKLE_MODULE)
 
 
 def _rebuild_safely(meta: Any) -> Any:
     """Safe counterpart of _reconstruct_persistent_obj: never executes meta.module_src."""
     if not isinstance(meta, dict) or not isinstance(meta.get('state', None), dict):
-        raise _Refused(f'malformed persistent object (expected a meta dict with a state dict); {_OPT_IN}')
+        raise _Malformed('malformed persistent object (expected a meta dict with a state dict)')
     meta = _apply_import_hooks(meta)
     if meta.get('version', None) != _version:
-        raise _Refused(f"persistent object version {meta.get('version', None)!r} is not {_version}")
+        raise _Malformed(f"persistent object version {meta.get('version', None)!r} is not {_version}")
     if meta.get('type', None) != 'class':
-        raise _Refused(f"unknown persistent object type {meta.get('type', None)!r}")
+        raise _Malformed(f"unknown persistent object type {meta.get('type', None)!r}")
     cls = _project_class(meta.get('class_name', None))
     return _new_with_state(cls, meta.state)
 
@@ -350,30 +401,80 @@ def _project_class(class_name: Any) -> type:
     """This project's persistent class that replaces the pickled class `class_name`."""
     module_name = safe_class_modules.get(class_name, None) if isinstance(class_name, str) else None
     if module_name is None:
-        raise _Refused(f"persistent class {class_name!r} is not one of this project's classes; {_OPT_IN}")
+        raise _Refused(f"persistent class {class_name!r}, which is not one of this project's classes")
     cls = getattr(importlib.import_module(module_name), class_name, None)
     if cls is None or not is_persistent(cls):
-        raise _Refused(f'{module_name}.{class_name} is missing or not a persistent class')
+        raise _Malformed(f'{module_name}.{class_name} is missing or not a persistent class')
     return cls
 
 #----------------------------------------------------------------------------
 # Public load/save API.
 
+Source = Union[str, os.PathLike, BinaryIO]
 
-def load_pickle(src: Union[str, os.PathLike, BinaryIO], *, trust: Optional[bool] = None) -> Any:
-    """Load a network pickle from a path, a URL (downloaded through the dnnlib cache) or a binary file.
 
-    Safe by default (see module docstring). `trust=True`, or `trust=None` with EDM2_TRUST_PICKLE=1,
-    uses plain `pickle.load`, which executes the code embedded in the file (official behaviour).
-    Raises PickleLoadError (one line: file + problem) for bad content; OSError (incl.
-    dnnlib.util.DownloadError) when the file cannot be opened.
+def load_pickle(src: Source, *, trust: Optional[bool] = None, name: Optional[str] = None) -> Any:
+    """Load a pickle (network snapshot, statistics, toy model, detector) from a path, a URL (downloaded
+    through the dnnlib cache) or a binary file.
+
+    Safe unless is_trusted(trust) (see the module docstring); trusted, it is plain `pickle.load`, which
+    executes the code the file references (official behaviour). `name` names the file in errors (default:
+    the path, or the stream's name). Raises UnsafePickleError when the safe loader refuses something,
+    PickleLoadError for any other bad content, OSError (incl. dnnlib.util.DownloadError) when the file
+    cannot be opened, TrustSettingError for an invalid EDM2_TRUST_PICKLE.
     """
-    trust = _trust_from_env() if trust is None else bool(trust)
+    trusted = is_trusted(trust)
+    return _load(src, name, 'pickle', lambda f: pickle.load(f) if trusted else _SafeUnpickler(f).load())
+
+
+def load_torch_file(src: Source, *, trust: Optional[bool] = None, name: Optional[str] = None) -> Any:
+    """Load a torch.save file (training state, state dict) with its tensors on the CPU; same sources,
+    trust rule and errors as load_pickle, and the same restricted unpickler unless trusted."""
+    pickle_module = pickle if is_trusted(trust) else _SAFE_PICKLE_MODULE
+    return _load(src, name, 'torch.save file',
+                 lambda f: torch.load(f, map_location='cpu', weights_only=False, pickle_module=pickle_module))
+
+
+def _load(src: Source, name: Optional[str], kind: str, read: Callable[[BinaryIO], Any]) -> Any:
     if not isinstance(src, (str, os.PathLike)):
-        return _load_stream(src, str(getattr(src, 'name', '<stream>')), trust)
-    name = os.fspath(src)
-    with _open_source(name) as f:
-        return _load_stream(f, name, trust)
+        return _read(src, name or str(getattr(src, 'name', '<stream>')), kind, read)
+    path = os.fspath(src)
+    with _open_source(path) as f:
+        return _read(f, name or path, kind, read)
+
+
+def _open_source(path: str) -> BinaryIO:
+    if '://' in path:
+        return dnnlib.util.open_url(path)
+    return open(path, 'rb')
+
+
+def _read(f: BinaryIO, name: str, kind: str, read: Callable[[BinaryIO], Any]) -> Any:
+    try:
+        return read(f)
+    except _Refused as err:
+        raise UnsafePickleError(name, f'refusing to load {err}; if you trust this file, set {TRUST_ENV_VAR}=1 to '
+                                'load it with the official, code-executing loader') from err
+    except Exception as err:  # Garbage bytes surface as any type: struct.error, IndexError, KeyError, ...
+        raise PickleLoadError(name, _describe_failure(f, err, kind)) from err
+
+
+def _describe_failure(f: BinaryIO, err: BaseException, kind: str) -> str:
+    if isinstance(err, _Malformed):
+        return str(err)
+    if kind == 'pickle' and _starts_with(f, ZIP_MAGIC):
+        return 'a zip archive (a torch.save file such as a training-state-*.pt), not a pickle'
+    if isinstance(err, (EOFError, pickle.UnpicklingError)):
+        return f'truncated or not a {kind} ({dnnlib.util.first_line(err)})'
+    return f'cannot load {kind} ({dnnlib.util.first_line(err, with_type=True)})'
+
+
+def _starts_with(f: BinaryIO, magic: bytes) -> bool:
+    try:
+        f.seek(0)
+        return f.read(len(magic)) == magic
+    except (OSError, AttributeError, ValueError):  # Not seekable, or already closed.
+        return False
 
 
 class _PortablePickler(pickle.Pickler):
@@ -402,49 +503,6 @@ def save_pickle(obj: Any, path: Union[str, os.PathLike]) -> None:
         raise FileNotFoundError(f'{path}: output directory {dir_path} does not exist')
     with misc.atomic_open(path, 'wb') as f:
         dump_portable(obj, f)
-
-
-def _trust_from_env() -> bool:
-    value = os.environ.get(TRUST_ENV_VAR, '').strip().lower()
-    if value in ('', '0', 'false', 'no', 'off'):
-        return False
-    if value in ('1', 'true', 'yes', 'on'):
-        return True
-    raise ValueError(f'{TRUST_ENV_VAR}={value!r}: expected 1 (trust pickles) or 0 (safe loading)')
-
-
-def _open_source(name: str) -> BinaryIO:
-    if '://' in name:
-        return dnnlib.util.open_url(name)
-    return open(name, 'rb')
-
-
-def _load_stream(f: BinaryIO, name: str, trust: bool) -> Any:
-    try:
-        return pickle.load(f) if trust else _SafeUnpickler(f).load()
-    except _Refused as err:
-        raise PickleLoadError(f'{name}: {_first_line(err)}') from err
-    except (EOFError, pickle.UnpicklingError) as err:
-        raise PickleLoadError(f'{name}: {_describe_bad_format(f, err)}') from err
-    except Exception as err:
-        raise PickleLoadError(f'{name}: cannot load pickle ({type(err).__name__}: {_first_line(err)})') from err
-
-
-def _describe_bad_format(f: BinaryIO, err: BaseException) -> str:
-    detail = _first_line(err) or type(err).__name__
-    try:
-        f.seek(0)
-        magic = f.read(4)
-    except (OSError, AttributeError, ValueError):
-        magic = b''
-    if magic == b'PK\x03\x04':
-        return f'a zip archive (e.g. a torch.save checkpoint), not a network pickle; use torch.load ({detail})'
-    return f'truncated or not a pickle ({detail})'
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0].strip() if lines else ''
 
 #----------------------------------------------------------------------------
 # Compatibility check for modules whose source gets embedded (spec §1.7).

@@ -351,5 +351,11 @@ def test_timeout_and_rate_limit_answers_are_retried(server, tmp_path, code):
 
 
 def test_first_line():
-    assert util.first_line(ValueError('\n  first\nsecond')) == 'first'
-    assert util.first_line(KeyError()) == 'KeyError'
+    assert util.first_line(ValueError('\n  first \t line\nsecond')) == 'first line'
+    assert util.first_line(KeyError()) == 'KeyError' and util.first_line(KeyError(), with_type=True) == 'KeyError'
+    assert util.first_line(KeyError('x'), with_type=True) == "KeyError: 'x'"
+    header = RuntimeError('Error(s) in loading state_dict for Linear:\n\tsize mismatch for weight: ...')
+    assert util.first_line(header) == 'size mismatch for weight: ...'
+    assert util.first_line(ValueError('only a header:')) == 'only a header:'
+    long = util.first_line(OSError('x' * 500))
+    assert len(long) == 200 and long.endswith('...')

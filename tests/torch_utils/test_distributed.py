@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from torch_utils import persistence
 from tests.procs import child_env
 
 from tests.procs import REPO as REPO_ROOT  # noqa: E402
@@ -242,12 +242,16 @@ class _Exploit:
 
 def test_untrusted_checkpoint_is_refused_without_running_code(tmp_path, monkeypatch):
     marker = str(tmp_path / 'pwned')
-    torch.save({'state': _Exploit(marker)}, str(tmp_path / 'training-state-0000001.pt'))
-    with pytest.raises(dist.CheckpointError, match='EDM2_TRUST_PICKLE'):
+    older = str(tmp_path / 'training-state-0000001.pt')
+    dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=1)).save(older, verbose=False)
+    hostile = str(tmp_path / 'training-state-0000002.pt')
+    torch.save({'state': _Exploit(marker)}, hostile)
+    with pytest.raises(persistence.UnsafePickleError, match="global 'io.open'.*EDM2_TRUST_PICKLE=1") as info:
         dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path), verbose=False)
+    assert info.value.path == hostile and '\n' not in str(info.value)  # refused, not skipped for the older state
     assert not os.path.exists(marker)
     monkeypatch.setenv('EDM2_TRUST_PICKLE', '1')  # Explicit opt-in restores plain torch.load.
-    with pytest.raises(Exception):
+    with pytest.raises(dist.CheckpointMismatchError, match="'state' does not match"):  # an open file is no state
         dist.CheckpointIO(state=dnnlib.EasyDict()).load_latest(str(tmp_path), verbose=False)
     assert os.path.exists(marker)
 
@@ -259,7 +263,7 @@ def test_official_style_file_with_easydict_loads(tmp_path):
                 'optimizer': src['optimizer'].state_dict(), 'ema': src['ema'], 'extra': None,
                 'np_scalar': np.float64(0.5), 'misc': dnnlib.EasyDict(arr=np.arange(3), tags={'a', 'b'})}
     torch.save(official, str(tmp_path / 'training-state-0004000.pt'))
-    assert dist.load_training_state(str(tmp_path / 'training-state-0004000.pt'))['misc']['tags'] == {'a', 'b'}
+    assert persistence.load_torch_file(str(tmp_path / 'training-state-0004000.pt'))['misc']['tags'] == {'a', 'b'}
     dst = _make_objects(seed=0)
     dist.CheckpointIO(**dst).load(str(tmp_path / 'training-state-0004000.pt'), verbose=False)
     assert dst['state'] == {'cur_nimg': 4000, 'total_elapsed_time': 4.0}
@@ -296,8 +300,12 @@ def test_save_is_atomic_and_rank0_only(tmp_path, monkeypatch):
 
 def test_atomic_torch_save_used_by_checkpoint_is_loadable_weights_only(tmp_path):
     path = str(tmp_path / 's.pt')
-    dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=7)).save(path, verbose=False)
-    assert torch.load(path, weights_only=True)['state'] == {'cur_nimg': 7}  # No extra globals needed.
+    objects = _make_objects(seed=7)
+    objects['optimizer'].param_groups[0]['lr'] = np.float64(0.01)  # what the learning-rate schedule yields
+    dist.CheckpointIO(**objects).save(path, verbose=False)
+    loaded = torch.load(path, weights_only=True)  # plain torch, no extra globals
+    assert loaded['state'] == {'cur_nimg': 7000, 'total_elapsed_time': 7.0}
+    assert type(loaded['optimizer']['param_groups'][0]['lr']) is float
     misc.atomic_torch_save({'x': 1}, path)
     assert torch.load(path, weights_only=True) == {'x': 1}
 
@@ -313,23 +321,6 @@ def test_state_of_another_shape_is_a_mismatch_error_after_a_failed_loading_line(
     assert info.value.path == path and info.value.name == 'net'
     assert 'size mismatch for 0.weight' in info.value.detail and '\n' not in str(info.value)
     assert capsys.readouterr().out == f'Loading {path} ... failed\n'  # the line is ended before the error
-
-
-def test_torch_without_safe_globals_reads_states_with_the_restricted_unpickler(tmp_path, monkeypatch):
-    """torch < 2.5 has no torch.serialization.safe_globals: our states still load, hostile ones are still refused."""
-    src = _make_objects(seed=1)
-    path = str(tmp_path / 'training-state-0001000.pt')
-    dist.CheckpointIO(**src).save(path, verbose=False)
-    monkeypatch.delattr(torch.serialization, 'safe_globals')
-    loaded = dist.load_training_state(path)
-    assert loaded['state']['cur_nimg'] == 1000
-    for key, value in src['net'].state_dict().items():
-        assert torch.equal(loaded['net'][key], value)
-    marker = str(tmp_path / 'pwned')
-    torch.save({'state': _Exploit(marker)}, str(tmp_path / 'training-state-0000001.pt'))
-    with pytest.raises(pickle.UnpicklingError):
-        dist.load_training_state(str(tmp_path / 'training-state-0000001.pt'))
-    assert not os.path.exists(marker)
 
 
 #----------------------------------------------------------------------------

@@ -216,6 +216,8 @@ def test_loss_falls_and_outputs_are_written(dataset_dir, tmp_path, capsys):
     assert list(snap.keys()) == ['encoder', 'dataset_kwargs', 'loss_fn', 'ema']
     assert snap.ema.unet.out_conv.weight.dtype == torch.float16 and not snap.ema.training
     assert isinstance(snap.loss_fn, EDM2Loss) and snap.dataset_kwargs.path == dataset_dir
+    state = torch.load(os.path.join(run_dir, 'training-state-0000001.pt'), weights_only=True)  # plain torch reads it
+    assert state['state']['cur_nimg'] == 1024 and type(state['optimizer']['param_groups'][0]['lr']) is float
 
 
 def test_finetune_keeps_frozen_weights_bit_identical(dataset_dir, tmp_path):

@@ -443,13 +443,14 @@ def load_stats(path: str, verbose: bool = True) -> dict:
             if path.lower().endswith('.npz'):
                 with np.load(f) as data:
                     return _check_stats({'fid': dict(mu=data['mu'], sigma=data['sigma'])}, path)
-            return _check_stats(persistence.load_pickle(f), path)
+            return _check_stats(persistence.load_pickle(f, name=path), path)
     except MetricsError:
         raise
     except persistence.PickleLoadError as err:
-        raise MetricsError(f'{path}: corrupt or not a statistics pickle ({str(err).split(": ", 1)[-1]})') from err
+        raise MetricsError(str(err)) from err
     except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
-        raise MetricsError(f'{path}: cannot read reference statistics ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""})') from err
+        reason = dnnlib.util.first_line(err, with_type=True)
+        raise MetricsError(f'{path}: cannot read reference statistics ({reason})') from err
 
 
 def save_stats(stats: dict, path: str) -> None:

@@ -28,6 +28,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from training.snapshots.loading import load_snapshot
+
 #----------------------------------------------------------------------------
 # Cost rules. `out` = shape of the first output, `ins` = shapes of the tensor
 # inputs in argument order (non-tensor arguments have shape []).
@@ -192,14 +194,10 @@ def default_device() -> torch.device:
     return torch.device('cuda' if torch.cuda.is_available() else 'meta')
 
 def load_network(src: str, verbose: bool = True) -> torch.nn.Module:
-    """The `ema` network of a pickle (path or URL), loaded with the project's safe loader."""
-    from torch_utils import persistence
+    """The `ema` network of the snapshot at `src` (path or URL; count_flops.py's PKL|URL argument)."""
     if verbose:
         print(f'Loading network from {src} ...')
-    data = persistence.load_pickle(src)
-    if not isinstance(data, dict) or not isinstance(data.get('ema'), torch.nn.Module):
-        raise ValueError(f'{src}: not a network pickle (no "ema" network in it)')
-    return data['ema']
+    return load_snapshot(src, 'PKL|URL')['ema']
 
 def default_inputs(net: torch.nn.Module, device: torch.device) -> tuple:
     """Batch of one: zero image, zero sigma, zero labels (count_flops.md step 2)."""

@@ -25,7 +25,6 @@ uses `dnnlib.make_cache_dir_path('torch_hub')` and CLIP keeps its weights in
 
 import io
 import os
-import pickle
 import warnings
 import zipfile
 from typing import Any, Callable, Optional
@@ -230,26 +229,28 @@ def load_inception(url: str = INCEPTION_URL, verbose: bool = True) -> torch.nn.M
     """The Inception feature network from `url` (path or URL), eval mode.
 
     Formats: TorchScript archive (torch.jit.load); torch.save'd state dict of
-    `InceptionV3Features`; pickle (official). Pickles go through `persistence.load_pickle`:
-    safe by default, the official code-executing `pickle.load` with EDM2_TRUST_PICKLE=1.
+    `InceptionV3Features`; pickle (official). Both go through the project's safe loader
+    (`persistence.load_torch_file`, `persistence.load_pickle`); EDM2_TRUST_PICKLE=1 gives the official,
+    code-executing loaders.
     """
     path = dnnlib.util.open_url(url, verbose=verbose, return_filename=True)  # the cache file for a URL
     with open(path, 'rb') as f:
         data = f.read()
     try:
-        if data[:4] == b'PK\x03\x04' and _is_torchscript_archive(data):
+        if data[:4] == persistence.ZIP_MAGIC and _is_torchscript_archive(data):
             model = torch.jit.load(io.BytesIO(data), map_location='cpu')
-        elif data[:4] == b'PK\x03\x04':
-            model = inception_from_state_dict(torch.load(io.BytesIO(data), map_location='cpu', weights_only=True))
+        elif data[:4] == persistence.ZIP_MAGIC:
+            model = inception_from_state_dict(persistence.load_torch_file(io.BytesIO(data), name=url))
         else:
-            model = persistence.load_pickle(io.BytesIO(data))
+            model = persistence.load_pickle(io.BytesIO(data), name=url)
     except persistence.PickleLoadError as err:
-        raise DetectorLoadError(f'{url}: Inception detector: {str(err).removeprefix("<stream>: ")}') from err
-    except (RuntimeError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        raise DetectorLoadError(f'{url}: cannot load the Inception detector ({type(err).__name__}: {dnnlib.util.first_line(err)})') from err
+        raise DetectorLoadError(f'Inception detector: {err}') from err
+    except (RuntimeError, ValueError, zipfile.BadZipFile) as err:
+        reason = dnnlib.util.first_line(err, with_type=True)
+        raise DetectorLoadError(f'{url}: cannot load the Inception detector ({reason})') from err
     if not callable(model):
         raise DetectorLoadError(f'{url}: Inception detector: expected a module, found a {type(model).__name__}')
-    if not isinstance(model, (InceptionV3Features, torch.jit.ScriptModule)) and not persistence._trust_from_env():
+    if not isinstance(model, (InceptionV3Features, torch.jit.ScriptModule)) and not persistence.is_trusted():
         # The safe loader also rebuilds plain torch modules; only ours computes the features.
         raise DetectorLoadError(f'{path}: Inception detector: found a {type(model).__name__}, not an '
                                 'InceptionV3Features module or TorchScript archive; if this is the official '
@@ -401,10 +402,12 @@ class AestheticPredictor(Detector):
                                download_root=os.path.dirname(weights))
         self.clip = (loaded[0] if isinstance(loaded, (tuple, list)) else loaded).eval().requires_grad_(False)
         try:
-            state = torch.load(io.BytesIO(_open_weights(url, verbose)), map_location='cpu', weights_only=True)
+            state = persistence.load_torch_file(io.BytesIO(_open_weights(url, verbose)), name=url)
             self.head = AestheticHead(768)
             self.head.load_state_dict(state)
-        except (RuntimeError, pickle.UnpicklingError) as err:
+        except persistence.PickleLoadError as err:
+            raise DetectorLoadError(f'aesthetic head: {err}') from err
+        except (RuntimeError, ValueError, TypeError) as err:
             raise DetectorLoadError(f'{url}: not an aesthetic head state dict ({dnnlib.util.first_line(err)})') from err
         self.head.eval().requires_grad_(False)
 

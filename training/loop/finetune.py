@@ -1,7 +1,7 @@
 """Fine-tuning support (the fork's `--model2finetune`, `--freeze-down`, `--freeze-attn`; training.md §4, §8).
 
 * `load_finetune_source`: the EMA network (as float32) and encoder of a snapshot pickle,
-  loaded with `persistence.load_pickle` (safe by default).
+  read by the one snapshot loader (training.snapshots.loading).
 * `check_compatible` / `match_label_dim`: the dataset must fit the loaded network; its
   label vectors are zero-padded to the network's `label_dim` (the fork breaks when a
   filtered dataset has fewer classes, quirk F12).
@@ -10,23 +10,18 @@
   them - keep their exact values.
 """
 
-import os
 from typing import Any
 
 import torch
 
 import dnnlib
-from torch_utils import persistence
+from training.snapshots.loading import load_snapshot
 
 #----------------------------------------------------------------------------
 
 def load_finetune_source(path: str) -> dnnlib.EasyDict:
     """EasyDict(net=<float32 EMA network>, encoder=<encoder>) from a snapshot pickle (path or URL)."""
-    if not dnnlib.util.is_url(path) and not os.path.isfile(path):
-        raise FileNotFoundError(f'--model2finetune: {path} does not exist (expected a network snapshot .pkl)')
-    data = persistence.load_pickle(path)
-    if not isinstance(data, dict) or not isinstance(data.get('ema', None), torch.nn.Module):
-        raise ValueError(f'--model2finetune: {path} is not a network snapshot (no "ema" network in it)')
+    data = load_snapshot(path, '--model2finetune')
     net = data['ema'].to(torch.float32)
     encoder = data.get('encoder', None)
     if encoder is None:

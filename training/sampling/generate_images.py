@@ -18,22 +18,17 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
-from torch_utils import persistence
 from training.sampling.sampler import FixedBatchNet, StackedRandomGenerator, edm_sampler
+from training.snapshots.loading import load_snapshot
 
 #----------------------------------------------------------------------------
 # Network loading and checks.
 
 
-def load_network(src: str, what: str = 'network', verbose: bool = True) -> tuple:
-    """Load `src` (path or URL) with the safe loader; return (data, ema network)."""
+def _load_snapshot(src: Union[str, os.PathLike], what: str, option: str, verbose: bool) -> dict:
     if verbose:
         dist.print0(f'Loading {what} from {src} ...')
-    data = persistence.load_pickle(src)
-    if not isinstance(data, dict) or data.get('ema') is None:
-        found = f'keys {sorted(map(str, data))}' if isinstance(data, dict) else f'a {type(data).__name__}'
-        raise ValueError(f'{src}: not a network snapshot: expected a dict with an "ema" entry, found {found}')
-    return data, data['ema']
+    return load_snapshot(src, option)
 
 
 def check_guide_compatible(net: torch.nn.Module, gnet: torch.nn.Module) -> None:
@@ -160,14 +155,15 @@ def _load_networks(net: Any, gnet: Any, encoder: Any, device: torch.device, verb
                    fast_path: Optional[dict]) -> tuple:
     """Steps 2-4 of sampling.md §2: main net (+ its encoder), guide, encoder."""
     if isinstance(net, (str, os.PathLike)):
-        data, net = load_network(os.fspath(net), 'main network', verbose)
+        data = _load_snapshot(net, 'main network', '--net', verbose)
+        net = data['ema']
         if encoder is None:
             encoder = data.get('encoder')
     if net is None:
         raise ValueError('generate_images: no main network given')
     net = _prepare(net, device, fast_path)
     if isinstance(gnet, (str, os.PathLike)):
-        gnet = load_network(os.fspath(gnet), 'guiding network', verbose)[1]
+        gnet = _load_snapshot(gnet, 'guiding network', '--gnet', verbose)['ema']
     gnet = net if gnet is None else _prepare(gnet, device, fast_path)
     if gnet is not net:
         check_guide_compatible(net, gnet)

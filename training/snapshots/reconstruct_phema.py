@@ -27,6 +27,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
 from training import phema
+from training.snapshots.loading import load_snapshot
 
 # A reconstructed profile whose relative L2 fit error exceeds this is reported as poor.
 POOR_FIT_ERROR = 0.10
@@ -211,10 +212,8 @@ def _network_signature(net: torch.nn.Module) -> list[tuple[str, tuple]]:
 
 
 def _load_input(path: str, reference: dict) -> dict:
-    """Unpickle one snapshot (safe loader) and check it matches the first input's architecture."""
-    data = persistence.load_pickle(path)
-    if not isinstance(data, dict) or not isinstance(data.get('ema'), torch.nn.Module):
-        raise PhemaError(f'{path}: not an EDM2 snapshot (expected a dict with an "ema" network)')
+    """Load one input snapshot and check it matches the first input's architecture."""
+    data = load_snapshot(path, '--indir')
     signature = _network_signature(data['ema'])
     if 'signature' not in reference:
         reference.update(signature=signature, path=path)

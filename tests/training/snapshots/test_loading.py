@@ -1,0 +1,80 @@
+"""Tests for training.snapshots.loading: the one network-snapshot loader and its one-line errors."""
+
+import os
+import re
+
+import pytest
+import torch
+
+import dnnlib
+from tests.tiny import write_tiny_snapshot
+from torch_utils import distributed as dist
+from torch_utils import persistence
+from training.snapshots.loading import SnapshotError, load_snapshot
+
+
+@pytest.fixture(autouse=True)
+def _safe_by_default(monkeypatch):
+    monkeypatch.delenv('EDM2_TRUST_PICKLE', raising=False)
+
+
+def test_snapshot_loads_from_path_and_url(tmp_path):
+    path = tmp_path / 'network-snapshot-0000001-0.100.pkl'
+    saved = write_tiny_snapshot(str(path))
+    for src in (path, str(path), path.as_uri()):
+        data = load_snapshot(src, '--net')
+        assert list(data) == list(saved) and type(data) is dnnlib.EasyDict
+        assert torch.equal(data.ema.unet.out_conv.weight, saved.ema.unet.out_conv.weight)
+
+
+def test_training_state_given_as_network_names_the_file_to_use(tmp_path):
+    path = str(tmp_path / 'training-state-0000001.pt')
+    dist.CheckpointIO(state=dnnlib.EasyDict(cur_nimg=1)).save(path, verbose=False)
+    with pytest.raises(SnapshotError) as info:
+        load_snapshot(path, '--net')
+    assert str(info.value) == (f'--net: {path} is a zip archive (a torch.save file such as a training state), not a '
+                               'network snapshot; give a network-snapshot-*.pkl or a post-hoc reconstruction')
+
+
+@pytest.mark.parametrize('content, found', [
+    (dict(net=1, loss_fn=None), 'found a dict with keys [loss_fn, net]'),
+    (dict(ema='not a network'), 'found an "ema" entry of type str'),
+    ([1, 2], 'found a list'),
+    ({f'key{i:02d}': i for i in range(12)}, 'found a dict with keys [key00, key01, key02, key03, key04, key05, key06, '
+                                             'key07, ...]'),
+])
+def test_other_pickles_say_what_was_found(tmp_path, content, found):
+    path = str(tmp_path / 'other.pkl')
+    persistence.save_pickle(content, path)
+    with pytest.raises(SnapshotError) as info:
+        load_snapshot(path, '--model2finetune')
+    assert str(info.value) == (f'--model2finetune: {path}: not a network snapshot (expected a dict with an "ema" '
+                               f'network, {found})')
+
+
+def test_unreadable_and_refused_files_name_option_and_file(tmp_path):
+    truncated = tmp_path / 'truncated.pkl'
+    write_tiny_snapshot(str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(SnapshotError, match=rf'^--gnet: {re.escape(str(truncated))}: truncated or not a pickle \(') as info:
+        load_snapshot(truncated, '--gnet')
+    assert isinstance(info.value.__cause__, persistence.PickleLoadError)
+    foreign = tmp_path / 'foreign.pkl'
+    persistence.save_pickle(dict(ema=torch.nn.Linear(1, 1), hook=os.getcwd), str(foreign))
+    with pytest.raises(SnapshotError, match=rf"^PKL\|URL: {re.escape(str(foreign))}: refusing to load global '{os.getcwd.__module__}.getcwd'"):
+        load_snapshot(foreign, 'PKL|URL')
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf'^--net: {re.escape(str(tmp_path / "missing.pkl"))} does not exist \(expected a network'):
+        load_snapshot(tmp_path / 'missing.pkl', '--net')
+    with pytest.raises(FileNotFoundError, match=rf'^--indir: {re.escape(str(tmp_path))} is a directory'):
+        load_snapshot(tmp_path, '--indir')
+
+
+def test_invalid_trust_setting_is_its_own_error(tmp_path, monkeypatch):
+    path = tmp_path / 'net.pkl'
+    write_tiny_snapshot(str(path))
+    monkeypatch.setenv('EDM2_TRUST_PICKLE', 'perhaps')
+    with pytest.raises(persistence.TrustSettingError, match="EDM2_TRUST_PICKLE='perhaps'"):
+        load_snapshot(path, '--net')

@@ -1,0 +1,61 @@
+"""The one loader of network snapshots: every option that takes a network (`--net`, `--gnet`,
+`--model2finetune`, count_flops.py's PKL|URL, reconstruct_phema.py's inputs) reads it with `load_snapshot`.
+
+A network snapshot is what training writes as `network-snapshot-*.pkl` and what the official toolkit
+publishes: a dict whose `ema` entry is the network, next to `encoder`, `loss_fn` and `dataset_kwargs`.
+It is read by the project's safe loader (torch_utils.persistence); a wrong file fails with one line that
+names the option, the file and what was found instead.
+"""
+
+import os
+from typing import Union
+
+import torch
+
+import dnnlib
+from torch_utils import persistence
+
+#----------------------------------------------------------------------------
+
+
+class SnapshotError(ValueError):
+    """A file given as a network snapshot is not one; the message names the option and the file."""
+
+
+def load_snapshot(src: Union[str, os.PathLike], option: str) -> dict:
+    """The snapshot dict stored at `src` (path or URL); its `ema` entry is a torch.nn.Module.
+
+    `option` is what the user gave the file as (e.g. '--net'), for the messages. Raises SnapshotError for
+    a file that is not a network snapshot (unreadable, refused by the safe loader, a torch.save archive,
+    another kind of pickle), FileNotFoundError for a missing local file, dnnlib.util.DownloadError when a
+    URL cannot be fetched, persistence.TrustSettingError for an invalid EDM2_TRUST_PICKLE.
+    """
+    src = os.fspath(src)
+    if '://' not in src and not os.path.isfile(src):
+        problem = 'is a directory' if os.path.isdir(src) else 'does not exist'
+        raise FileNotFoundError(f'{option}: {src} {problem} (expected a network snapshot .pkl)')
+    with dnnlib.util.open_url(src) as f:
+        if f.read(len(persistence.ZIP_MAGIC)) == persistence.ZIP_MAGIC:
+            raise SnapshotError(f'{option}: {src} is a zip archive (a torch.save file such as a training state), '
+                                'not a network snapshot; give a network-snapshot-*.pkl or a post-hoc reconstruction')
+        f.seek(0)
+        try:
+            data = persistence.load_pickle(f, name=src)
+        except persistence.PickleLoadError as err:
+            raise SnapshotError(f'{option}: {err}') from err
+    if not isinstance(data, dict) or not isinstance(data.get('ema', None), torch.nn.Module):
+        raise SnapshotError(f'{option}: {src}: not a network snapshot (expected a dict with an "ema" network, '
+                            f'found {_describe(data)})')
+    return data
+
+
+def _describe(data: object) -> str:
+    if not isinstance(data, dict):
+        return f'a {type(data).__name__}'
+    if 'ema' in data:
+        return f'an "ema" entry of type {type(data["ema"]).__name__}'
+    keys = sorted(map(str, data))
+    shown = ', '.join(keys[:8]) + (', ...' if len(keys) > 8 else '')
+    return f'a dict with keys [{shown}]'
+
+#----------------------------------------------------------------------------
