@@ -18,8 +18,8 @@ from training.loop import finetune
 from training.loop import status as train_status
 from training.loop import step as train_step
 from training.loop.train_edm2 import setup_training_config
-from training.training_loop import (EDM2Loss, ResumeMismatchError, TrainingDivergedError, check_batch_settings, check_image_shape,
-                                    learning_rate_schedule, training_loop)
+from training.training_loop import (EDM2Loss, ResumeMismatchError, TrainingDivergedError, learning_rate_schedule,
+                                    training_loop)
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
 
 #----------------------------------------------------------------------------
@@ -104,16 +104,6 @@ def test_edm2_loss_matches_equation():
     assert torch.equal(drawn, loss_fn(_FixedNet(), images, rnd_normal=torch.randn(3, 1, 1, 1), noise=torch.randn_like(images)))
 
 
-def test_check_batch_settings_names_the_option():
-    assert check_batch_settings(64, 16, 2, 1024) == (16, 2)
-    assert check_batch_settings(64, None, 1, 1024) == (64, 1)
-    with pytest.raises(ValueError, match='--duration'):
-        check_batch_settings(64, None, 1, 1000)
-    with pytest.raises(ValueError, match='--snapshot'):
-        check_batch_settings(64, None, 1, 1024, snapshot_nimg=64 * 3)
-    with pytest.raises(ValueError, match='--batch-gpu'):
-        check_batch_settings(64, 24, 1, 1024)
-
 #----------------------------------------------------------------------------
 # Step pieces.
 
@@ -186,14 +176,6 @@ def test_load_finetune_source_errors(tmp_path):
     persistence.save_pickle(dnnlib.EasyDict(foo=1), str(tmp_path / 'bad.pkl'))
     with pytest.raises(ValueError, match='not a network snapshot'):
         finetune.load_finetune_source(str(tmp_path / 'bad.pkl'))
-
-def test_check_image_shape_needs_square_halvable_items():
-    check_image_shape([3, 32, 32], [1, 2, 2, 2])
-    check_image_shape([4, 12, 12], [1, 2, 2])  # 12 -> 6 -> 3
-    with pytest.raises(ValueError, match='16x12 .* need square images'):
-        check_image_shape([3, 12, 16])
-    with pytest.raises(ValueError, match=r'resolution 15 is not divisible by 2\^\(len\(channel_mult\)-1\) = 2'):
-        check_image_shape([3, 15, 15], [1, 2])
 
 #----------------------------------------------------------------------------
 # Real (tiny) runs.

@@ -76,10 +76,10 @@ def loss_field(collector: training_stats.Collector, tick_nimg: int) -> str:
 class StatusReporter:
     """Prints status lines and appends `stats.jsonl` (and TensorBoard scalars) on rank 0."""
 
-    def __init__(self, run_dir: str, device: torch.device, tensorboard: bool = True):
+    def __init__(self, run_dir: str, device: torch.device):
         self.run_dir = run_dir
         self.device = torch.device(device)
-        self.tensorboard = tensorboard
+        self.tensorboard = True  # until the package turns out to be missing
         self.rank0 = (dist.get_rank() == 0)
         self._stats_file = None
         self._tb_writer = None

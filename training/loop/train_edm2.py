@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence, Union
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from training.loop import rules
 from training.loop import presets
 from training.dataset import parse_int_list
 
@@ -80,10 +81,9 @@ def _check_dataset(dataset_kwargs: dict, cond: bool) -> list:
 
 
 def _check_image_shape(path: str, shape: list, channel_mult: Optional[list]) -> None:
-    """Square items whose side the U-Net can halve len(channel_mult)-1 times (data.md §1)."""
-    from training.training_loop import check_image_shape
+    """Square items whose side the U-Net can halve len(channel_mult)-1 times."""
     try:
-        check_image_shape(shape, channel_mult)
+        rules.check_image_shape(shape, channel_mult)
     except ValueError as err:
         raise ConfigError(f'--data: {path}: {err}') from None
 
@@ -132,20 +132,7 @@ def _network_kwargs(preset_name: str, opts: dict) -> dnnlib.EasyDict:
     return kwargs
 
 
-def _effective_channel_mult(network_kwargs: dict) -> list:
-    """channel_mult of the network that will be built: the option / preset, else the U-Net default."""
-    if network_kwargs.get('channel_mult') is not None:
-        return list(network_kwargs['channel_mult'])
-    import inspect
-    from training.networks_edm2 import UNet
-    for cls in UNet.__mro__: # persistent_class wraps __init__ in (*args, **kwargs); its base has the real one
-        parameter = inspect.signature(cls.__init__).parameters.get('channel_mult')
-        if parameter is not None:
-            return list(parameter.default)
-    raise AssertionError('UNet has no channel_mult parameter')
-
-
-def setup_training_config(preset: str = 'edm2-img512-s', check_data: bool = True, **opts: Any) -> dnnlib.EasyDict:
+def setup_training_config(preset: str = 'edm2-img512-s', **opts: Any) -> dnnlib.EasyDict:
     """Resolve options (None = take the preset's value) into a training config; raises ConfigError."""
     opts = dnnlib.EasyDict(opts)
     try:
@@ -167,10 +154,9 @@ def setup_training_config(preset: str = 'edm2-img512-s', check_data: bool = True
     c = dnnlib.EasyDict()
     c.dataset_kwargs = _dataset_kwargs(opts)
     network_kwargs = _network_kwargs(preset, opts)
-    shape = _check_dataset(c.dataset_kwargs, opts.cond) if check_data else [3, 8, 8]
-    if check_data:
-        # A fine-tuned network has its own levels; check_compatible() compares its resolution at load time.
-        _check_image_shape(opts.data, shape, None if finetuning else _effective_channel_mult(network_kwargs))
+    shape = _check_dataset(c.dataset_kwargs, opts.cond)
+    # A fine-tuned network has its own levels; check_compatible() compares its resolution at load time.
+    _check_image_shape(opts.data, shape, None if finetuning else rules.network_channel_mult(network_kwargs))
     encoders = {3: 'training.encoders.StandardRGBEncoder', 8: 'training.encoders.StabilityVAEEncoder'}
     if shape[0] not in encoders:
         raise ConfigError(f'--data: Unsupported channel count {shape[0]}')
@@ -211,10 +197,9 @@ def _fast_kwargs(plain: bool, dtype: Optional[str]) -> Optional[dict]:
 
 def check_config(c: dict, world_size: int) -> None:
     """Batch sizes and intervals fit together (raises ConfigError naming the option)."""
-    from training.training_loop import check_batch_settings
     try:
-        check_batch_settings(c['batch_size'], c['batch_gpu'], world_size, c['total_nimg'], None,
-                             c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg'])
+        rules.check_batch_settings(c['batch_size'], c['batch_gpu'], world_size, c['total_nimg'], None,
+                                   c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg'])
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
