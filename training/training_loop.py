@@ -3,8 +3,8 @@
 This file is embedded in every snapshot pickle (the `loss_fn` entry is an `EDM2Loss`),
 so what runs at import time uses only what the official toolkit provides: the standard
 library, numpy, torch, psutil, dnnlib and the official torch_utils modules. The loop's
-helpers (`training.loop.step`, `training.loop.status`, `training.loop.finetune`) are
-imported inside `training_loop()`.
+helpers (`training.loop.rules`, `training.loop.step`, `training.loop.status`,
+`training.loop.finetune`) are imported inside `training_loop()`.
 
 Differences from the official loop (all documented in `train_edm2.py --help`):
 * The noise levels and noise of a step (and, for latent datasets, the VAE posterior
@@ -15,7 +15,8 @@ Differences from the official loop (all documented in `train_edm2.py --help`):
   A resumed run continues the same streams either way.
 * Non-finite gradients are counted (`Loss/nonfinite_grads`); a run whose loss or
   gradients stay non-finite for `nonfinite_limit` steps stops with an error.
-* SIGTERM / SIGUSR1 write a training state at the current step and end the loop.
+* A stop signal (SIGTERM / SIGUSR1, and Ctrl-C under train_edm2.py) writes a training
+  state at the current step and ends the loop.
 * Frozen parameters are left out of the optimizer and keep their exact values.
 """
 
@@ -195,7 +196,7 @@ def training_loop(
 
     # Main training loop.
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
-    dataset_iterator = iter(train_step.make_data_loader(dataset_obj, dataset_sampler, batch_gpu, data_loader_kwargs, device))
+    dataset_iterator = train_step.make_data_iterator(dataset_obj, dataset_sampler, batch_gpu, data_loader_kwargs, device)
     noise_source = train_step.StepNoise(seed, batch_size, ref_image.shape[1:], device,
                                         posterior=isinstance(encoder, encoders.StabilityVAEEncoder))
     reporter = train_status.StatusReporter(run_dir, device)

@@ -7,7 +7,9 @@ reduction; the per-parameter `nan_to_num_` runs only on a step whose gradients a
 actually non-finite.
 """
 
-from typing import Any, Optional, Sequence
+import contextlib
+import signal
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -46,15 +48,36 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], optimizer_kwargs: dict,
     return dnnlib.util.construct_class_by_name(params=list(params), **kwargs)
 
 
-def make_data_loader(dataset: Any, sampler: Any, batch_gpu: int, data_loader_kwargs: dict, device: torch.device) -> Any:
-    """Data loader from `data_loader_kwargs`; options that need worker processes or CUDA are dropped without them."""
+def make_data_iterator(dataset: Any, sampler: Any, batch_gpu: int, data_loader_kwargs: dict,
+                       device: torch.device) -> Iterator:
+    """Iterator over a data loader from `data_loader_kwargs`; options that need worker processes or CUDA are
+    dropped without them.
+
+    The worker processes start with SIGINT ignored: a Ctrl-C in the terminal reaches every process of the job,
+    and only the main process should act on it (it stops after the step and writes a checkpoint).
+    """
     kwargs = dict(data_loader_kwargs)
     if kwargs.get('num_workers', 0) == 0:
         kwargs.pop('prefetch_factor', None)
         kwargs.pop('persistent_workers', None)
     if device.type != 'cuda':
         kwargs['pin_memory'] = False
-    return dnnlib.util.construct_class_by_name(dataset=dataset, sampler=sampler, batch_size=batch_gpu, **kwargs)
+    loader = dnnlib.util.construct_class_by_name(dataset=dataset, sampler=sampler, batch_size=batch_gpu, **kwargs)
+    with _sigint_ignored():  # forked and spawned processes inherit an ignored signal
+        return iter(loader)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 #----------------------------------------------------------------------------
 # Noise shared by all ranks: rows of a global-batch draw.
