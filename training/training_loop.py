@@ -199,7 +199,7 @@ def training_loop(
     dataset_iterator = train_step.make_data_iterator(dataset_obj, dataset_sampler, batch_gpu, data_loader_kwargs, device)
     noise_source = train_step.StepNoise(seed, batch_size, ref_image.shape[1:], device,
                                         posterior=isinstance(encoder, encoders.StabilityVAEEncoder))
-    reporter = train_status.StatusReporter(run_dir, device)
+    reporter = train_status.StatusReporter(run_dir, device, stop_at_nimg)
     step = train_step.TrainingStep(net=net, ddp=ddp, params=trainable, loss_fn=loss_fn, optimizer=optimizer,
         encoder=encoder, data_iterator=dataset_iterator, noise=noise_source, lr_kwargs=lr_kwargs, seed=seed,
         batch_size=batch_size, batch_gpu=batch_gpu, loss_scaling=loss_scaling, max_grad_norm=max_grad_norm,

@@ -146,6 +146,11 @@ def test_nonfinite_gradients_detected_and_zeroed():
     assert [monitor.update(f) for f in (False, True, False, False)] == [False, False, False, True]
 
 
+def test_finish_estimate_extrapolates_the_last_tick():
+    assert train_status.finish_estimate(1000, 3601000, 0.001) == \
+        'Estimated time to finish (3601 kimg): 1h 00m 00s at 1.000 sec/kimg'
+
+
 def test_stats_line_is_strict_json():
     line = train_status.format_stats_line({'Progress/kimg': 1.5, 'Loss/loss': float('nan'), 'Loss/lr': 1e-4}, 12.0)
     assert json.loads(line) == {'Progress/kimg': 1.5, 'Loss/loss': None, 'Loss/lr': 1e-4, 'timestamp': 12.0}
@@ -184,8 +189,11 @@ def test_loss_falls_and_outputs_are_written(dataset_dir, tmp_path, capsys):
     run_dir = str(tmp_path / 'run')
     c = tiny_config(dataset_dir, duration=1024, status=256, snapshot=1024, checkpoint=1024)
     assert training_loop(run_dir=run_dir, device='cpu', **c) == 'done'
-    status = [line for line in capsys.readouterr().out.splitlines() if line.startswith('Status:')]
+    output = capsys.readouterr().out.splitlines()
+    status = [line for line in output if line.startswith('Status:')]
     assert len(status) == 5 and status[0].endswith(' loss -')  # no step yet: no loss, not "loss nan"
+    estimates = [i for i, line in enumerate(output) if line.startswith('Estimated time to finish (1 kimg): ')]
+    assert len(estimates) == 1 and output[estimates[0] - 1] == status[1]  # once, after the first steps
     assert all(float(line.split(' loss ')[1]) > 0 for line in status[1:])  # finite losses: 'nan' would fail
     stats = read_stats(run_dir)
     losses = [s['Loss/loss'] for s in stats if s.get('Loss/loss') is not None]
