@@ -176,7 +176,7 @@ def test_match_label_dim_pads_and_rejects():
 
 
 def test_load_finetune_source_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match='--model2finetune'):
+    with pytest.raises(FileNotFoundError, match='missing.pkl'):  # the config step says which option
         finetune.load_finetune_source(str(tmp_path / 'missing.pkl'))
     persistence.save_pickle(dnnlib.EasyDict(foo=1), str(tmp_path / 'bad.pkl'))
     with pytest.raises(ValueError, match='not a network snapshot'):

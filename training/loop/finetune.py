@@ -10,7 +10,6 @@
   them - keep their exact values.
 """
 
-import os
 from typing import Any
 
 import torch
@@ -22,8 +21,6 @@ from torch_utils import persistence
 
 def load_finetune_source(path: str) -> dnnlib.EasyDict:
     """EasyDict(net=<float32 EMA network>, encoder=<encoder>) from a snapshot pickle (path or URL)."""
-    if not dnnlib.util.is_url(path) and not os.path.isfile(path):
-        raise FileNotFoundError(f'--model2finetune: {path} does not exist (expected a network snapshot .pkl)')
     data = persistence.load_pickle(path)
     if not isinstance(data, dict) or not isinstance(data.get('ema', None), torch.nn.Module):
         raise ValueError(f'--model2finetune: {path} is not a network snapshot (no "ema" network in it)')
@@ -58,6 +55,25 @@ def match_label_dim(labels: torch.Tensor, label_dim: int) -> torch.Tensor:
     if missing < 0:
         raise ValueError(f'labels have {labels.shape[1]} entries but the network expects {label_dim}')
     return torch.nn.functional.pad(labels, (0, missing))
+
+
+# Constructor kwargs that the training data set, not the architecture.
+_INTERFACE_KWARGS = ('img_resolution', 'img_channels', 'label_dim')
+
+
+def network_kwargs_of(net: torch.nn.Module) -> dict:
+    """`network_kwargs` describing a network loaded from a pickle, as a fresh run records them: its class and
+    constructor kwargs (without the interface ones), with the `dropout` and `use_fp16` it really has."""
+    kwargs = dict(class_name=f'{persistence.safe_class_modules.get(type(net).__name__, type(net).__module__)}.'
+                             f'{type(net).__name__}')  # a trusted load runs the class from the pickle's own copy
+    init_kwargs = getattr(net, '_init_kwargs', None) or {}
+    kwargs.update((key, value) for key, value in init_kwargs.items() if key not in _INTERFACE_KWARGS)
+    dropouts = {module.dropout for module in net.modules() if isinstance(getattr(module, 'dropout', None), (int, float))}
+    if len(dropouts) == 1:
+        kwargs['dropout'] = dropouts.pop()
+    if hasattr(net, 'use_fp16'):
+        kwargs['use_fp16'] = bool(net.use_fp16)
+    return kwargs
 
 #----------------------------------------------------------------------------
 
