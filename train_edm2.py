@@ -36,9 +36,8 @@ def _nimg(ctx: click.Context, param: click.Parameter, value):
 def _rampup(ctx: click.Context, param: click.Parameter, value):
     try:
         return parse_rampup(value)
-    except ValueError:
-        raise click.BadParameter(f'"{value}" is neither an image count (e.g. 256Ki, 8Mi) nor a non-negative number '
-                                 'of Mimg (e.g. 10)', ctx, param) from None
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value):

@@ -59,9 +59,13 @@ def parse_rampup(value: Union[float, str, None]) -> Optional[float]:
         return None
     text = str(value).strip()
     has_unit = text.endswith(tuple(suffix for suffix, _ in _NIMG_UNITS))
-    mimg = parse_nimg(text) / 1e6 if has_unit else float(text)
-    if not math.isfinite(mimg) or mimg < 0:
-        raise ValueError(f'"{value}" must not be negative')
+    try:
+        mimg = parse_nimg(text) / 1e6 if has_unit else float(text)
+    except ValueError:
+        mimg = math.nan
+    if not (math.isfinite(mimg) and mimg >= 0):
+        raise ValueError(f'"{value}" is neither an image count (e.g. 256Ki, 8Mi) nor a non-negative number of Mimg '
+                         '(e.g. 10)')
     return mimg
 
 
@@ -146,8 +150,10 @@ def _finetune_network_kwargs(path: str) -> dnnlib.EasyDict:
     try:
         source = finetune.load_finetune_source(path)
     except (OSError, ValueError, pickle.UnpicklingError) as err:
-        message = str(err)
-        raise ConfigError(message if message.startswith('--model2finetune') else f'--model2finetune: {message}') from None
+        message = str(err)  # the loader's own errors name the option already
+        if not message.startswith('--model2finetune'):
+            message = f'--model2finetune: {message}'
+        raise ConfigError(message) from None
     return dnnlib.EasyDict(finetune.network_kwargs_of(source.net))
 
 
