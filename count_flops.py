@@ -51,7 +51,7 @@ def cmdline(net: str, preset: str, device: str) -> None:
         raise click.ClickException(str(err)) from None
     if (net is None) == (preset is None):
         raise click.UsageError('Give exactly one of PKL|URL or --preset')
-    device = device or str(flops.default_device())
+    device = device or str(flops.default_counting_device())
     result = _count_preset(preset, device) if preset is not None else _count_pickle(net, device)
     print_flops(result)
 

@@ -5,7 +5,6 @@ Thin click CLI over `training.data_tools.dataset_tool` (spec data.md §4)."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
 import sys
 
@@ -22,9 +21,11 @@ PIL.Image.init()
 
 
 def _single_process_only() -> None:
-    if os.environ.get('WORLD_SIZE', '1') != '1':
-        raise click.ClickException('Distributed execution is not supported by this subcommand; '
-                                   'only process-and-encode runs under torchrun.')
+    subcommand = click.get_current_context().info_name
+    try:
+        distributed.check_single_process(f'dataset_tool.py {subcommand}')
+    except ValueError as err:
+        raise click.ClickException(f'{err}; only process-and-encode runs under torchrun') from None
 
 
 def _exit_cleanly_on_sigterm() -> None:

@@ -8,6 +8,8 @@ import pickle
 import click
 import torch
 
+from torch_utils import distributed as dist
+from torch_utils import misc
 from training import toy
 from training.cli.options import DEVICE
 
@@ -16,7 +18,7 @@ DEFAULT_NET = f'{URL_BASE}/clsA-layers04-dim64/iter4096.pkl'
 DEFAULT_GNET = f'{URL_BASE}/clsA-layers04-dim32/iter0512.pkl'
 
 def _device(name):
-    return torch.device(name) if name else toy.default_device()
+    return torch.device(name) if name else misc.default_device()
 
 def _load(option, src, device):
     """Load a toy pickle; any failure becomes one clear error line naming the option."""
@@ -46,8 +48,10 @@ def cmdline():
     python toy_example.py train --outdir=runs/clsA-dim64 --viz=False
     python toy_example.py train --outdir=runs/clsA-dim32 --dim=32 --viz=False
     """
-    if os.environ.get('WORLD_SIZE', '1') != '1':
-        raise click.ClickException('toy_example.py is single-process; do not run it under torchrun')
+    try:
+        dist.check_single_process('toy_example.py')
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
 
 @cmdline.command()
 @click.option('--outdir', help='Where to save the EMA snapshots iterNNNN.pkl (none if omitted)', metavar='DIR', type=str, default=None)

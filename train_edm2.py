@@ -13,7 +13,7 @@ from torch_utils import misc
 from training.loop import presets
 from training.cli.options import DEVICE
 from training.loop.train_edm2 import (ConfigError, check_config, check_level_list, launch_training, parse_nimg,
-                                   print_training_config, setup_training_config)
+                                      parse_rampup, print_training_config, setup_training_config)
 from training.training_loop import TrainingDivergedError
 
 warnings.filterwarnings('ignore', 'You are using `torch.load` with `weights_only=False`')
@@ -31,6 +31,13 @@ def _nimg(ctx: click.Context, param: click.Parameter, value):
     if nimg < 0:
         raise click.BadParameter('must not be negative', ctx, param)
     return nimg
+
+
+def _rampup(ctx: click.Context, param: click.Parameter, value):
+    try:
+        return parse_rampup(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value):
@@ -86,9 +93,16 @@ python train_edm2.py --outdir=runs/ft --data=datasets/my-latents \\
     --freeze-down=True --max-grad-norm=1 --nima-threshold=5
 
 To resume training, run the same command again: the newest training-state-*.pt
-in --outdir is loaded (an unreadable newest file is skipped). SIGTERM or SIGUSR1
-(cluster preemption) writes a training state at the current step and exits with
-status 0; send the signal twice to exit at once.
+in --outdir is loaded (an unreadable newest file is skipped). Ctrl-C (SIGINT),
+SIGTERM or SIGUSR1 (cluster preemption) writes a training state at the current
+step and exits with status 0; a second Ctrl-C or signal exits at once.
+
+Durations are image counts (4096, 128Ki, 8Mi, 2Gi). --rampup takes them too;
+a plain number there means Mimg, as in the fork (--rampup=10 is 10 Mimg). The
+start of a run prints its length in steps, and the first status after a step
+an estimate of the time to finish; warnings flag a ramp-up longer than the run,
+a run of more than 10000 epochs of the dataset, and preset noise settings
+(--P_mean, --P_std) made for latents on pixel data or the other way round.
 
 Differences from the fork: --model2finetune is optional (without it a fresh
 network is built from the preset, as in the official toolkit); --freeze-down
@@ -106,7 +120,8 @@ posterior sample of latent datasets, are drawn for the whole batch from
 --batch-gpu round, so with dropout > 0 (e.g. the edm2-cifar10-32x32-* presets)
 they do. With --model2finetune the network comes from the pickle: --channels,
 --channel-mult, --num-blocks, --attn-res, --channels-per-head and --dropout
-have no effect (a warning says so). A run whose loss or gradients stay non-finite for --nonfinite-limit
+have no effect (a warning says so), and training_options.json records the
+pickle's network. A run whose loss or gradients stay non-finite for --nonfinite-limit
 steps stops with an error; stats.jsonl is strict JSON (non-finite -> null) and
 counts steps with non-finite gradients (Loss/nonfinite_grads).
 """
@@ -129,7 +144,7 @@ counts steps with non-finite gradients (Loss/nonfinite_grads).
 @click.option('--P_std', 'P_std',   help='Noise level standard deviation', metavar='FLOAT',       type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--lr',               help='Learning rate max. (alpha_ref)', metavar='FLOAT',       type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--decay',            help='Learning rate decay (t_ref)', metavar='BATCHES',        type=click.FloatRange(min=0), default=None)
-@click.option('--rampup',           help='Learning rate ramp-up in Mimg  [default: preset, else 0 when fine-tuning, 10 otherwise]', metavar='MIMG', type=click.FloatRange(min=0), default=None)
+@click.option('--rampup',           help='Learning rate ramp-up: images like --duration (e.g. 256Ki), or a plain number in Mimg  [default: preset, else 0 when fine-tuning, 10 (Mimg) otherwise]', metavar='NIMG|MIMG', type=str, default=None, callback=_rampup)
 
 # Architecture knobs (fixed by the presets).
 @click.option('--channel-mult',     help='Per-resolution channel multipliers, e.g. 1,2,3,4  [default: preset]', metavar='LIST', type=str, default=None, callback=_int_list)
@@ -187,7 +202,7 @@ def cmdline(outdir, dry_run, device, **opts):
     if dry_run:
         dist.print0('Dry run; exiting.')
         return
-    dist.install_signal_handlers()
+    dist.install_signal_handlers(sigint=True)
     try:
         launch_training(outdir, c, device=dist.get_device())
     except (TrainingDivergedError, dist.CheckpointError, ValueError, OSError, pickle.UnpicklingError) as err:

@@ -203,7 +203,19 @@ def test_cli_source_and_dest_checks(tmp_path):
 def test_cli_refuses_world_size(tmp_path, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '2')
     result = _cli('convert', '--source=x', '--dest=y.zip')
-    assert result.exit_code != 0 and 'Distributed execution is not supported' in result.output
+    assert result.exit_code != 0 and 'Distributed execution is not supported (WORLD_SIZE=2)' in result.output
+    assert 'dataset_tool.py convert runs as a single process' in result.output
+    assert 'only process-and-encode runs under torchrun' in result.output
+
+
+def test_cli_single_process_world_size_with_spaces_is_accepted(tmp_path, monkeypatch):
+    """WORLD_SIZE=" 1" is one process for torch_utils.distributed.init(), so the guard must agree."""
+    monkeypatch.setenv('WORLD_SIZE', ' 1')
+    src = _write_source(tmp_path / 'src')
+    result = _cli('convert', f'--source={src}', f'--dest={tmp_path / "out.zip"}', '--transform=center-crop',
+                  '--resolution=8x8')
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / 'out.zip').is_file()
 
 #----------------------------------------------------------------------------
 # VAE subcommands with a tiny random AutoencoderKL saved where load_stability_vae finds it (a local folder).

@@ -17,8 +17,8 @@ import train_edm2
 from tests.training.test_training_loop import write_dataset
 from torch_utils import distributed as dist
 from tests.procs import child_env
-from tests.tiny import write_tiny_snapshot
-from training.loop.train_edm2 import _write_options, default_rampup, parse_nimg
+from tests.tiny import make_tiny_precond, write_tiny_snapshot
+from training.loop.train_edm2 import _write_options, default_rampup, format_nimg, parse_nimg, parse_rampup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
@@ -168,6 +168,82 @@ def test_training_options_rewritten_until_a_training_state_exists(tmp_path, caps
     assert json.load(open(os.path.join(run_dir, 'training_options.json'))) == stored
 
 
+def dry_run(*args):
+    """CliRunner result and the printed config of `train_edm2.py -n` with `args`."""
+    dist.init(device='cpu')
+    result = CliRunner().invoke(train_edm2.cmdline, [*args, '-n'])
+    assert result.exit_code == 0, result.output
+    return result, json.loads(result.output.split('Training config:')[1].split('\n\n')[0])
+
+
+def test_rampup_units():
+    assert parse_rampup('1Mi') == (1 << 20) / 1e6 and parse_rampup('10') == 10.0 and parse_rampup(0.5) == 0.5
+    assert parse_rampup(None) is None
+    for bad in ('1.5Ki', '-1', 'nan', 'x'):
+        with pytest.raises(ValueError):
+            parse_rampup(bad)
+    assert [format_nimg(n) for n in (2 << 30, 3 << 20, 1024, 1000, 0)] == ['2Gi', '3Mi', '1Ki', '1000', '0']
+
+
+def test_rampup_takes_image_counts_and_warns_when_longer_than_the_run(data8, tmp_path):
+    outdir = f'--outdir={tmp_path / "o"}'
+    result, config = dry_run(outdir, f'--data={data8}', *without('--rampup'), '--rampup=1Ki', '--duration=4Ki')
+    assert config['lr_kwargs']['rampup_Mimg'] == 1024 / 1e6 and 'ramp-up' not in result.output
+    result, config = dry_run(outdir, f'--data={data8}', *without('--rampup'), '--rampup=1000', '--duration=1Ki')
+    assert config['lr_kwargs']['rampup_Mimg'] == 1000.0  # a plain number stays Mimg
+    warnings = [line for line in result.output.splitlines() if 'ramp-up' in line]
+    assert warnings == ['Warning: the learning-rate ramp-up (--rampup=1000 Mimg = 1000000000 images) is longer than '
+                        'the run (--duration=1Ki), so the learning rate never reaches --lr; --rampup takes images '
+                        'like --duration (e.g. 64Ki) or a plain number in Mimg']
+    result = CliRunner().invoke(train_edm2.cmdline, [outdir, f'--data={data8}', *without('--rampup'), '--rampup=1.5Ki'])
+    assert result.exit_code == 2 and "Invalid value for '--rampup': \"1.5Ki\" is neither an image count" in result.output
+
+
+def test_finetune_options_record_the_network_that_trains(data8, tmp_path):
+    write_tiny_snapshot(str(tmp_path / 'src.pkl'), net=make_tiny_precond(dropout=0.13, channels_per_head=8))
+    _, config = dry_run(f'--outdir={tmp_path / "o"}', f'--data={data8}', '--cond=0', '--preset=base-finetuning',
+                        f'--model2finetune={tmp_path / "src.pkl"}', '--batch=64', '--duration=64Ki')
+    assert config['network_kwargs'] == dict(class_name='training.networks_edm2.Precond', use_fp16=False,
+                                            model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+                                            channels_per_head=8, dropout=0.13)
+
+
+def test_start_prints_the_length_and_warns_about_epochs_and_noise_settings(data8, tmp_path):
+    write_tiny_snapshot(str(tmp_path / 'src.pkl'))
+    args = [f'--outdir={tmp_path / "o"}', f'--data={data8}', '--cond=0', '--preset=base-finetuning',
+            f'--model2finetune={tmp_path / "src.pkl"}']
+    result, _ = dry_run(*args)  # the preset's defaults on a 32-image pixel dataset
+    assert 'Duration:                2Gi images = 8388608 steps\n' in result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith('Warning')]
+    assert warnings == [
+        'Warning: the noise settings of preset base-finetuning (--P_mean=-0.4 --P_std=1.0) are meant for VAE latents, '
+        'but --data holds RGB pixels; give --P_mean and --P_std (preset edm2-img64-xs uses --P_mean=-0.8 --P_std=1.6)',
+        'Warning: --duration=2Gi is 67108864 epochs of the 32-image dataset (8388608 steps of --batch=256); the '
+        'official recipes train for a few thousand epochs at most: give a shorter --duration']
+    result, _ = dry_run(*args, '--P_mean=-0.8', '--P_std=1.6', '--duration=256Ki', '--batch=64')
+    assert 'Duration:                256Ki images = 4096 steps\n' in result.output and 'Warning' not in result.output
+
+
+def test_model2finetune_must_be_a_snapshot_before_anything_is_written(data8, tmp_path):
+    dist.init(device='cpu')
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'stats.jsonl').write_text('{"Loss/loss": 1.0}\n')
+    write_tiny_snapshot(str(run_dir / 'network-snapshot-0000001-0.100.pkl'))
+    for source, message in (
+            (run_dir, f'--model2finetune: {run_dir} is a directory, not a network snapshot; did you mean '
+                      f'{run_dir}/network-snapshot-0000001-0.100.pkl?'),
+            (tmp_path, f'--model2finetune: {tmp_path} is a directory, not a network snapshot (expected a network '
+                       'snapshot .pkl)'),
+            (run_dir / 'stats.jsonl', f'--model2finetune: {run_dir}/stats.jsonl: truncated or not a pickle')):
+        for dry in ([], ['-n']):
+            result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data8}',
+                                        '--cond=0', '--preset=base-finetuning', f'--model2finetune={source}', *dry])
+            errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+            assert result.exit_code == 1 and len(errors) == 1 and errors[0].startswith(f'Error: {message}'), result.output
+            assert not (tmp_path / 'o').exists()
+
+
 def test_cond_without_labels_is_rejected(tmp_path):
     dist.init(device='cpu')
     data = write_dataset(str(tmp_path / 'nolabels'), num_images=4, resolution=8)
@@ -241,6 +317,25 @@ def test_sigterm_writes_a_checkpoint_and_exits(data8, tmp_path):
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output[-2000:]
     assert 'Stopped by signal' in output
+    states = [n for n in os.listdir(outdir) if n.startswith('training-state-')]
+    assert len(states) == 1
+    assert 0 < load_state(os.path.join(outdir, states[0]))['state']['cur_nimg'] < 64 << 10
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits(data8, tmp_path):
+    """Ctrl-C reaches the whole process group, data loader workers included."""
+    outdir = str(tmp_path / 'ctrl-c')
+    proc = subprocess.Popen(cli(outdir, data8, '--duration=64Ki', '--checkpoint=64Ki', '--snapshot=64Ki', '--workers=1'),
+                            env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 90
+    while not os.path.exists(os.path.join(outdir, 'stats.jsonl')) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output[-2000:]
+    assert 'Received signal SIGINT' in output and 'Stopped by signal' in output and 'Traceback' not in output
     states = [n for n in os.listdir(outdir) if n.startswith('training-state-')]
     assert len(states) == 1
     assert 0 < load_state(os.path.join(outdir, states[0]))['state']['cur_nimg'] < 64 << 10

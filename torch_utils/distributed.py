@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import sys
+import time
 import warnings
 from typing import Any, Optional
 
@@ -180,30 +181,42 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 #----------------------------------------------------------------------------
 # Stop / suspend hooks. SIGTERM and SIGUSR1 (sent by cluster schedulers before
-# killing a job) request a clean stop; a second identical signal terminates at once.
+# killing a job), and optionally SIGINT (Ctrl-C), request a clean stop; a second
+# signal terminates at once.
 
 _stop_requested = False
 _stop_signal: Optional[int] = None  # The signal that requested the stop, announced by should_stop().
+_stop_time = 0.0  # time.monotonic() of that signal.
 _stop_announced = False
+# torchrun passes the SIGINT it gets from the terminal on to its workers, which got the same Ctrl-C
+# directly: a repeat this soon is the same request, not a second Ctrl-C.
+SIGINT_REPEAT_GRACE_S = 1.0
 _suspend_requested = False
 _progress = (0, 0)
 _installed_handlers: dict = {}
 
 
+def _is_forwarded_sigint(signum: int) -> bool:
+    return signum == _stop_signal == signal.SIGINT and time.monotonic() - _stop_time < SIGINT_REPEAT_GRACE_S
+
+
 def _handle_stop_signal(signum: int, _frame: Any) -> None:
-    global _stop_requested, _stop_signal
+    global _stop_requested, _stop_signal, _stop_time
+    if _stop_requested and _is_forwarded_sigint(signum):
+        return
     if _stop_requested:  # Second signal: give up on a clean stop.
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
     # Only record it: printing here would re-enter a write the main thread may be in the middle of
     # (RuntimeError "reentrant call" on a buffered log file, or the message spliced into a line).
-    _stop_requested, _stop_signal = True, signum
+    _stop_requested, _stop_signal, _stop_time = True, signum, time.monotonic()
 
 
-def install_signal_handlers() -> None:
-    """Make SIGTERM and SIGUSR1 set should_stop(); call from the main thread."""
-    for name in ('SIGTERM', 'SIGUSR1'):
+def install_signal_handlers(sigint: bool = False) -> None:
+    """Make SIGTERM and SIGUSR1, and with `sigint` also SIGINT (Ctrl-C), set should_stop(); call from the
+    main thread."""
+    for name in ('SIGTERM', 'SIGUSR1') + (('SIGINT',) if sigint else ()):
         signum = getattr(signal, name, None)
         if signum is None:  # SIGUSR1 does not exist on Windows.
             continue

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import torch
 
+from torch_utils import misc
 from torch_utils import persistence
 
 #----------------------------------------------------------------------------
@@ -213,9 +214,6 @@ class ToyModel(torch.nn.Module):
 #----------------------------------------------------------------------------
 # Training (toy.md §4): exact score matching against the ground truth.
 
-def default_device() -> torch.device:
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-
 def learning_rate(i: int, lr_ref: float, lr_iter: int) -> float:
     """lr = lr_ref / sqrt(max(i / lr_iter, 1))."""
     return lr_ref / math.sqrt(max(i / lr_iter, 1))
@@ -262,7 +260,7 @@ def do_train(classes: str = 'A', num_layers: int = 4, hidden_dim: int = 64, batc
              device=None, progress: bool = True) -> ToyModel:
     """Train a ToyModel on gt(classes); returns the EMA model (eval mode, CPU copy)."""
     from tqdm import tqdm
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else misc.default_device()
     keep_freed_memory()
     torch.manual_seed(seed)
     gt_model = gt(classes, device)
@@ -353,7 +351,7 @@ def do_sample(net, x_init: torch.Tensor, guidance: float = 1, gnet=None, num_ste
 def initial_points(num_samples: int, sigma_max: float, seed: int, sample_distance: float = 0, device=None) -> torch.Tensor:
     """gt('A') diffused to sigma_max, drawn with a generator seeded `seed`; optionally thinned
     greedily so that kept points are at least `sample_distance` apart."""
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else misc.default_device()
     generator = torch.Generator(device).manual_seed(seed)
     x = gt('A', device).sample(num_samples, sigma_max, generator=generator)
     if sample_distance <= 0:
@@ -367,7 +365,7 @@ def initial_points(num_samples: int, sigma_max: float, seed: int, sample_distanc
 def sample_from_model(net=None, gnet=None, guidance: float = 1, num_samples: int = 8192, seed: int = 1,
                       sigma_max: float = 5, device=None) -> torch.Tensor:
     """Final samples of do_sample (ground truth gt('A') as the model when net is None)."""
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else misc.default_device()
     x_init = initial_points(num_samples, sigma_max, seed, device=device)
     net = gt('A', device) if net is None else net
     return do_sample(net, x_init, guidance=guidance, gnet=gnet, sigma_max=sigma_max)[-1]
@@ -490,7 +488,7 @@ def do_plot(net=None, guidance: float = 1, gnet=None, elems=('gt_uncond', 'gt_ou
     Returns the final sample positions when samples/trajectories were drawn."""
     import matplotlib.pyplot as plt
     ax = plt.gca() if ax is None else ax
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else misc.default_device()
     elems = set(elems)
     x_init = trajectory = None
     if any(e.startswith(('samples', 'trajectories', 'scores')) for e in elems):
@@ -571,7 +569,7 @@ def load_toy_net(src: str, device=None) -> ToyModel:
     net = persistence.load_pickle(src)
     if not isinstance(net, torch.nn.Module) or not hasattr(net, 'score'):
         raise TypeError(f'{src}: expected a pickled ToyModel, got {type(net).__name__}')
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else misc.default_device()
     return net.eval().requires_grad_(False).to(device)
 
 #----------------------------------------------------------------------------
@@ -596,7 +594,7 @@ def train_or_load(outdir: str, classes: str, hidden_dim: int, total_iter: int, d
                    progress=progress, **train_kwargs)
     save_snapshot(net, path)
     print(f'Saved {path}')
-    return net.to(device if device is not None else default_device())
+    return net.to(device if device is not None else misc.default_device())
 
 def run_demo(outdir: str, main_iter: int = 4096, guide_iter: int = 512, guidance: float = 3, device=None,
              grid_resolution: int = 400, samples_scale: float = 1.0, progress: bool = True) -> str:

@@ -3,8 +3,8 @@
 This file is embedded in every snapshot pickle (the `loss_fn` entry is an `EDM2Loss`),
 so what runs at import time uses only what the official toolkit provides: the standard
 library, numpy, torch, psutil, dnnlib and the official torch_utils modules. The loop's
-helpers (`training.loop.step`, `training.loop.status`, `training.loop.finetune`) are
-imported inside `training_loop()`.
+helpers (`training.loop.rules`, `training.loop.step`, `training.loop.status`,
+`training.loop.finetune`) are imported inside `training_loop()`.
 
 Differences from the official loop (all documented in `train_edm2.py --help`):
 * The noise levels and noise of a step (and, for latent datasets, the VAE posterior
@@ -15,7 +15,8 @@ Differences from the official loop (all documented in `train_edm2.py --help`):
   A resumed run continues the same streams either way.
 * Non-finite gradients are counted (`Loss/nonfinite_grads`); a run whose loss or
   gradients stay non-finite for `nonfinite_limit` steps stops with an error.
-* SIGTERM / SIGUSR1 write a training state at the current step and end the loop.
+* A stop signal (SIGTERM / SIGUSR1, and Ctrl-C under train_edm2.py) writes a training
+  state at the current step and ends the loop.
 * Frozen parameters are left out of the optimizer and keep their exact values.
 """
 
@@ -29,7 +30,6 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
-from torch_utils import training_stats
 
 #----------------------------------------------------------------------------
 # Uncertainty-based loss function (Equations 14, 15, 16, 21) proposed in the
@@ -72,46 +72,10 @@ def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3
     return lr
 
 #----------------------------------------------------------------------------
-# Errors and checks.
+# Errors.
 
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradients stayed non-finite for too many consecutive steps."""
-
-
-def check_batch_settings(batch_size, batch_gpu, world_size, total_nimg, slice_nimg=None, status_nimg=None,
-                         snapshot_nimg=None, checkpoint_nimg=None):
-    """Validate batch sizes and intervals (training.md §4 step 2); return (batch_gpu, num_accumulation_rounds).
-
-    Raises ValueError naming the offending setting (with its train_edm2.py option).
-    """
-    if batch_size <= 0 or batch_size % world_size != 0:
-        raise ValueError(f'batch_size (--batch) = {batch_size} must be a positive multiple of the number of processes ({world_size})')
-    batch_gpu_total = batch_size // world_size
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    if batch_gpu <= 0 or batch_gpu_total % batch_gpu != 0:
-        raise ValueError(f'batch_size (--batch) / processes = {batch_gpu_total} must be a multiple of batch_gpu (--batch-gpu) = {batch_gpu}')
-    multiples = [('total_nimg (--duration)', total_nimg, batch_size), ('slice_nimg', slice_nimg, batch_size),
-                 ('status_nimg (--status)', status_nimg, batch_size),
-                 ('snapshot_nimg (--snapshot)', snapshot_nimg, np.lcm(batch_size, 1024)),
-                 ('checkpoint_nimg (--checkpoint)', checkpoint_nimg, np.lcm(batch_size, 1024))]
-    for name, value, unit in multiples:
-        if value is not None and (value <= 0 or value % unit != 0):
-            raise ValueError(f'{name} = {value} must be a positive multiple of {unit}'
-                             + (' (the batch size and 1024)' if unit != batch_size else ' (the batch size)'))
-    return batch_gpu, batch_gpu_total // batch_gpu
-
-def check_image_shape(shape, channel_mult=None):
-    """Raise ValueError unless the items ([..., H, W]) are square and, when `channel_mult` is given,
-    their side can be halved len(channel_mult)-1 times by the U-Net's encoder (data.md §1)."""
-    height, width = int(shape[-2]), int(shape[-1])
-    if height != width:
-        raise ValueError(f'images are {width}x{height} (width x height); EDM2 networks need square images')
-    if channel_mult is not None:
-        factor = 2 ** (len(channel_mult) - 1)
-        if height % factor != 0:
-            raise ValueError(f'resolution {height} is not divisible by 2^(len(channel_mult)-1) = {factor} '
-                             f'(channel_mult {list(channel_mult)}); use a power-of-two resolution or fewer levels')
 
 
 class ResumeMismatchError(ValueError):
@@ -148,11 +112,11 @@ def training_loop(
     freeze_attn         = False,    # [FORK] Freeze the attention weights.
     fast_kwargs         = None,     # Network fast-path switches (Precond.set_fast kwargs); None = network defaults.
     nonfinite_limit     = 100,      # Stop after this many consecutive steps with non-finite loss/gradients; 0 = never.
-    tensorboard         = True,     # Also write TensorBoard scalars when tensorboard is installed.
 ):
     """Train (or fine-tune) an EDM2 network; returns 'done', 'stopped' (signal) or 'suspended' (slice)."""
     from training import encoders
     from training.loop import finetune
+    from training.loop import rules
     from training.loop import status as train_status
     from training.loop import step as train_step
     prev_status_time = time.time()
@@ -164,9 +128,8 @@ def training_loop(
     train_step.configure_backends(cudnn_benchmark)
 
     # Validate batch size and intervals.
-    batch_gpu, num_accumulation_rounds = check_batch_settings(batch_size, batch_gpu, world_size, total_nimg,
-        slice_nimg, status_nimg, snapshot_nimg, checkpoint_nimg)
-    batch_gpu_total = batch_size // world_size
+    batch_gpu, _ = rules.check_batch_settings(batch_size, batch_gpu, world_size, total_nimg, slice_nimg, status_nimg,
+                                              snapshot_nimg, checkpoint_nimg)
 
     # Setup dataset, encoder, and network.
     dist.print0('Loading dataset...')
@@ -181,7 +144,7 @@ def training_loop(
         net = source.net
         finetune.check_compatible(net, ref_image, ref_label, preload_model)
     else:
-        check_image_shape(ref_image.shape, network_kwargs.get('channel_mult'))
+        rules.check_image_shape(ref_image.shape, rules.network_channel_mult(network_kwargs))
         interface_kwargs = dict(img_resolution=ref_image.shape[-1], img_channels=ref_image.shape[1], label_dim=ref_label.shape[-1])
         net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
     net.train().requires_grad_(True).to(device)
@@ -233,10 +196,14 @@ def training_loop(
 
     # Main training loop.
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
-    dataset_iterator = iter(train_step.make_data_loader(dataset_obj, dataset_sampler, batch_gpu, data_loader_kwargs, device))
+    dataset_iterator = train_step.make_data_iterator(dataset_obj, dataset_sampler, batch_gpu, data_loader_kwargs, device)
     noise_source = train_step.StepNoise(seed, batch_size, ref_image.shape[1:], device,
                                         posterior=isinstance(encoder, encoders.StabilityVAEEncoder))
-    reporter = train_status.StatusReporter(run_dir, device, tensorboard=tensorboard)
+    reporter = train_status.StatusReporter(run_dir, device, stop_at_nimg)
+    step = train_step.TrainingStep(net=net, ddp=ddp, params=trainable, loss_fn=loss_fn, optimizer=optimizer,
+        encoder=encoder, data_iterator=dataset_iterator, noise=noise_source, lr_kwargs=lr_kwargs, seed=seed,
+        batch_size=batch_size, batch_gpu=batch_gpu, loss_scaling=loss_scaling, max_grad_norm=max_grad_norm,
+        force_finite=force_finite)
     health = train_step.HealthMonitor(nonfinite_limit)
     prev_status_nimg = state.cur_nimg
     cumulative_training_time = 0
@@ -246,10 +213,10 @@ def training_loop(
         while True:
             done = (state.cur_nimg >= stop_at_nimg)
             stop_requested = dist.any_rank(dist.should_stop())
-            fresh_or_moved = (state.cur_nimg != start_nimg or start_nimg == 0)
+            at_resume_point = (state.cur_nimg == start_nimg != 0)  # the run we resumed reported and saved it
 
             # Report status.
-            if status_nimg is not None and (done or stop_requested or state.cur_nimg % status_nimg == 0) and fresh_or_moved:
+            if status_nimg is not None and (done or stop_requested or state.cur_nimg % status_nimg == 0) and not at_resume_point:
                 cur_time = time.time()
                 state.total_elapsed_time += cur_time - prev_status_time
                 reporter.report(state, cur_time - prev_status_time, cumulative_training_time, state.cur_nimg - prev_status_nimg)
@@ -261,7 +228,7 @@ def training_loop(
                     dist.request_suspend()
 
             # Save network snapshot.
-            if snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0 and fresh_or_moved and rank == 0 and ema is not None:
+            if snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0 and not at_resume_point and rank == 0 and ema is not None:
                 train_status.save_snapshots(run_dir, state.cur_nimg, ema, encoder, dataset_kwargs, loss_fn)
 
             # Save state checkpoint.
@@ -280,38 +247,9 @@ def training_loop(
             if done or outcome != 'done':
                 break
 
-            # Evaluate loss and accumulate gradients.
+            # Run one optimizer step.
             batch_start_time = time.time()
-            misc.set_random_seed(seed, rank, state.cur_nimg)
-            optimizer.zero_grad(set_to_none=True)
-            rnd_normal, noise, posterior = noise_source.draw(state.cur_nimg)
-            loss_total = torch.zeros([], device=device)
-            for round_idx in range(num_accumulation_rounds):
-                with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                    images, labels = next(dataset_iterator)
-                    rows = train_step.global_rows(rank, world_size, round_idx, batch_gpu, device)
-                    images = images.to(device)  # the posterior noise exists only for our VAE encoder class
-                    images = encoder.encode_latents(images) if posterior is None else encoder.encode_latents(images, posterior[rows])
-                    labels = finetune.match_label_dim(labels.to(device), net.label_dim)
-                    loss = loss_fn(net=ddp, images=images, labels=labels, rnd_normal=rnd_normal[rows], noise=noise[rows])
-                    training_stats.report('Loss/loss', loss)
-                    loss.sum().mul(loss_scaling / batch_gpu_total).backward()
-                    loss_total += loss.detach().sum()
-
-            # Check, clip and sanitise gradients; run optimizer.
-            grads = [p.grad for p in trainable if p.grad is not None]
-            grad_norm, finite = train_step.gradient_health(grads, loss_total, loss_scaling)
-            training_stats.report('Loss/grad_norm', grad_norm)
-            training_stats.report('Loss/nonfinite_grads', 0.0 if finite else 1.0)
-            if max_grad_norm > 0 and finite:
-                train_step.clip_gradients_(grads, grad_norm, max_grad_norm)
-            lr = dnnlib.util.call_func_by_name(cur_nimg=state.cur_nimg, batch_size=batch_size, **lr_kwargs)
-            training_stats.report('Loss/learning_rate', lr)
-            for g in optimizer.param_groups:
-                g['lr'] = lr
-            if force_finite and not finite:
-                train_step.zero_nonfinite_(grads)
-            optimizer.step()
+            finite = step.run(state.cur_nimg)
 
             # Update EMA and training state.
             state.cur_nimg += batch_size

@@ -77,6 +77,34 @@ def test_single_process_init_stats_and_signals(tmp_path):
     assert 'Received signal SIGUSR1' in result.stderr
 
 
+CTRL_C_SCRIPT = """
+    import os, signal, time
+    from torch_utils import distributed as dist
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("default: KeyboardInterrupt", flush=True)
+    dist.install_signal_handlers(sigint=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)  # what torchrun forwards right after the terminal's Ctrl-C
+    time.sleep(0.05)
+    print("stop after Ctrl-C:", dist.should_stop(), flush=True)
+    time.sleep(dist.SIGINT_REPEAT_GRACE_S)
+    os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: terminate at once
+    time.sleep(5)
+    print("still alive", flush=True)
+"""
+
+
+def test_ctrl_c_requests_a_stop_only_when_asked_and_a_second_one_terminates(tmp_path):
+    result = _run_script(tmp_path, CTRL_C_SCRIPT)
+    assert 'default: KeyboardInterrupt' in result.stdout, result.stderr
+    assert 'stop after Ctrl-C: True' in result.stdout and 'still alive' not in result.stdout
+    assert result.returncode == -signal.SIGINT, result.stderr
+    assert result.stderr.count('Received signal SIGINT: stopping after the current step') == 1
+
+
 def test_helpers_without_process_group(capsys):
     assert not torch.distributed.is_initialized()
     assert dist.get_rank() == 0 and dist.get_world_size() == 1

@@ -253,7 +253,14 @@ def test_cli_plot_bad_net_is_one_clear_error(tmp_path, content, trained_pair):
 def test_cli_refuses_torchrun(monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '2')
     result = CliRunner().invoke(toy_example.cmdline, ['train', '--viz', 'False', '--iters', '1'])
-    assert result.exit_code != 0 and 'torchrun' in result.output
+    assert result.exit_code == 1 and 'Distributed execution is not supported (WORLD_SIZE=2)' in result.output
+    assert 'toy_example.py runs as a single process' in result.output
+
+def test_cli_single_process_world_size_with_spaces_is_accepted(monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', ' 1')  # one process for torch_utils.distributed.init() too
+    result = CliRunner().invoke(toy_example.cmdline, ['train', '--viz', 'False', '--iters', '1', '--batch', '8',
+                                                      '--layers', '1', '--dim', '8', '--device', 'cpu'])
+    assert result.exit_code == 0 and 'Done.' in result.output, result.output
 
 def test_training_viz_without_display_warns_and_trains():
     with pytest.warns(UserWarning, match='visualisation disabled'):

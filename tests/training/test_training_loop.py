@@ -18,8 +18,8 @@ from training.loop import finetune
 from training.loop import status as train_status
 from training.loop import step as train_step
 from training.loop.train_edm2 import setup_training_config
-from training.training_loop import (EDM2Loss, ResumeMismatchError, TrainingDivergedError, check_batch_settings, check_image_shape,
-                                    learning_rate_schedule, training_loop)
+from training.training_loop import (EDM2Loss, ResumeMismatchError, TrainingDivergedError, learning_rate_schedule,
+                                    training_loop)
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
 
 #----------------------------------------------------------------------------
@@ -104,16 +104,6 @@ def test_edm2_loss_matches_equation():
     assert torch.equal(drawn, loss_fn(_FixedNet(), images, rnd_normal=torch.randn(3, 1, 1, 1), noise=torch.randn_like(images)))
 
 
-def test_check_batch_settings_names_the_option():
-    assert check_batch_settings(64, 16, 2, 1024) == (16, 2)
-    assert check_batch_settings(64, None, 1, 1024) == (64, 1)
-    with pytest.raises(ValueError, match='--duration'):
-        check_batch_settings(64, None, 1, 1000)
-    with pytest.raises(ValueError, match='--snapshot'):
-        check_batch_settings(64, None, 1, 1024, snapshot_nimg=64 * 3)
-    with pytest.raises(ValueError, match='--batch-gpu'):
-        check_batch_settings(64, 24, 1, 1024)
-
 #----------------------------------------------------------------------------
 # Step pieces.
 
@@ -156,6 +146,11 @@ def test_nonfinite_gradients_detected_and_zeroed():
     assert [monitor.update(f) for f in (False, True, False, False)] == [False, False, False, True]
 
 
+def test_finish_estimate_extrapolates_the_last_tick():
+    assert train_status.finish_estimate(1000, 3601000, 0.001) == \
+        'Estimated time to finish (3601 kimg): 1h 00m 00s at 1.000 sec/kimg'
+
+
 def test_stats_line_is_strict_json():
     line = train_status.format_stats_line({'Progress/kimg': 1.5, 'Loss/loss': float('nan'), 'Loss/lr': 1e-4}, 12.0)
     assert json.loads(line) == {'Progress/kimg': 1.5, 'Loss/loss': None, 'Loss/lr': 1e-4, 'timestamp': 12.0}
@@ -181,19 +176,11 @@ def test_match_label_dim_pads_and_rejects():
 
 
 def test_load_finetune_source_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match='--model2finetune'):
+    with pytest.raises(FileNotFoundError, match='missing.pkl'):  # the config step says which option
         finetune.load_finetune_source(str(tmp_path / 'missing.pkl'))
     persistence.save_pickle(dnnlib.EasyDict(foo=1), str(tmp_path / 'bad.pkl'))
     with pytest.raises(ValueError, match='not a network snapshot'):
         finetune.load_finetune_source(str(tmp_path / 'bad.pkl'))
-
-def test_check_image_shape_needs_square_halvable_items():
-    check_image_shape([3, 32, 32], [1, 2, 2, 2])
-    check_image_shape([4, 12, 12], [1, 2, 2])  # 12 -> 6 -> 3
-    with pytest.raises(ValueError, match='16x12 .* need square images'):
-        check_image_shape([3, 12, 16])
-    with pytest.raises(ValueError, match=r'resolution 15 is not divisible by 2\^\(len\(channel_mult\)-1\) = 2'):
-        check_image_shape([3, 15, 15], [1, 2])
 
 #----------------------------------------------------------------------------
 # Real (tiny) runs.
@@ -202,8 +189,11 @@ def test_loss_falls_and_outputs_are_written(dataset_dir, tmp_path, capsys):
     run_dir = str(tmp_path / 'run')
     c = tiny_config(dataset_dir, duration=1024, status=256, snapshot=1024, checkpoint=1024)
     assert training_loop(run_dir=run_dir, device='cpu', **c) == 'done'
-    status = [line for line in capsys.readouterr().out.splitlines() if line.startswith('Status:')]
+    output = capsys.readouterr().out.splitlines()
+    status = [line for line in output if line.startswith('Status:')]
     assert len(status) == 5 and status[0].endswith(' loss -')  # no step yet: no loss, not "loss nan"
+    estimates = [i for i, line in enumerate(output) if line.startswith('Estimated time to finish (1 kimg): ')]
+    assert len(estimates) == 1 and output[estimates[0] - 1] == status[1]  # once, after the first steps
     assert all(float(line.split(' loss ')[1]) > 0 for line in status[1:])  # finite losses: 'nan' would fail
     stats = read_stats(run_dir)
     losses = [s['Loss/loss'] for s in stats if s.get('Loss/loss') is not None]

@@ -189,7 +189,7 @@ def _exact_cuda_math(device: torch.device):
 
 #----------------------------------------------------------------------------
 
-def default_device() -> torch.device:
+def default_counting_device() -> torch.device:
     """CUDA when present (real memory figures), else the meta device (shapes only, instant)."""
     return torch.device('cuda' if torch.cuda.is_available() else 'meta')
 
@@ -223,7 +223,7 @@ def count_flops(
     """
     if isinstance(net, str):
         net = load_network(net, verbose=verbose)
-        device = torch.device(device) if device is not None else default_device()
+        device = torch.device(device) if device is not None else default_counting_device()
     elif device is None:
         device = next(net.parameters(), torch.zeros([])).device
     device = torch.device(device)

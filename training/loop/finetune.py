@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import dnnlib
+from torch_utils import persistence
 from training.snapshots.loading import load_snapshot
 
 #----------------------------------------------------------------------------
@@ -53,6 +54,25 @@ def match_label_dim(labels: torch.Tensor, label_dim: int) -> torch.Tensor:
     if missing < 0:
         raise ValueError(f'labels have {labels.shape[1]} entries but the network expects {label_dim}')
     return torch.nn.functional.pad(labels, (0, missing))
+
+
+# Constructor kwargs that the training data set, not the architecture.
+_INTERFACE_KWARGS = ('img_resolution', 'img_channels', 'label_dim')
+
+
+def network_kwargs_of(net: torch.nn.Module) -> dict:
+    """`network_kwargs` describing a network loaded from a pickle, as a fresh run records them: its class and
+    constructor kwargs (without the interface ones), with the `dropout` and `use_fp16` it really has."""
+    kwargs = dict(class_name=f'{persistence.safe_class_modules.get(type(net).__name__, type(net).__module__)}.'
+                             f'{type(net).__name__}')  # a trusted load runs the class from the pickle's own copy
+    init_kwargs = getattr(net, '_init_kwargs', None) or {}
+    kwargs.update((key, value) for key, value in init_kwargs.items() if key not in _INTERFACE_KWARGS)
+    dropouts = {module.dropout for module in net.modules() if isinstance(getattr(module, 'dropout', None), (int, float))}
+    if len(dropouts) == 1:
+        kwargs['dropout'] = dropouts.pop()
+    if hasattr(net, 'use_fp16'):
+        kwargs['use_fp16'] = bool(net.use_fp16)
+    return kwargs
 
 #----------------------------------------------------------------------------
 

@@ -71,15 +71,24 @@ def loss_field(collector: training_stats.Collector, tick_nimg: int) -> str:
     loss = collector.mean('Loss/loss') if 'Loss/loss' in collector.names() else float('nan')
     return f'loss {loss:<8.4f}'
 
+def finish_estimate(cur_nimg: int, stop_nimg: int, sec_per_image: float) -> str:
+    """'Estimated time to finish: ...' for the images left at the speed of the last tick (wall clock)."""
+    seconds = (stop_nimg - cur_nimg) * sec_per_image
+    return (f'Estimated time to finish ({stop_nimg // 1000} kimg): {dnnlib.util.format_time(seconds)} '
+            f'at {sec_per_image * 1e3:.3f} sec/kimg')
+
 #----------------------------------------------------------------------------
 
 class StatusReporter:
-    """Prints status lines and appends `stats.jsonl` (and TensorBoard scalars) on rank 0."""
+    """Prints status lines and appends `stats.jsonl` (and TensorBoard scalars) on rank 0; after the first status
+    that follows training steps, an estimate of the time to reach `stop_nimg`."""
 
-    def __init__(self, run_dir: str, device: torch.device, tensorboard: bool = True):
+    def __init__(self, run_dir: str, device: torch.device, stop_nimg: int):
         self.run_dir = run_dir
         self.device = torch.device(device)
-        self.tensorboard = tensorboard
+        self.stop_nimg = stop_nimg
+        self.estimated = False
+        self.tensorboard = True  # until the package turns out to be missing
         self.rank0 = (dist.get_rank() == 0)
         self._stats_file = None
         self._tb_writer = None
@@ -106,6 +115,9 @@ class StatusReporter:
         if self.rank0:
             self._print_line(state, values, tick_nimg)
             self._write_stats(state.cur_nimg)
+        if self.rank0 and tick_nimg > 0 and not self.estimated:
+            self.estimated = True
+            print(finish_estimate(state.cur_nimg, self.stop_nimg, tick_time / tick_nimg), flush=True)
 
     def _print_line(self, state: Any, v: dict, tick_nimg: int) -> None:
         print(f'Status: kimg {v["Progress/kimg"]:<9.1f} time {dnnlib.util.format_time(state.total_elapsed_time):<12s} '

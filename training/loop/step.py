@@ -1,4 +1,5 @@
-"""Pieces of one EDM2 training step: optimizer, data loader, per-step noise, gradient checks.
+"""One EDM2 training step (`TrainingStep`) and what it is built from: optimizer, data loader, per-step noise,
+gradient checks.
 
 Speed rules (perf-notes): no per-parameter Python loops on the normal path; the
 optimizer runs foreach (CPU) or fused (CUDA); gradient norms use one foreach
@@ -6,12 +7,17 @@ reduction; the per-parameter `nan_to_num_` runs only on a step whose gradients a
 actually non-finite.
 """
 
-from typing import Any, Optional, Sequence
+import contextlib
+import signal
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import misc
+from torch_utils import training_stats
+from training.loop import finetune
 
 #----------------------------------------------------------------------------
 # Setup.
@@ -42,15 +48,36 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], optimizer_kwargs: dict,
     return dnnlib.util.construct_class_by_name(params=list(params), **kwargs)
 
 
-def make_data_loader(dataset: Any, sampler: Any, batch_gpu: int, data_loader_kwargs: dict, device: torch.device) -> Any:
-    """Data loader from `data_loader_kwargs`; options that need worker processes or CUDA are dropped without them."""
+def make_data_iterator(dataset: Any, sampler: Any, batch_gpu: int, data_loader_kwargs: dict,
+                       device: torch.device) -> Iterator:
+    """Iterator over a data loader from `data_loader_kwargs`; options that need worker processes or CUDA are
+    dropped without them.
+
+    The worker processes start with SIGINT ignored: a Ctrl-C in the terminal reaches every process of the job,
+    and only the main process should act on it (it stops after the step and writes a checkpoint).
+    """
     kwargs = dict(data_loader_kwargs)
     if kwargs.get('num_workers', 0) == 0:
         kwargs.pop('prefetch_factor', None)
         kwargs.pop('persistent_workers', None)
     if device.type != 'cuda':
         kwargs['pin_memory'] = False
-    return dnnlib.util.construct_class_by_name(dataset=dataset, sampler=sampler, batch_size=batch_gpu, **kwargs)
+    loader = dnnlib.util.construct_class_by_name(dataset=dataset, sampler=sampler, batch_size=batch_gpu, **kwargs)
+    with _sigint_ignored():  # forked and spawned processes inherit an ignored signal
+        return iter(loader)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 #----------------------------------------------------------------------------
 # Noise shared by all ranks: rows of a global-batch draw.
@@ -134,5 +161,71 @@ class HealthMonitor:
         """Record one step; True when the streak reached the limit (the run should stop)."""
         self.streak = 0 if finite else self.streak + 1
         return self.limit > 0 and self.streak >= self.limit
+
+#----------------------------------------------------------------------------
+# The step.
+
+class TrainingStep:
+    """One optimizer step: loss and gradients over the accumulation rounds, gradient checks and clipping,
+    learning rate, optimizer update. The EMA and the image counter are the loop's."""
+
+    def __init__(self, *, net: torch.nn.Module, ddp: torch.nn.Module, params: Sequence[torch.nn.Parameter],
+                 loss_fn: Any, optimizer: torch.optim.Optimizer, encoder: Any, data_iterator: Any, noise: StepNoise,
+                 lr_kwargs: dict, seed: int, batch_size: int, batch_gpu: int, loss_scaling: float = 1,
+                 max_grad_norm: float = 0, force_finite: bool = True):
+        self.net, self.ddp, self.params = net, ddp, list(params)
+        self.loss_fn, self.optimizer, self.encoder = loss_fn, optimizer, encoder
+        self.data_iterator, self.noise, self.lr_kwargs, self.seed = data_iterator, noise, lr_kwargs, seed
+        self.batch_size, self.batch_gpu = batch_size, batch_gpu
+        self.loss_scaling, self.max_grad_norm, self.force_finite = loss_scaling, max_grad_norm, force_finite
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.batch_gpu_total = batch_size // self.world_size
+        self.num_rounds = self.batch_gpu_total // batch_gpu
+
+    def run(self, cur_nimg: int) -> bool:
+        """The step that starts at image `cur_nimg`; returns whether its loss and gradients were finite."""
+        misc.set_random_seed(self.seed, self.rank, cur_nimg)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = self._accumulate_gradients(cur_nimg)
+        return self._update_weights(cur_nimg, loss_total)
+
+    def _accumulate_gradients(self, cur_nimg: int) -> torch.Tensor:
+        """Forward and backward over the accumulation rounds (DDP syncs on the last); returns the summed loss."""
+        rnd_normal, noise, posterior = self.noise.draw(cur_nimg)
+        device = self.noise.device
+        loss_total = torch.zeros([], device=device)
+        for round_idx in range(self.num_rounds):
+            with misc.ddp_sync(self.ddp, (round_idx == self.num_rounds - 1)):
+                images, labels = next(self.data_iterator)
+                rows = global_rows(self.rank, self.world_size, round_idx, self.batch_gpu, device)
+                images = images.to(device)
+                if posterior is None:
+                    images = self.encoder.encode_latents(images)
+                else:  # the posterior noise exists only for our VAE encoder class
+                    images = self.encoder.encode_latents(images, posterior[rows])
+                labels = finetune.match_label_dim(labels.to(device), self.net.label_dim)
+                loss = self.loss_fn(net=self.ddp, images=images, labels=labels, rnd_normal=rnd_normal[rows],
+                                    noise=noise[rows])
+                training_stats.report('Loss/loss', loss)
+                loss.sum().mul(self.loss_scaling / self.batch_gpu_total).backward()
+                loss_total += loss.detach().sum()
+        return loss_total
+
+    def _update_weights(self, cur_nimg: int, loss_total: torch.Tensor) -> bool:
+        """Check and clip the gradients, set the learning rate, zero non-finite entries, run the optimizer."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm, finite = gradient_health(grads, loss_total, self.loss_scaling)
+        training_stats.report('Loss/grad_norm', grad_norm)
+        training_stats.report('Loss/nonfinite_grads', 0.0 if finite else 1.0)
+        if self.max_grad_norm > 0 and finite:
+            clip_gradients_(grads, grad_norm, self.max_grad_norm)
+        lr = dnnlib.util.call_func_by_name(cur_nimg=cur_nimg, batch_size=self.batch_size, **self.lr_kwargs)
+        training_stats.report('Loss/learning_rate', lr)
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+        if self.force_finite and not finite:
+            zero_nonfinite_(grads)
+        self.optimizer.step()
+        return finite
 
 #----------------------------------------------------------------------------

@@ -9,14 +9,18 @@ the official order, with this project's additions at the end:
     freeze_attn, data_loader_kwargs, fast_kwargs, nonfinite_limit
 """
 
+import glob
 import json
+import math
 import os
+import pickle
 import re
 from typing import Any, Optional, Sequence, Union
 
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from training.loop import rules
 from training.loop import presets
 from training.dataset import parse_int_list
 
@@ -26,15 +30,43 @@ class ConfigError(ValueError):
     """Bad option value; the message names the option."""
 
 
+_NIMG_UNITS = (('Ki', 10), ('Mi', 20), ('Gi', 30))
+
+
 def parse_nimg(s: Union[int, str, None]) -> Optional[int]:
     """'128Ki' -> 131072, '8Mi' -> 8388608, '2Gi' -> 2147483648, '4096' -> 4096 (training.md §1)."""
     if s is None or isinstance(s, int):
         return s
     s = str(s).strip()
-    for suffix, shift in (('Ki', 10), ('Mi', 20), ('Gi', 30)):
+    for suffix, shift in _NIMG_UNITS:
         if s.endswith(suffix):
             return int(s[:-len(suffix)]) << shift
     return int(s)
+
+
+def format_nimg(nimg: int) -> str:
+    """An image count in the largest unit parse_nimg reads back exactly: 2147483648 -> '2Gi', 1000 -> '1000'."""
+    for suffix, shift in reversed(_NIMG_UNITS):
+        if nimg > 0 and nimg % (1 << shift) == 0:
+            return f'{nimg >> shift}{suffix}'
+    return str(nimg)
+
+
+def parse_rampup(value: Union[float, str, None]) -> Optional[float]:
+    """--rampup in Mimg: an image count with a unit like --duration ('1Mi' -> 1.048576), or a plain number,
+    which means Mimg as in the fork ('10' -> 10.0). Raises ValueError for anything else or a negative value."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    has_unit = text.endswith(tuple(suffix for suffix, _ in _NIMG_UNITS))
+    try:
+        mimg = parse_nimg(text) / 1e6 if has_unit else float(text)
+    except ValueError:
+        mimg = math.nan
+    if not (math.isfinite(mimg) and mimg >= 0):
+        raise ValueError(f'"{value}" is neither an image count (e.g. 256Ki, 8Mi) nor a non-negative number of Mimg '
+                         '(e.g. 10)')
+    return mimg
 
 
 def default_rampup(preset: dict, finetuning: bool) -> float:
@@ -65,14 +97,14 @@ def _dataset_kwargs(opts: dict) -> dnnlib.EasyDict:
     return dnnlib.EasyDict(class_name='training.dataset.FilteredImageDataset', **kwargs, **filters)
 
 
-def _check_dataset(dataset_kwargs: dict, cond: bool) -> list:
-    """Open the dataset once; return its item shape [C, H, W]."""
+def _check_dataset(dataset_kwargs: dict, cond: bool) -> tuple:
+    """Open the dataset once; return its item shape [C, H, W] and its number of images."""
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
         dist.print0(f'Number of images in the dataset: {len(dataset_obj)}')
         if cond and not dataset_obj.has_labels:
             raise ConfigError('--cond=True, but no labels found in the dataset')
-        return dataset_obj.image_shape
+        return dataset_obj.image_shape, len(dataset_obj)
     except (IOError, NotImplementedError) as err:
         raise ConfigError(f'--data: {err}') from None
     except KeyError as err:  # dataset.json without labels for some images (data.md §2.2); str() would add quotes
@@ -80,10 +112,9 @@ def _check_dataset(dataset_kwargs: dict, cond: bool) -> list:
 
 
 def _check_image_shape(path: str, shape: list, channel_mult: Optional[list]) -> None:
-    """Square items whose side the U-Net can halve len(channel_mult)-1 times (data.md §1)."""
-    from training.training_loop import check_image_shape
+    """Square items whose side the U-Net can halve len(channel_mult)-1 times."""
     try:
-        check_image_shape(shape, channel_mult)
+        rules.check_image_shape(shape, channel_mult)
     except ValueError as err:
         raise ConfigError(f'--data: {path}: {err}') from None
 
@@ -102,9 +133,28 @@ def _warn_ignored_network_options(opts: dict) -> None:
 
 
 def _check_model2finetune(path: str) -> None:
-    """A local pickle must exist (URLs are checked by the loader when it downloads them)."""
-    if not dnnlib.util.is_url(path) and not os.path.isfile(path):
-        raise ConfigError(f'--model2finetune: {path} does not exist (expected a network snapshot .pkl)')
+    """A local pickle must be a file (URLs are checked by the loader when it downloads them)."""
+    if dnnlib.util.is_url(path) or os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        pickles = sorted(glob.glob(os.path.join(glob.escape(path), '*.pkl')))
+        hint = f'; did you mean {pickles[-1]}?' if pickles else ' (expected a network snapshot .pkl)'
+        raise ConfigError(f'--model2finetune: {path} is a directory, not a network snapshot{hint}')
+    raise ConfigError(f'--model2finetune: {path} does not exist (expected a network snapshot .pkl)')
+
+
+def _finetune_network_kwargs(path: str) -> dnnlib.EasyDict:
+    """Open --model2finetune as the loop will, so that a file which is not a snapshot fails before anything is
+    written (dry runs included); return the kwargs describing its network, for training_options.json."""
+    from training.loop import finetune
+    try:
+        source = finetune.load_finetune_source(path)
+    except (OSError, ValueError, pickle.UnpicklingError) as err:
+        message = str(err)  # the loader's own errors name the option already
+        if not message.startswith('--model2finetune'):
+            message = f'--model2finetune: {message}'
+        raise ConfigError(message) from None
+    return dnnlib.EasyDict(finetune.network_kwargs_of(source.net))
 
 
 def check_level_list(name: str, values: Sequence[int]) -> None:
@@ -132,26 +182,15 @@ def _network_kwargs(preset_name: str, opts: dict) -> dnnlib.EasyDict:
     return kwargs
 
 
-def _effective_channel_mult(network_kwargs: dict) -> list:
-    """channel_mult of the network that will be built: the option / preset, else the U-Net default."""
-    if network_kwargs.get('channel_mult') is not None:
-        return list(network_kwargs['channel_mult'])
-    import inspect
-    from training.networks_edm2 import UNet
-    for cls in UNet.__mro__: # persistent_class wraps __init__ in (*args, **kwargs); its base has the real one
-        parameter = inspect.signature(cls.__init__).parameters.get('channel_mult')
-        if parameter is not None:
-            return list(parameter.default)
-    raise AssertionError('UNet has no channel_mult parameter')
-
-
-def setup_training_config(preset: str = 'edm2-img512-s', check_data: bool = True, **opts: Any) -> dnnlib.EasyDict:
-    """Resolve options (None = take the preset's value) into a training config; raises ConfigError."""
+def setup_training_config(preset: str = 'edm2-img512-s', **opts: Any) -> dnnlib.EasyDict:
+    """Resolve options (None = take the preset's value) into a training config; raises ConfigError.
+    Prints (rank 0) warnings about settings that are legal but probably not meant."""
     opts = dnnlib.EasyDict(opts)
     try:
         preset_values = presets.get_preset(preset)
     except presets.PresetError as err:
         raise ConfigError(f'--preset: {err}') from None
+    explicit = {key for key, value in opts.items() if value is not None}
     finetuning = opts.get('model2finetune') is not None
     if finetuning:
         _check_model2finetune(opts.model2finetune)
@@ -159,24 +198,23 @@ def setup_training_config(preset: str = 'edm2-img512-s', check_data: bool = True
     for key, value in preset_values.items():
         if opts.get(key) is None:
             opts[key] = value
-    if opts.get('rampup') is None:
-        opts.rampup = default_rampup(preset_values, finetuning)
+    opts.rampup = _rampup_mimg(opts.get('rampup'), preset_values, finetuning)
     if opts.channels is None and not finetuning:
         raise ConfigError(f'--channels: preset "{preset}" defines no network; give --channels or --model2finetune')
 
     c = dnnlib.EasyDict()
     c.dataset_kwargs = _dataset_kwargs(opts)
-    network_kwargs = _network_kwargs(preset, opts)
-    shape = _check_dataset(c.dataset_kwargs, opts.cond) if check_data else [3, 8, 8]
-    if check_data:
-        # A fine-tuned network has its own levels; check_compatible() compares its resolution at load time.
-        _check_image_shape(opts.data, shape, None if finetuning else _effective_channel_mult(network_kwargs))
+    network_kwargs = None if finetuning else _network_kwargs(preset, opts)
+    shape, num_images = _check_dataset(c.dataset_kwargs, opts.cond)
+    # A fine-tuned network has its own levels; check_compatible() compares its resolution at load time.
+    _check_image_shape(opts.data, shape, None if finetuning else rules.network_channel_mult(network_kwargs))
     encoders = {3: 'training.encoders.StandardRGBEncoder', 8: 'training.encoders.StabilityVAEEncoder'}
     if shape[0] not in encoders:
         raise ConfigError(f'--data: Unsupported channel count {shape[0]}')
     c.encoder_kwargs = dnnlib.EasyDict(class_name=encoders[shape[0]])
     if finetuning:
         c.preload_model = opts.model2finetune
+        network_kwargs = _finetune_network_kwargs(opts.model2finetune)
     c.total_nimg = parse_nimg(opts.duration)
     c.batch_size = parse_nimg(opts.batch)
     c.network_kwargs = network_kwargs
@@ -198,8 +236,61 @@ def setup_training_config(preset: str = 'edm2-img512-s', check_data: bool = True
                                            num_workers=workers, prefetch_factor=2 if workers > 0 else None)
     c.fast_kwargs = _fast_kwargs(opts.get('plain', False), opts.get('dtype'))
     c.nonfinite_limit = opts.get('nonfinite_limit', 100)
+    if not {'P_mean', 'P_std'} & explicit:
+        _warn_about_noise_settings(preset, c.loss_kwargs, data_channels=shape[0])
+    _warn_about_run_length(c, num_images)
     return c
 
+
+def _rampup_mimg(value: Union[float, str, None], preset_values: dict, finetuning: bool) -> float:
+    if value is None:
+        return default_rampup(preset_values, finetuning)
+    try:
+        return parse_rampup(value)
+    except ValueError as err:
+        raise ConfigError(f'--rampup: {err}') from None
+
+#----------------------------------------------------------------------------
+# Warnings about settings that are legal but probably not meant.
+
+# The official recipes see each image at most a few thousand times (img512: 2Gi images of ImageNet's 1.28M).
+MANY_EPOCHS = 10000
+
+_DATA_KINDS = {3: 'RGB pixels', 4: 'VAE latents', 8: 'VAE latents'}  # by channels of the presets and datasets
+
+
+def _warn_about_noise_settings(preset: str, loss_kwargs: dict, data_channels: int) -> None:
+    """Rank 0: the preset's P_mean/P_std were tuned for latents and the data are pixels, or the other way round."""
+    preset_kind = _DATA_KINDS[presets.data_shape_for_preset(preset)['img_channels']]
+    data_kind = _DATA_KINDS[data_channels]
+    if preset_kind == data_kind:
+        return
+    example = next(name for name in presets.preset_names()
+                   if _DATA_KINDS[presets.data_shape_for_preset(name)['img_channels']] == data_kind)
+    values = presets.get_preset(example)
+    dist.print0(f'Warning: the noise settings of preset {preset} (--P_mean={loss_kwargs["P_mean"]} '
+                f'--P_std={loss_kwargs["P_std"]}) are meant for {preset_kind}, but --data holds {data_kind}; '
+                f'give --P_mean and --P_std (preset {example} uses --P_mean={values["P_mean"]} --P_std={values["P_std"]})')
+
+
+def _warn_about_run_length(c: dict, num_images: int) -> None:
+    """Rank 0: a learning-rate ramp-up longer than the run, and a run of very many epochs (a small dataset)."""
+    if c['batch_size'] <= 0:  # check_config() refuses it
+        return
+    rampup_nimg = c['lr_kwargs']['rampup_Mimg'] * 1e6
+    if rampup_nimg > c['total_nimg']:
+        dist.print0(f'Warning: the learning-rate ramp-up (--rampup={c["lr_kwargs"]["rampup_Mimg"]:g} Mimg = '
+                    f'{rampup_nimg:.0f} images) is longer than the run (--duration={format_nimg(c["total_nimg"])}), '
+                    f'so the learning rate never reaches --lr; --rampup takes images like --duration (e.g. 64Ki) '
+                    f'or a plain number in Mimg')
+    epochs = c['total_nimg'] / max(num_images, 1)
+    if epochs > MANY_EPOCHS:
+        dist.print0(f'Warning: --duration={format_nimg(c["total_nimg"])} is {epochs:.0f} epochs of the '
+                    f'{num_images}-image dataset ({c["total_nimg"] // c["batch_size"]} steps of --batch='
+                    f'{c["batch_size"]}); the official recipes train for a few thousand epochs at most: '
+                    f'give a shorter --duration')
+
+#----------------------------------------------------------------------------
 
 def _fast_kwargs(plain: bool, dtype: Optional[str]) -> Optional[dict]:
     if plain and dtype is not None:
@@ -211,10 +302,9 @@ def _fast_kwargs(plain: bool, dtype: Optional[str]) -> Optional[dict]:
 
 def check_config(c: dict, world_size: int) -> None:
     """Batch sizes and intervals fit together (raises ConfigError naming the option)."""
-    from training.training_loop import check_batch_settings
     try:
-        check_batch_settings(c['batch_size'], c['batch_gpu'], world_size, c['total_nimg'], None,
-                             c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg'])
+        rules.check_batch_settings(c['batch_size'], c['batch_gpu'], world_size, c['total_nimg'], None,
+                                   c['status_nimg'], c['snapshot_nimg'], c['checkpoint_nimg'])
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -226,8 +316,6 @@ def compute_dtype_description(c: dict, device: Any) -> str:
     if dtype is not None:
         return dict(fp32='float32', fp16='float16', bf16='bfloat16')[dtype]
     on_cuda = str(device).startswith('cuda')
-    if c.get('preload_model') is not None:
-        return 'float16 if the --model2finetune network uses fp16, else float32' if on_cuda else 'float32'
     return 'float16' if on_cuda and c['network_kwargs'].get('use_fp16') else 'float32'
 
 
@@ -242,6 +330,8 @@ def print_training_config(run_dir: str, c: dict, device: Any = None) -> None:
     dist.print0(f'Class-conditional:       {c["dataset_kwargs"].get("use_labels", False)}')
     dist.print0(f'Number of GPUs:          {dist.get_world_size()}')
     dist.print0(f'Batch size:              {c["batch_size"]}')
+    dist.print0(f'Duration:                {format_nimg(c["total_nimg"])} images = '
+                f'{c["total_nimg"] // max(c["batch_size"], 1)} steps')
     dist.print0(f'Compute dtype:           {compute_dtype_description(c, device)}')
     if c.get('preload_model') is not None:
         dist.print0(f'Fine-tuning from:        {c["preload_model"]}')
