@@ -244,7 +244,7 @@ def write_model_card(directory: str, license: str = 'other') -> str:
 
 def _read_bytes(path: str, what: str) -> bytes:
     """Contents of a local path or URL (downloaded once into the dnnlib cache)."""
-    if not dnnlib.util.is_url(path) and not os.path.isfile(path):
+    if not dnnlib.util.is_url(path, allow_file_urls=True) and not os.path.isfile(path):
         raise ExportLoadError(f'{path}: missing ({what})')
     with dnnlib.util.open_url(path) as f:
         return f.read()

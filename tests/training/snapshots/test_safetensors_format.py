@@ -43,8 +43,9 @@ def test_export_loads_bit_identical_and_samples_the_same(exported):
     for key in ref:
         assert got[key].dtype == ref[key].dtype == torch.float16 and torch.equal(got[key], ref[key]), key
     assert sorted(vars(loaded.ema)) == sorted(vars(data.ema))
-    # The .json path loads the same export; images equal those of the pickle, bit for bit.
-    assert torch.equal(sf.load_snapshot_safetensors(meta).ema.unet.out_gain, data.ema.unet.out_gain)
+    # The .json path, or a URL of either file, loads the same export; images equal the pickle's, bit for bit.
+    for other in (meta, f'file://{os.path.abspath(weights)}'):
+        assert torch.equal(sf.load_snapshot_safetensors(other).ema.unet.out_gain, data.ema.unet.out_gain)
     assert torch.equal(_images(loaded.ema, loaded.encoder), _images(pkl, None))
 
 
