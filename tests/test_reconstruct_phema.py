@@ -5,6 +5,7 @@ tracks power-function EMAs with stds 0.050, 0.100, 0.150 and writes official-
 layout snapshots at kimg 1..8; the tests reconstruct profiles from them.
 """
 
+import json
 import os
 
 import numpy as np
@@ -17,6 +18,7 @@ from tests.tiny import make_tiny_precond, write_tiny_snapshot
 from torch_utils import persistence
 from training import phema
 from training.snapshots import reconstruct_phema as pr
+from training.snapshots import safetensors_format as sf
 from training.sampling import generate_images as sampling
 
 STDS = [0.050, 0.100, 0.150]
@@ -303,3 +305,56 @@ def test_output_keeps_the_first_inputs_entries_and_the_last_inputs_buffers(tmp_p
     assert data['dataset_kwargs'] == dict(path='data-1')
     assert list(data.keys()) == ['ema', 'encoder', 'loss_fn', 'dataset_kwargs']
     assert bool((data['ema'].unet.emb_fourier.phases == 3).all())
+
+
+#----------------------------------------------------------------------------
+# Outputs without pickle (--format=safetensors, --convert).
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _profile(path):
+    with open(path[:-len('.safetensors')] + '.json') as f:
+        return json.load(f)['ema_profile']
+
+
+def test_cli_safetensors_output_equals_the_pickle_output(run_dir, tmp_path):
+    pkl_dir, st_dir = str(tmp_path / 'pkl'), str(tmp_path / 'st')
+    assert _cli(f'--indir={run_dir}', f'--outdir={pkl_dir}', '--outstd=0.070').exit_code == 0
+    args = [f'--indir={run_dir}', f'--outdir={st_dir}', '--outstd=0.070', '--format=safetensors',
+            '--license=cc-by-nc-sa-4.0']
+    res = _cli(*args)
+    assert res.exit_code == 0, res.output
+    assert sorted(os.listdir(st_dir)) == ['README.md', 'phema-0000008-0.070.json', 'phema-0000008-0.070.safetensors']
+    weights = os.path.join(st_dir, 'phema-0000008-0.070.safetensors')
+    assert _same_weights(sf.load_snapshot_safetensors(weights).ema, _load(os.path.join(pkl_dir, 'phema-0000008-0.070.pkl')).ema)
+    assert _profile(weights) == dict(std=0.07, nimg=8192)
+    assert 'license: cc-by-nc-sa-4.0\n' in open(os.path.join(st_dir, 'README.md')).read()
+    res = _cli(*args, '--skip')   # the .json is written last: its presence means the export is complete
+    assert res.exit_code == 0 and 'nothing to do' in res.output, res.output
+    os.remove(weights[:-len('.safetensors')] + '.json')
+    res = _cli(*args, '--skip')
+    assert res.exit_code == 0 and 'Reconstructing 1 output pickles' in res.output, res.output
+
+
+def test_cli_convert_writes_the_inputs_as_they_are(run_dir, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    args = [f'--indir={run_dir}', f'--outdir={out_dir}', '--convert', '--instd=0.100', '--inprefix=network-snapshot']
+    res = _cli(*args)
+    assert res.exit_code == 0 and 'Converting 8 input pickles' in res.output, res.output
+    names = [f'network-snapshot-{kimg:07d}-0.100' for kimg in range(1, 9)]
+    assert sorted(os.listdir(out_dir)) == ['README.md'] + sorted(n + ext for n in names for ext in ('.json', '.safetensors'))
+    weights = os.path.join(out_dir, names[-1] + '.safetensors')
+    loaded = sf.load_snapshot_safetensors(weights)
+    assert _same_weights(loaded.ema, _snapshot(run_dir, 8, 0.1).ema)
+    assert _profile(weights) == dict(std=0.1, nimg=8192)
+    mtime = os.stat(weights).st_mtime_ns
+    assert _cli(*args, '--skip').exit_code == 0 and os.stat(weights).st_mtime_ns == mtime
+    _bad(args + ['--outstd=0.1'], 'takes no --outstd')
+    _bad([f'--indir={run_dir}', f'--outdir={out_dir}'], "Missing option '--outstd'")
+    os.remove(os.path.join(out_dir, 'README.md'))
+    (tmp_path / 'out' / 'README.md').write_text('notes\n')
+    _bad(args, 'README.md exists and is not a model card')

@@ -215,6 +215,34 @@ def test_sample_stats_ground_truth_vs_noise():
     table = toy.format_stats_table([('gt', good), ('bad', bad)])
     assert '127 / 127' in table and '64 / 64' in table and len(table.splitlines()) == 3
 
+def test_coverage_rule_and_floored_mean_on_points_placed_on_branches():
+    """Points at the middle component of each branch, in proportion to its ground-truth share; one tip
+    left empty and one given a single point, below 10% of its share of all samples; two points far off."""
+    gm, shares = toy.gt('A'), toy.branch_shares()
+    assert abs(shares.sum() - 1) < 1e-6 and np.all(shares > 0)
+    counts = np.round(shares * 12000).astype(int)
+    tips = np.flatnonzero(toy.branch_depths() == 6)
+    counts[tips[0]], counts[tips[1]] = 0, 1
+    others = np.delete(np.arange(toy.BRANCHES_PER_CLASS), tips[:2])
+    num_samples = counts.sum() + 2
+    assert 1 < 0.1 * shares[tips[1]] * num_samples and np.all(counts[others] > 0.5 * shares[others] * num_samples)
+    on_tree = gm.mu[np.repeat(np.arange(toy.BRANCHES_PER_CLASS) * toy.COMPONENTS_PER_BRANCH + 3, counts)]
+    far = torch.tensor([[3.0, -3.0], [-2.5, 2.0]])
+    stats = toy.sample_stats(torch.cat([on_tree, far]))
+    assert np.array_equal(toy.branch_counts(on_tree), counts)   # each point lands on its own branch
+    assert stats['in_support'] == pytest.approx(counts.sum() / num_samples, abs=1e-6)
+    assert (stats['branches'], stats['tips']) == (126, 63)
+    assert (stats['branches_covered'], stats['tips_covered']) == (125, 62)
+    assert gm.logp(far).max() < toy.LOGP_FLOOR
+    expected = (gm.logp(on_tree).double().sum().item() + 2 * toy.LOGP_FLOOR) / num_samples
+    assert abs(stats['mean_logp_floored'] - expected) < 1e-4
+    assert stats['mean_logp'] < expected - 0.01                  # the unfloored mean is pulled down by the two
+    # The threshold itself: exactly 10% of a branch's share of the samples is enough, one sample less is not.
+    at_threshold = np.ceil(0.1 * shares * 50000).astype(int)
+    assert len(toy.covered_branches(at_threshold, 50000)) == 127
+    at_threshold[5] -= 1
+    assert 5 not in toy.covered_branches(at_threshold, 50000) and len(toy.covered_branches(at_threshold, 50000)) == 126
+
 #----------------------------------------------------------------------------
 # Command line.
 

@@ -9,7 +9,6 @@ the official order, with this project's additions at the end:
     freeze_attn, data_loader_kwargs, fast_kwargs, nonfinite_limit
 """
 
-import glob
 import json
 import math
 import os
@@ -132,17 +131,6 @@ def _warn_ignored_network_options(opts: dict) -> None:
                         f'comes from {opts["model2finetune"]}')
 
 
-def _check_model2finetune(path: str) -> None:
-    """A local pickle must be a file (URLs are checked by the loader when it downloads them)."""
-    if dnnlib.util.is_url(path) or os.path.isfile(path):
-        return
-    if os.path.isdir(path):
-        pickles = sorted(glob.glob(os.path.join(glob.escape(path), '*.pkl')))
-        hint = f'; did you mean {pickles[-1]}?' if pickles else ' (expected a network snapshot .pkl)'
-        raise ConfigError(f'--model2finetune: {path} is a directory, not a network snapshot{hint}')
-    raise ConfigError(f'--model2finetune: {path} does not exist (expected a network snapshot .pkl)')
-
-
 def _finetune_network_kwargs(path: str) -> dnnlib.EasyDict:
     """Open --model2finetune as the loop will, so that a file which is not a snapshot fails before anything is
     written (dry runs included); return the kwargs describing its network, for training_options.json."""
@@ -193,7 +181,6 @@ def setup_training_config(preset: str = 'edm2-img512-s', **opts: Any) -> dnnlib.
     explicit = {key for key, value in opts.items() if value is not None}
     finetuning = opts.get('model2finetune') is not None
     if finetuning:
-        _check_model2finetune(opts.model2finetune)
         _warn_ignored_network_options(opts) # before the preset fills in its values: only explicit options warn
     for key, value in preset_values.items():
         if opts.get(key) is None:

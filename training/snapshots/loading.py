@@ -3,10 +3,12 @@
 
 A network snapshot is what training writes as `network-snapshot-*.pkl` and what the official toolkit
 publishes: a dict whose `ema` entry is the network, next to `encoder`, `loss_fn` and `dataset_kwargs`.
-It is read by the project's safe loader (torch_utils.persistence); a wrong file fails with one line that
+It is read by the project's safe loader (torch_utils.persistence), or, for a `.safetensors`/`.json` export
+(training.snapshots.safetensors_format), without any unpickling; a wrong file fails with one line that
 names the option, the file and what was found instead.
 """
 
+import glob
 import os
 from typing import Union
 
@@ -14,6 +16,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
+from training.snapshots import safetensors_format
 
 #----------------------------------------------------------------------------
 
@@ -32,8 +35,12 @@ def load_snapshot(src: Union[str, os.PathLike], option: str) -> dict:
     """
     src = os.fspath(src)
     if '://' not in src and not os.path.isfile(src):
-        problem = 'is a directory' if os.path.isdir(src) else 'does not exist'
-        raise FileNotFoundError(f'{option}: {src} {problem} (expected a network snapshot .pkl)')
+        raise FileNotFoundError(f'{option}: {_missing_file_message(src)}')
+    if safetensors_format.is_export_path(src):
+        try:
+            return safetensors_format.load_snapshot_safetensors(src)
+        except persistence.PickleLoadError as err:
+            raise SnapshotError(f'{option}: {err}') from err
     with dnnlib.util.open_url(src) as f:
         if f.read(len(persistence.ZIP_MAGIC)) == persistence.ZIP_MAGIC:
             raise SnapshotError(f'{option}: {src} is a zip archive (a torch.save file such as a training state), '
@@ -47,6 +54,14 @@ def load_snapshot(src: Union[str, os.PathLike], option: str) -> dict:
         raise SnapshotError(f'{option}: {src}: not a network snapshot (expected a dict with an "ema" network, '
                             f'found {_describe(data)})')
     return data
+
+
+def _missing_file_message(path: str) -> str:
+    if not os.path.isdir(path):
+        return f'{path} does not exist (expected a network snapshot .pkl)'
+    pickles = sorted(glob.glob(os.path.join(glob.escape(path), '*.pkl')))
+    hint = f'; did you mean {pickles[-1]}?' if pickles else ' (expected a network snapshot .pkl)'
+    return f'{path} is a directory, not a network snapshot{hint}'
 
 
 def _describe(data: object) -> str:

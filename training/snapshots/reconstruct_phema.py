@@ -5,6 +5,9 @@ other power-function EMA profile (std, time) is approximated by a linear
 combination theta_out = sum_i X[i] theta_in_i, X from
 training.phema.solve_posthoc_coefficients.
 
+Outputs are snapshot pickles, or with out_format='safetensors' the pickle-free form of
+training/snapshots/safetensors_format.py (`convert_from_dir` writes existing snapshots that way).
+
 Streaming: outputs are reconstructed in batches; each batch reads every input
 pickle exactly once and keeps one input network plus one float32 accumulator
 per output in memory, whatever the number of snapshots.
@@ -28,6 +31,7 @@ from torch_utils import misc
 from torch_utils import persistence
 from training import phema
 from training.snapshots.loading import load_snapshot
+from training.snapshots import safetensors_format
 
 # A reconstructed profile whose relative L2 fit error exceeds this is reported as poor.
 POOR_FIT_ERROR = 0.10
@@ -122,6 +126,32 @@ def pickle_path(directory: str, prefix: str, nimg: int, std: float) -> str:
     return os.path.join(directory, name)
 
 
+OUTPUT_FORMATS = ('pkl', 'safetensors')
+
+
+def output_path(directory: str, prefix: str, nimg: int, std: float, out_format: str = 'pkl') -> str:
+    """pickle_path, or for out_format='safetensors' the same name ending in .safetensors."""
+    path = pickle_path(directory, prefix, nimg, std)
+    return path if out_format == 'pkl' else path[:-len('.pkl')] + safetensors_format.WEIGHTS_SUFFIX
+
+
+def _output_done(path: str) -> bool:
+    """A pickle is written atomically; an export is complete once its .json, written last, exists."""
+    if safetensors_format.is_export_path(path):
+        path = safetensors_format.export_paths(path)[1]
+    return os.path.isfile(path)
+
+
+def _write_output(data: dict, path: str, nimg: int, std: float, license: str) -> None:
+    if not safetensors_format.is_export_path(path):
+        persistence.save_pickle(data, path)
+        return
+    try:
+        safetensors_format.save_snapshot_safetensors(data, path, ema_profile=dict(std=std, nimg=nimg), license=license)
+    except safetensors_format.ExportError as err:
+        raise PhemaError(str(err)) from None
+
+
 def list_input_pickles(in_dir: str, in_std: Sequence[float] | None = None,
                        in_prefix: str | None = None) -> list[dnnlib.EasyDict]:
     """Snapshots in `in_dir` (non-recursive) named <prefix>-<kimg>-<std>.pkl,
@@ -175,7 +205,7 @@ def _check_unique(in_pkls: Sequence[Any]) -> None:
         seen[key] = pkl.path
 
 
-def _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing) -> list[float]:
+def _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing, out_format) -> list[float]:
     stds = [float(out_std)] if np.ndim(out_std) == 0 else sorted({float(s) for s in out_std})
     if len(stds) == 0:
         raise PhemaError('No output stds requested')
@@ -183,15 +213,18 @@ def _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing) -> li
         if not 0 < std < phema.MAX_STD:
             raise PhemaError(f'Output std {std} must be positive and less than {phema.MAX_STD}')
     if skip_existing and out_dir is not None:
-        todo = [std for std in stds if not os.path.isfile(pickle_path(out_dir, out_prefix, out_nimg, std))]
+        todo = [std for std in stds if not _output_done(output_path(out_dir, out_prefix, out_nimg, std, out_format))]
         stds = todo # may be empty: a finished job re-run with --skip has nothing to do (quirk E4)
     return stds
 
 
-def _check_out_dir(out_dir: str, label: str) -> None:
-    """Fail before the long pass over the inputs when out_dir cannot be used or created; creates nothing."""
+def _check_out_dir(out_dir: str, label: str, out_format: str = 'pkl', license: str = 'other') -> None:
+    """Fail before the long pass over the inputs when out_dir cannot be used or created, or (safetensors)
+    when its model card cannot be written; creates nothing."""
     try:
         misc.check_output_path(out_dir, label, is_dir=True)
+        if out_format == 'safetensors':
+            safetensors_format.check_model_card(out_dir, license)
     except ValueError as err:
         raise PhemaError(str(err)) from None
 
@@ -251,7 +284,8 @@ def _finish_output(first: dict, data: dict, acc: list[torch.Tensor], reuse_net: 
     return type(first)((key, net if key == 'ema' else copy.deepcopy(value)) for key, value in first.items())
 
 
-def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, out_dir, out_prefix, step0, num_steps):
+def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, out_dir, out_prefix, step0, num_steps, out_format,
+                       license):
     """One pass over the inputs for one batch of outputs; yields progress records."""
     accs, data, first, reference = None, None, None, {}
     for i, pkl in enumerate(in_pkls):
@@ -268,24 +302,24 @@ def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, out_dir, out_prefix
         accs[j] = None
         pkl_path = None
         if out_dir is not None:
-            pkl_path = pickle_path(out_dir, out_prefix, out_nimg, std)
+            pkl_path = output_path(out_dir, out_prefix, out_nimg, std, out_format)
             try:
                 os.makedirs(out_dir, exist_ok=True)
             except OSError as err:  # checked up front; this covers a directory changed during the pass
                 raise PhemaError(f'Cannot create output directory {out_dir}: {err.strerror}') from None
-            persistence.save_pickle(pkl_data, pkl_path)
+            _write_output(pkl_data, pkl_path, out_nimg, std, license)
         out.append(dnnlib.EasyDict(net=pkl_data['ema'], nimg=out_nimg, std=std, pkl_data=pkl_data, pkl_path=pkl_path))
     yield dnnlib.EasyDict(step_idx=step0 + len(in_pkls) - 1, num_steps=num_steps, out=out)
 
 
-def _print_plan(in_pkls, out_stds, batches, fit_errors, out_dir, out_prefix, out_nimg) -> None:
+def _print_plan(in_pkls, out_stds, batches, fit_errors, out_dir, out_prefix, out_nimg, out_format) -> None:
     print(f'Loading {len(in_pkls)} input pickles...')
     for pkl in in_pkls:
         print('    ' + pkl.path)
     print(f'Reconstructing {len(out_stds)} output pickles in {len(batches)} batches...')
     for batch_idx, batch in enumerate(batches):
         for j in batch:
-            where = pickle_path(out_dir, out_prefix, out_nimg, out_stds[j]) if out_dir is not None else '<yield>'
+            where = output_path(out_dir, out_prefix, out_nimg, out_stds[j], out_format) if out_dir is not None else '<yield>'
             print(f'    batch {batch_idx}: {where}  (fit error {fit_errors[j]:.2%})')
     for warning in fit_warnings(in_pkls, out_stds, fit_errors):
         print(warning)
@@ -305,23 +339,30 @@ def fit_warnings(in_pkls: Sequence[Any], out_stds: Sequence[float], fit_errors: 
 
 def reconstruct_phema(in_pkls: Sequence[Any], out_std: float | Sequence[float], out_nimg: int | None = None,
                       out_dir: str | None = None, out_prefix: str = 'phema', skip_existing: bool = False,
-                      max_batch_size: int = 8, verbose: bool = True) -> Iterator[dnnlib.EasyDict]:
+                      max_batch_size: int = 8, verbose: bool = True, out_format: str = 'pkl',
+                      license: str = 'other') -> Iterator[dnnlib.EasyDict]:
     """Reconstruct post-hoc EMA profiles `out_std` at time `out_nimg` (default:
     latest input) from `in_pkls` (items with .path, .nimg, .std, e.g. from
     list_input_pickles). Validates eagerly (PhemaError), then returns an iterator
     of records EasyDict(step_idx, num_steps, out); `out` lists
-    EasyDict(net, nimg, std, pkl_data, pkl_path) when a batch finishes."""
+    EasyDict(net, nimg, std, pkl_data, pkl_path) when a batch finishes.
+    `out_format` 'safetensors' writes each output as .safetensors + .json with a
+    model card under `license` (safetensors_format.save_snapshot_safetensors)."""
+    if out_format not in OUTPUT_FORMATS:
+        raise PhemaError(f'Output format {out_format!r} is not one of {", ".join(OUTPUT_FORMATS)}')
     if out_dir is not None:
-        _check_out_dir(out_dir, 'Output directory')
-    return _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_existing, max_batch_size, verbose)
+        _check_out_dir(out_dir, 'Output directory', out_format, license)
+    return _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_existing, max_batch_size, verbose,
+                             out_format, license)
 
 
-def _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_existing, max_batch_size, verbose):
+def _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_existing, max_batch_size, verbose,
+                      out_format, license):
     """reconstruct_phema after its out_dir check (which reconstruct_from_dir makes itself, naming --outdir)."""
     if max_batch_size < 1:
         raise PhemaError(f'Batch size must be at least 1 (got {max_batch_size})')
     in_pkls, out_nimg = _select_inputs(in_pkls, out_nimg)
-    out_stds = _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing)
+    out_stds = _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing, out_format)
     if len(out_stds) == 0:
         if verbose:
             print(f'All requested output pickles already exist in {out_dir} (--skip); nothing to do')
@@ -333,15 +374,15 @@ def _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_exis
     coefs = phema.solve_posthoc_coefficients(in_nimg, in_std, out_nimg, out_stds)
     fit_errors = phema.posthoc_fit_error(in_nimg, in_std, out_nimg, out_stds, coefs=coefs)
     if verbose:
-        _print_plan(in_pkls, out_stds, batches, fit_errors, out_dir, out_prefix, out_nimg)
-    return _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg, out_dir, out_prefix)
+        _print_plan(in_pkls, out_stds, batches, fit_errors, out_dir, out_prefix, out_nimg, out_format)
+    return _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg, out_dir, out_prefix, out_format, license)
 
 
-def _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg, out_dir, out_prefix):
+def _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg, out_dir, out_prefix, out_format, license):
     num_steps = len(batches) * len(in_pkls)
     for batch_idx, batch in enumerate(batches):
         yield from _reconstruct_batch(in_pkls, coefs[:, batch], [out_stds[j] for j in batch], out_nimg,
-                                      out_dir, out_prefix, batch_idx * len(in_pkls), num_steps)
+                                      out_dir, out_prefix, batch_idx * len(in_pkls), num_steps, out_format, license)
 
 
 #----------------------------------------------------------------------------
@@ -358,11 +399,8 @@ def _check_single_prefix(in_pkls: Sequence[Any], indir: str) -> None:
                          'power-function EMAs and would distort the fit)')
 
 
-def reconstruct_from_dir(indir: str, outdir: str, outstd: Sequence[float], inprefix: str | None = None,
-                         instd: Sequence[float] | None = None, outprefix: str = 'phema', outkimg: int | None = None,
-                         skip: bool = False, batch: int = 8) -> list[str]:
-    """Discover snapshots in `indir`, reconstruct `outstd` at `outkimg` into
-    `outdir` with a progress bar; returns the written paths."""
+def _find_inputs(indir: str, inprefix: str | None, instd: Sequence[float] | None) -> list[dnnlib.EasyDict]:
+    """list_input_pickles for a command line run: single process, at least one input."""
     try:
         dist.check_single_process('reconstruct_phema.py')
     except ValueError as err:
@@ -372,14 +410,15 @@ def reconstruct_from_dir(indir: str, outdir: str, outstd: Sequence[float], inpre
         filters = ''.join([f' with prefix "{inprefix}"' if inprefix is not None else '',
                            f' with std in {list(instd)}' if instd is not None else ''])
         raise PhemaError(f'No input pickles named <prefix>-<kimg>-<std>.pkl found in {indir}{filters}')
-    _check_single_prefix(in_pkls, indir)
-    _check_out_dir(outdir, '--outdir')  # before the first pass over the inputs, which can take hours
-    out_nimg = None if outkimg is None else kimg_to_nimg(outkimg)
-    records = _plan_and_iterate(in_pkls, outstd, out_nimg, outdir, outprefix, skip, batch, verbose=True)
+    return in_pkls
+
+
+def _with_progress(records: Iterator[dnnlib.EasyDict], desc: str) -> list[str]:
+    """Drain progress records behind a progress bar; returns the written paths."""
     written, bar = [], None
     try:
         for r in records:
-            bar = bar or tqdm.tqdm(total=r.num_steps, unit='step', desc='Reconstructing')
+            bar = bar or tqdm.tqdm(total=r.num_steps, unit='step', desc=desc)
             bar.update(1)
             written += [out.pkl_path for out in r.out]
     finally:
@@ -387,3 +426,39 @@ def reconstruct_from_dir(indir: str, outdir: str, outstd: Sequence[float], inpre
             bar.close()
     print('Done.')
     return written
+
+
+def reconstruct_from_dir(indir: str, outdir: str, outstd: Sequence[float], inprefix: str | None = None,
+                         instd: Sequence[float] | None = None, outprefix: str = 'phema', outkimg: int | None = None,
+                         skip: bool = False, batch: int = 8, out_format: str = 'pkl',
+                         license: str = 'other') -> list[str]:
+    """Discover snapshots in `indir`, reconstruct `outstd` at `outkimg` into
+    `outdir` (as `out_format`) with a progress bar; returns the written paths."""
+    in_pkls = _find_inputs(indir, inprefix, instd)
+    _check_single_prefix(in_pkls, indir)
+    # Before the first pass over the inputs, which can take hours.
+    _check_out_dir(outdir, '--outdir', out_format, license)
+    out_nimg = None if outkimg is None else kimg_to_nimg(outkimg)
+    records = _plan_and_iterate(in_pkls, outstd, out_nimg, outdir, outprefix, skip, batch, True, out_format, license)
+    return _with_progress(records, 'Reconstructing')
+
+
+def _convert_records(in_pkls: Sequence[Any], outdir: str, skip: bool, license: str) -> Iterator[dnnlib.EasyDict]:
+    for i, pkl in enumerate(in_pkls):
+        path = os.path.join(outdir, os.path.basename(pkl.path)[:-len('.pkl')] + safetensors_format.WEIGHTS_SUFFIX)
+        out = []
+        if not (skip and _output_done(path)):
+            _write_output(_load_input(pkl.path, {}), path, pkl.nimg, pkl.std, license)
+            out = [dnnlib.EasyDict(pkl_path=path)]
+        yield dnnlib.EasyDict(step_idx=i, num_steps=len(in_pkls), out=out)
+
+
+def convert_from_dir(indir: str, outdir: str, inprefix: str | None = None, instd: Sequence[float] | None = None,
+                     skip: bool = False, license: str = 'other') -> list[str]:
+    """Write each snapshot pickle found in `indir` (filtered as for a reconstruction) as
+    <outdir>/<same name>.safetensors + .json, its EMA profile taken from the name, without
+    reconstruction; with `skip`, complete exports are kept. Returns the written paths."""
+    in_pkls = _find_inputs(indir, inprefix, instd)
+    _check_out_dir(outdir, '--outdir', 'safetensors', license)
+    print(f'Converting {len(in_pkls)} input pickles to {outdir}...')
+    return _with_progress(_convert_records(in_pkls, outdir, skip, license), 'Converting')
