@@ -210,8 +210,8 @@ def _new_with_state(cls: type, state: dict) -> Any:
 #----------------------------------------------------------------------------
 # Safe reader: whitelisted globals only; persistent objects rebuilt with this project's classes.
 
-# Persistent class name -> module of this project that defines it. EDM v1 class names (a later
-# phase) do not clash with these and can be added with register_safe_class().
+# Persistent class name -> module of this project that defines it (EDM2 and EDM v1 class names do
+# not clash); more can be added with register_safe_class().
 safe_class_modules = {
     'MPFourier': 'training.networks_edm2',
     'MPConv': 'training.networks_edm2',
@@ -225,6 +225,12 @@ safe_class_modules = {
     'MPSiLU': 'training.toy',
     'MPLinear': 'training.toy',
     'ToyModel': 'training.toy',
+    # EDM v1 (Karras et al. 2022): the module paths its pickles store.
+    **{name: 'training.networks' for name in (
+        'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding', 'SongUNet',
+        'DhariwalUNet', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond')},
+    **{name: 'training.loss' for name in ('VPLoss', 'VELoss', 'EDMLoss')},
+    'AugmentPipe': 'training.augment',
 }
 
 
