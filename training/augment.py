@@ -101,44 +101,55 @@ def _gate(value, prob, shape, device):
 
 @persistence.persistent_class
 class AugmentPipe:
+    """Each transformation X is applied to an image with probability X * p (clipped to [0, 1] by the
+    comparison with a uniform draw), so `p` scales them all. Strengths:
+
+      translate_int_max    largest integer shift, as a fraction of the image size
+      scale_std            std of log2 of the isotropic scale factor
+      rotate_frac_max      largest rotation, as a fraction of a full turn
+      aniso_std            std of log2 of the anisotropic scale factor
+      aniso_rotate_prob    probability that the anisotropic scaling uses a randomly rotated frame
+      translate_frac_std   std of the fractional shift, as a fraction of the image size
+      brightness_std       std of the brightness offset
+      contrast_std         std of log2 of the contrast factor
+      hue_max              largest hue rotation, as a fraction of a full turn
+      saturation_std       std of log2 of the saturation factor
+    """
+
     def __init__(self, p=1,
-        xflip=0, yflip=0, rotate_int=0, translate_int=0, translate_int_max=0.125,
-        scale=0, rotate_frac=0, aniso=0, translate_frac=0,
-        scale_std=0.2, rotate_frac_max=1, aniso_std=0.2, aniso_rotate_prob=0.5, translate_frac_std=0.125,
-        brightness=0, contrast=0, lumaflip=0, hue=0, saturation=0,
-        brightness_std=0.2, contrast_std=0.5, hue_max=1, saturation_std=1,
-    ):
+                 xflip=0, yflip=0, rotate_int=0, translate_int=0, translate_int_max=0.125,
+                 scale=0, rotate_frac=0, aniso=0, translate_frac=0,
+                 scale_std=0.2, rotate_frac_max=1, aniso_std=0.2, aniso_rotate_prob=0.5, translate_frac_std=0.125,
+                 brightness=0, contrast=0, lumaflip=0, hue=0, saturation=0,
+                 brightness_std=0.2, contrast_std=0.5, hue_max=1, saturation_std=1):
         super().__init__()
-        self.p = float(p)                                   # Overall multiplier for augmentation probability.
-
-        # Pixel blitting.
-        self.xflip = float(xflip)                           # Probability multiplier for x-flip.
-        self.yflip = float(yflip)                           # Probability multiplier for y-flip.
-        self.rotate_int = float(rotate_int)                 # Probability multiplier for integer rotation.
-        self.translate_int = float(translate_int)           # Probability multiplier for integer translation.
-        self.translate_int_max = float(translate_int_max)   # Range of integer translation, relative to image dimensions.
-
-        # Geometric transformations.
-        self.scale = float(scale)                           # Probability multiplier for isotropic scaling.
-        self.rotate_frac = float(rotate_frac)               # Probability multiplier for fractional rotation.
-        self.aniso = float(aniso)                           # Probability multiplier for anisotropic scaling.
-        self.translate_frac = float(translate_frac)         # Probability multiplier for fractional translation.
-        self.scale_std = float(scale_std)                   # Log2 standard deviation of isotropic scaling.
-        self.rotate_frac_max = float(rotate_frac_max)       # Range of fractional rotation, 1 = full circle.
-        self.aniso_std = float(aniso_std)                   # Log2 standard deviation of anisotropic scaling.
-        self.aniso_rotate_prob = float(aniso_rotate_prob)   # Probability of doing anisotropic scaling w.r.t. rotated coordinate frame.
-        self.translate_frac_std = float(translate_frac_std)  # Standard deviation of frational translation, relative to image dimensions.
-
-        # Color transformations.
-        self.brightness = float(brightness)                 # Probability multiplier for brightness.
-        self.contrast = float(contrast)                     # Probability multiplier for contrast.
-        self.lumaflip = float(lumaflip)                     # Probability multiplier for luma flip.
-        self.hue = float(hue)                               # Probability multiplier for hue rotation.
-        self.saturation = float(saturation)                 # Probability multiplier for saturation.
-        self.brightness_std = float(brightness_std)         # Standard deviation of brightness.
-        self.contrast_std = float(contrast_std)             # Log2 standard deviation of contrast.
-        self.hue_max = float(hue_max)                       # Range of hue rotation, 1 = full circle.
-        self.saturation_std = float(saturation_std)         # Log2 standard deviation of color saturation.
+        self.p = float(p)
+        # Pixel blitting: probability multipliers, then the shift range.
+        self.xflip = float(xflip)
+        self.yflip = float(yflip)
+        self.rotate_int = float(rotate_int)
+        self.translate_int = float(translate_int)
+        self.translate_int_max = float(translate_int_max)
+        # Geometric transformations: probability multipliers, then strengths.
+        self.scale = float(scale)
+        self.rotate_frac = float(rotate_frac)
+        self.aniso = float(aniso)
+        self.translate_frac = float(translate_frac)
+        self.scale_std = float(scale_std)
+        self.rotate_frac_max = float(rotate_frac_max)
+        self.aniso_std = float(aniso_std)
+        self.aniso_rotate_prob = float(aniso_rotate_prob)
+        self.translate_frac_std = float(translate_frac_std)
+        # Color transformations: probability multipliers, then strengths.
+        self.brightness = float(brightness)
+        self.contrast = float(contrast)
+        self.lumaflip = float(lumaflip)
+        self.hue = float(hue)
+        self.saturation = float(saturation)
+        self.brightness_std = float(brightness_std)
+        self.contrast_std = float(contrast_std)
+        self.hue_max = float(hue_max)
+        self.saturation_std = float(saturation_std)
 
     def __call__(self, images):
         N, C, H, W = images.shape

@@ -338,25 +338,24 @@ def _drop_labels(labels, p, training, batch, device):
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                     # Image resolution at input/output.
-        in_channels,                        # Number of color channels at input.
-        out_channels,                       # Number of color channels at output.
-        label_dim           = 0,            # Number of class labels, 0 = unconditional.
-        augment_dim         = 0,            # Augmentation label dimensionality, 0 = no augmentation.
-        model_channels      = 128,          # Base multiplier for the number of channels.
-        channel_mult        = [1, 2, 2, 2],   # Per-resolution multipliers for the number of channels.
-        channel_mult_emb    = 4,            # Multiplier for the dimensionality of the embedding vector.
-        num_blocks          = 4,            # Number of residual blocks per resolution.
-        attn_resolutions    = [16],         # List of resolutions with self-attention.
-        dropout             = 0.10,         # Dropout probability of intermediate activations.
-        label_dropout       = 0,            # Dropout probability of class labels for classifier-free guidance.
-        embedding_type      = 'positional',  # Timestep embedding type: 'positional' for DDPM++, 'fourier' for NCSN++.
-        channel_mult_noise  = 1,            # Timestep embedding size: 1 for DDPM++, 2 for NCSN++.
-        encoder_type        = 'standard',   # Encoder architecture: 'standard' for DDPM++, 'residual' for NCSN++.
-        decoder_type        = 'standard',   # Decoder architecture: 'standard' for both DDPM++ and NCSN++.
-        resample_filter     = [1, 1],       # Resampling filter: [1,1] for DDPM++, [1,3,3,1] for NCSN++.
-    ):
+    """DDPM++ / NCSN++ U-Net F(x; noise_labels, class_labels).
+
+    Levels: one per entry of `channel_mult` (width model_channels * mult, resolution halved from one
+    level to the next), `num_blocks` residual blocks each, self-attention at the resolutions in
+    `attn_resolutions`. The embedding vector (model_channels * channel_mult_emb wide) sums the noise
+    embedding (model_channels * channel_mult_noise wide; 'positional' sinusoids or random 'fourier'
+    features), the class label (label_dim > 0; dropped with probability `label_dropout` in training,
+    for classifier-free guidance) and the augmentation label (augment_dim > 0). The encoder feeds the
+    input image to every level as well with encoder_type 'skip' (resampled and projected) or
+    'residual' (NCSN++); the decoder emits an output at every level with decoder_type 'skip'.
+    DDPM++: positional, standard encoder, [1,1] resampling filter; NCSN++: fourier, channel_mult_noise=2,
+    residual encoder, [1,3,3,1] filter.
+    """
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=128,
+                 channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4, attn_resolutions=[16], dropout=0.10,
+                 label_dropout=0, embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
+                 decoder_type='standard', resample_filter=[1, 1]):
         assert embedding_type in ['fourier', 'positional']
         assert encoder_type in ['standard', 'skip', 'residual']
         assert decoder_type in ['standard', 'skip']
@@ -484,20 +483,19 @@ class SongUNet(torch.nn.Module):
 
 @persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
-    def __init__(self,
-        img_resolution,                     # Image resolution at input/output.
-        in_channels,                        # Number of color channels at input.
-        out_channels,                       # Number of color channels at output.
-        label_dim           = 0,            # Number of class labels, 0 = unconditional.
-        augment_dim         = 0,            # Augmentation label dimensionality, 0 = no augmentation.
-        model_channels      = 192,          # Base multiplier for the number of channels.
-        channel_mult        = [1, 2, 3, 4],   # Per-resolution multipliers for the number of channels.
-        channel_mult_emb    = 4,            # Multiplier for the dimensionality of the embedding vector.
-        num_blocks          = 3,            # Number of residual blocks per resolution.
-        attn_resolutions    = [32, 16, 8],  # List of resolutions with self-attention.
-        dropout             = 0.10,         # Dropout probability of intermediate activations.
-        label_dropout       = 0,            # Dropout probability of class labels for classifier-free guidance.
-    ):
+    """ADM U-Net F(x; noise_labels, class_labels).
+
+    Levels: one per entry of `channel_mult` (width model_channels * mult), `num_blocks` residual
+    blocks each, multi-head self-attention (64 channels per head) at the resolutions in
+    `attn_resolutions`; the blocks apply the embedding as a per-channel scale and shift. The embedding
+    (model_channels * channel_mult_emb wide) is the MLP of the positional noise embedding plus the
+    class label (label_dim > 0, dropped with probability `label_dropout` in training) and the
+    augmentation label (augment_dim > 0).
+    """
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=192,
+                 channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3, attn_resolutions=[32, 16, 8], dropout=0.10,
+                 label_dropout=0):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb

@@ -15,10 +15,11 @@ main network autoguidance). The noise-level range and rounding always come from 
 
 Per-seed random streams
 -----------------------
-The same seed and options give the same image as EDM v1's generate.py, because every random number
-comes from the image's own generator, in the same order (StackedRandomGenerator of
-training.sampling.sampler: one torch.Generator per seed on the compute device, seeded with
-seed mod 2^32, each draw stacked over the batch):
+The same seed and options give the same image as EDM v1's generate.py (with the network on its plain
+path, `net.set_fast(False)`; the fast paths change results by float rounding only), because the
+arithmetic is the same and every random number comes from the image's own generator, in the same
+order (StackedRandomGenerator of training.sampling.sampler: one torch.Generator per seed on the
+compute device, seeded with seed mod 2^32, each draw stacked over the batch):
 
   1. latents: randn([img_channels, img_resolution, img_resolution]), float32;
   2. conditional networks only: one randint(label_dim), the class label (one-hot); a fixed class
