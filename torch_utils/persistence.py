@@ -216,8 +216,8 @@ TRUST_VALUES = ('1', 'true', 'yes', 'on')       # Trust every file: the official
 SAFE_VALUES = ('', '0', 'false', 'no', 'off')   # Unset counts as '': safe loading.
 ZIP_MAGIC = b'PK\x03\x04'                       # First bytes of a torch.save file (and of any zip archive).
 
-# Persistent class name -> module of this project that defines it. EDM v1 class names do not clash
-# with these and are added with register_safe_class().
+# Persistent class name -> module of this project that defines it (EDM2 and EDM v1 class names do
+# not clash); more can be added with register_safe_class().
 safe_class_modules = {
     'MPFourier': 'training.networks_edm2',
     'MPConv': 'training.networks_edm2',
@@ -231,6 +231,12 @@ safe_class_modules = {
     'MPSiLU': 'training.toy',
     'MPLinear': 'training.toy',
     'ToyModel': 'training.toy',
+    # EDM v1 (Karras et al. 2022): the module paths its pickles store.
+    **{name: 'training.networks' for name in (
+        'Linear', 'Conv2d', 'GroupNorm', 'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding', 'SongUNet',
+        'DhariwalUNet', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond')},
+    **{name: 'training.loss' for name in ('VPLoss', 'VELoss', 'EDMLoss')},
+    'AugmentPipe': 'training.augment',
 }
 
 
