@@ -320,7 +320,7 @@ def test_hostile_v1_pickles_are_refused(tmp_path):
 
     buffer = io.BytesIO()
     Renaming(buffer, None).dump(dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}))
-    with pytest.raises(persistence.PickleLoadError, match="'EvilPrecond' is not one of this project's classes") as info:
+    with pytest.raises(persistence.PickleLoadError, match="refusing to load persistent class 'EvilPrecond', which is not one of this project's classes") as info:
         persistence.load_pickle(io.BytesIO(buffer.getvalue()))
     assert '\n' not in str(info.value)
 
