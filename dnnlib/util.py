@@ -574,6 +574,11 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def count_of(n: int, noun: str, plural: Optional[str] = None) -> str:
+    """'1 image', '3 images', '2 categories' (plural given): counts in messages read as English."""
+    return f'{n} {noun if n == 1 else (plural or noun + "s")}'
+
+
 def _one_line(err: Optional[BaseException]) -> str:
     if err is None:
         return 'unknown error'

@@ -251,6 +251,7 @@ def open_image_dataset(image_path: str, num_images: Optional[int] = None, seed: 
         if filters:
             ds = dataset.FilteredImageDataset(image_path, max_size=num_images, random_seed=seed,
                                               resolution=resolution, **filters)
+            dist.print0(ds.summary())
         else:
             ds = dataset.ImageFolderDataset(image_path, max_size=num_images, random_seed=seed,
                                             resolution=resolution, center_crop=(resolution is not None))
