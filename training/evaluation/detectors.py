@@ -501,5 +501,5 @@ def same_detector(a: dict, b: dict) -> bool:
 
 
 def describe_marker(marker: dict) -> str:
-    return f'{marker.get("detector", "unknown detector")}, {marker.get("feature_dim", "?")} features'
+    return f'{marker.get("detector", "unknown detector")}, {dnnlib.util.count_of(marker.get("feature_dim", 0), "feature")}'
 
