@@ -13,8 +13,9 @@
 
 Fixes over the originals: scorer `sigma` is the standard deviation (quirk F20; the variance is
 stored as `variance`), one histogram figure per metric (F21), images keep their own resolution
-unless `resolution` is given (F17), result files are written atomically and checked before the
-(long) computation starts.
+unless `resolution` is given (F17), result files are written atomically, checked before the
+(long) computation starts, never overwritten, and carry the provenance of their run; statistics
+carry a marker of the detector weights that made them (`detectors.detector_marker`).
 """
 
 import datetime

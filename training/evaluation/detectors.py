@@ -334,7 +334,7 @@ class Detector:
 class InceptionV3Detector(Detector):
     def __init__(self, url: str = INCEPTION_URL, verbose: bool = True):
         self.model = load_inception(url, verbose=verbose)
-        self.feature_dim = int(getattr(self.model, 'feature_dim', 2048))
+        self.feature_dim = detector_marker(self, torch.device('cpu'))['feature_dim']  # measured: any format
         if self.feature_dim != INCEPTION_FEATURES:
             # Any Inception-shaped file at the weights path loads (e.g. a narrow test stand-in); say it is not the real one.
             dist.print0(f'Warning: {url}: this Inception detector gives {self.feature_dim} features, not the '
