@@ -61,14 +61,17 @@ def _setup() -> torch.device:
     return dist.get_device()
 
 
-def _prepare_outputs(refs: tuple, metric_list: list, out: Optional[str]) -> dict:
+def _uses_refs(metric_list: list) -> bool:
+    return not all(detectors.is_scorer(m) for m in metric_list)
+
+
+def _prepare_outputs(refs: tuple, metric_list: list, out: Optional[str], hist: bool) -> dict:
     """Rank 0: load the references and check the result files before the long computation."""
-    if not refs and out is None and not all(detectors.is_scorer(m) for m in metric_list):
+    if not refs and out is None and _uses_refs(metric_list):
         raise metrics_lib.MetricsError('--ref: give at least one reference for fid/fd_dinov2 (or --out to save the features)')
-    loaded = metrics_lib.load_references(refs)
     if out is not None:
-        metrics_lib.check_output_base(out)
-    return loaded
+        metrics_lib.check_output_base(out, metric_list, hist)
+    return metrics_lib.load_references(refs) if _uses_refs(metric_list) else dict()
 
 
 def _warn(message: str) -> None:
@@ -76,13 +79,17 @@ def _warn(message: str) -> None:
     dist.print0(f'Warning: {message}', file=sys.stderr, flush=True)
 
 
-def _check_hist(out: Optional[str], hist: bool) -> None:
+def _check_ignored(out: Optional[str], hist: bool, refs: tuple, metric_list: list) -> None:
     if hist and out is None:
         _warn('--hist has no effect without --out (the histograms are saved as OUT-<metric>.png)')
+    if refs and not _uses_refs(metric_list):
+        _warn(f'--ref is not used: {", ".join(metric_list)} need no reference (only fid and fd_dinov2 do)')
 
 
-def _report(stats: dict, refs: dict, metric_list: list, out: Optional[str], hist: bool) -> None:
-    """Rank 0: print the metrics and save --out / --hist files."""
+def _report(stats: dict, refs: dict, metric_list: list, out: Optional[str], hist: bool, command: str,
+            source: Callable[[], dict], ref_paths: tuple) -> None:
+    """Rank 0: print the metrics and save --out / --hist files with the provenance of the run (`source()`
+    describes the images: called only here, as it may hash the network pickles)."""
     if dist.get_rank() != 0:
         return
     if len(refs) == 1 and out is None and not any(detectors.is_scorer(m) for m in metric_list):
@@ -90,7 +97,9 @@ def _report(stats: dict, refs: dict, metric_list: list, out: Optional[str], hist
         return
     results = metrics_lib.calculate_results(stats, refs, metric_list)
     if out is not None:
-        for path in metrics_lib.save_results(results, out, metric_list, hist=hist):
+        provenance = metrics_lib.run_provenance(command, source(), ref_paths if refs else (), stats)
+        for path in metrics_lib.save_results(results, out, metric_list, hist=hist, provenance=provenance,
+                                             num_images=stats['num_images']):
             print(f'Saved {path}')
 
 #----------------------------------------------------------------------------
@@ -136,7 +145,7 @@ def cmdline():
 
 _ref_option = click.option('--ref', 'refs', help='Reference statistics (.pkl, EDM v1 .npz, or URL); repeatable, results are named after each file', metavar='PKL|NPZ|URL', type=str, multiple=True)
 _metrics_option = click.option('--metrics', help='List of metrics to compute (fid, fd_dinov2, nima, ascore)', metavar='LIST', type=str, default='fid,fd_dinov2', show_default=True, callback=_parse_metrics)
-_out_option = click.option('--out', help='Save results as OUT.json and OUT.pkl (merged into existing files)', metavar='PATH', type=str, default=None)
+_out_option = click.option('--out', help='Save results as OUT.json and OUT.pkl (OUT.pkl also serves as a --ref), with the provenance of the run; refused if they exist, so that a results file always describes one run', metavar='PATH', type=str, default=None)
 _hist_option = click.option('--hist', help='With --out, plot score histograms as OUT-<metric>.png', is_flag=True)
 
 
@@ -160,12 +169,14 @@ def calc(image_path: str, refs: tuple, metrics: list, num_images: Optional[int],
          num_workers: int, resolution: Optional[int], out: Optional[str], hist: bool) -> None:
     """Calculate metrics for a given set of images."""
     device = _setup()
-    _check_hist(out, hist)
-    ref_stats = _collective(lambda: _prepare_outputs(refs, metrics, out))
+    _check_ignored(out, hist, refs, metrics)
+    ref_stats = _collective(lambda: _prepare_outputs(refs, metrics, out, hist))
     stats = _collective(lambda: metrics_lib.run_with_progress(metrics_lib.calculate_stats_for_files(
         image_path, num_images=num_images, seed=seed, max_batch_size=max_batch_size, num_workers=num_workers,
         resolution=resolution, metrics=metrics, device=device)), rank0_only=False)
-    _collective(lambda: _report(stats, ref_stats, metrics, out, hist))
+    source = lambda: dict(images=image_path, num=('all' if num_images is None else num_images), seed=seed,
+                          resolution=resolution)
+    _collective(lambda: _report(stats, ref_stats, metrics, out, hist, 'calc', source, refs))
     dist.barrier()
 
 #----------------------------------------------------------------------------
@@ -188,18 +199,22 @@ def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: i
         guidance: float, num_steps: int, out_images: Optional[str], out: Optional[str], hist: bool) -> None:
     """Calculate metrics for a given model using default sampler settings."""
     device = _setup()
-    _check_hist(out, hist)
+    _check_ignored(out, hist, refs, metrics)
     warning = ignored_gnet_warning(gnet, guidance)
     if warning is not None:
         _warn(warning)
         gnet = None
-    ref_stats = _collective(lambda: _prepare_outputs(refs, metrics, out))
+    ref_stats = _collective(lambda: _prepare_outputs(refs, metrics, out, hist))
     # Without --gnet the guide is the main network called without labels (the fork, quirk F19).
     stats = _collective(lambda: metrics_lib.run_with_progress(metrics_lib.calculate_stats_for_network(
         net, seeds=range(seed, seed + num_images), gnet=gnet, max_batch_size=max_batch_size, out_images=out_images,
         metrics=metrics, device=device, guidance=guidance, num_steps=num_steps, guide_labels=(gnet is not None))),
         rank0_only=False)
-    _collective(lambda: _report(stats, ref_stats, metrics, out, hist))
+    guide = 'none' if guidance == 1 else ('gnet, with labels' if gnet is not None else 'net, without labels')
+    source = lambda: dict(net=metrics_lib.file_record(net), gnet=(gnet and metrics_lib.file_record(gnet)), guide=guide,
+                          guidance=guidance, num_steps=num_steps, seeds=f'{seed}-{seed + num_images - 1}',
+                          out_images=out_images)
+    _collective(lambda: _report(stats, ref_stats, metrics, out, hist, 'gen', source, refs))
     dist.barrier()
 
 #----------------------------------------------------------------------------
@@ -213,8 +228,8 @@ def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: i
 @click.option('--workers', 'num_workers', help='Subprocesses to use for data loading', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--resolution', help='Centre-crop/resize every image to this size first (fork: 512); default: as stored', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--nima-threshold', help='[fork] Keep images with a metadata.json NIMA score >= this', metavar='FLOAT', type=float, default=None)
-@click.option('--top-percent', help='[fork] Keep the top X % of images by NIMA score', metavar='FLOAT', type=float, default=None)
-@click.option('--top-per-category', help='[fork] Keep the top X % of each category by NIMA score', metavar='FLOAT', type=float, default=None)
+@click.option('--top-percent', help='[fork] Keep the top X % of images by NIMA score (with --top-per-category: must pass both)', metavar='FLOAT', type=float, default=None)
+@click.option('--top-per-category', help='[fork] Keep the top X % of each category by NIMA score (with --top-percent: must pass both)', metavar='FLOAT', type=float, default=None)
 def ref(image_path: str, dest_path: str, metrics: list, max_batch_size: int, num_workers: int,
         resolution: Optional[int], nima_threshold: Optional[float], top_percent: Optional[float],
         top_per_category: Optional[float]) -> None:

@@ -13,7 +13,7 @@ import tqdm
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training.cli.options import DEVICE
-from dnnlib.util import parse_int_list
+from dnnlib.util import count_of, parse_int_list
 from training.sampling.generate_images import generate_images, missing_seeds, save_image_grid
 from training.sampling.presets import (  # noqa: F401 -- re-exported for compatibility
     config_presets, ignored_gnet_warning, model_root, parse_interval, resolve_options)
@@ -49,7 +49,10 @@ def _fast_path(plain: bool, compute_dtype: str) -> dict:
 def _run(opts: dict, grid: str, skip_existing: bool) -> None:
     """Generate every batch with a progress bar (rank 0); keep the first batch for --grid."""
     if skip_existing:
+        requested = len(opts['seeds'])
         opts['seeds'] = missing_seeds(opts['seeds'], opts['outdir'], opts['subdirs'])
+        dist.print0(f'--skip-existing: {count_of(requested - len(opts["seeds"]), "image")} already in {opts["outdir"]}, '
+                    f'{len(opts["seeds"])} to generate')
     image_iter = generate_images(**opts)
     first_images = None
     # Rank 0 counts the images of all ranks: the ranks move through their batches in step.
@@ -58,8 +61,12 @@ def _run(opts: dict, grid: str, skip_existing: bool) -> None:
             if first_images is None and r.images is not None:
                 first_images = r.images
             progress.update(image_iter.batch_totals[r.batch_idx])
-    if grid is not None and first_images is not None and dist.get_rank() == 0:
+    if grid is not None and dist.get_rank() == 0:
+        if first_images is None:
+            print(f'Warning: no image generated; --grid {grid} not written', file=sys.stderr)
+            return
         save_image_grid(first_images, grid)
+        print(f'Saved a grid of the first {count_of(first_images.shape[0], "image")} to {grid}')
 
 
 @click.command(context_settings=dict(show_default=True))

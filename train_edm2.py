@@ -7,7 +7,6 @@ import click
 import torch
 
 import dnnlib
-from dnnlib.util import parse_int_list
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training.loop import presets
@@ -52,18 +51,6 @@ def _int_list(ctx: click.Context, param: click.Parameter, value):
     except ValueError as err:
         raise click.BadParameter(str(err), ctx, param) from None
     return values
-
-
-def _categories(ctx: click.Context, param: click.Parameter, value):
-    """Validate '0,1,12-14' at parse time; the string itself is kept (it is what training_options.json records)."""
-    if value is None:
-        return None
-    try:
-        parse_int_list(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err), ctx, param) from None
-    return value
-
 
 
 #----------------------------------------------------------------------------
@@ -111,7 +98,12 @@ the fork's behaviour; the clipping threshold applies to the gradient norm with
 --ls divided out. --rampup defaults to the preset's value, else 0 Mimg when
 fine-tuning (fork) and 10 Mimg otherwise (official). Frozen parameters keep
 their exact values. Dataset filter options select the FilteredImageDataset
-(directories and zip archives).
+(directories and zip archives). Scores come from metadata.json at the dataset
+root (docs/user-files.md). Every filter given must hold: --nima-threshold and
+--categories apply first, then --top-percent and --top-per-category rank what
+remains and an image must pass both (the fork's code kept images passing
+either). Class labels come from dataset.json alone, with or without filters;
+--categories are those labels (without dataset.json: the top-level folders).
 
 With --dropout=0, results do not depend on the number of processes or
 --batch-gpu (up to float rounding): the noise of each step, and the VAE
@@ -158,9 +150,9 @@ counts steps with non-finite gradients (Loss/nonfinite_grads).
 @click.option('--freeze-attn',      help='Freeze the attention weights', metavar='BOOL',          type=bool, default=False, show_default=True)
 @click.option('--nima-threshold',   help='Keep images with a NIMA score >= this', metavar='FLOAT', type=float, default=None)
 @click.option('--max-size',         help='Cap on the dataset size (seeded random subset)', metavar='INT', type=click.IntRange(min=1), default=None)
-@click.option('--categories',       help='Categories to keep, e.g. 0,1,12-14', metavar='LIST',    type=str, default=None, callback=_categories)
-@click.option('--top-percent',      help='Keep the top X % by NIMA', metavar='FLOAT',             type=click.FloatRange(min=0, max=100), default=None)
-@click.option('--top-per-category', help='Keep the top X % by NIMA in each category', metavar='FLOAT', type=click.FloatRange(min=0, max=100), default=None)
+@click.option('--categories',       help='Categories to keep, e.g. 0,1,12-14 (dataset.json labels, else top-level folders)', metavar='LIST',    type=str, default=None)
+@click.option('--top-percent',      help='Keep the top X % by NIMA (with --top-per-category: must pass both)', metavar='FLOAT', type=click.FloatRange(min=0, max=100), default=None)
+@click.option('--top-per-category', help='Keep the top X % by NIMA in each category (with --top-percent: must pass both)', metavar='FLOAT', type=click.FloatRange(min=0, max=100), default=None)
 
 # Performance-related options.
 @click.option('--batch-gpu',        help='Limit batch size per GPU', metavar='NIMG',              type=str, default='0', show_default=True, callback=_nimg)

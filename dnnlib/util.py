@@ -581,7 +581,10 @@ def first_line(err: BaseException, with_type: bool = False) -> str:
     text = f'{type(err).__name__}: {lines[0]}' if with_type else lines[0]
     return text if len(text) <= 200 else text[:197] + '...'
 
-#----------------------------------------------------------------------------
+
+def count_of(n: int, noun: str, plural: Optional[str] = None) -> str:
+    """'1 image', '3 images', '2 categories' (plural given): counts in messages read as English."""
+    return f'{n} {noun if n == 1 else (plural or noun + "s")}'
 
 #----------------------------------------------------------------------------
 # Option parsing shared by the scripts (--seeds, --categories).

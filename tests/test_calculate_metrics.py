@@ -70,7 +70,7 @@ def test_three_refs_out_and_hist(cache, image_dir, tmp_path):
     assert data['nima']['sigma'] == pytest.approx(np.sqrt(data['nima']['variance']))
     assert sum(data['nima']['histogram']) == 8
     with open(f'{out}.pkl', 'rb') as f:
-        assert set(pickle.load(f)) == {'fid'}
+        assert set(pickle.load(f)) == {'fid', 'num_images', 'provenance'}
     with PIL.Image.open(f'{out}-nima.png') as image:
         assert image.format == 'PNG'
     assert 'fid on second = ' in result.output
@@ -211,7 +211,8 @@ def test_output_paths_checked_before_computing(cache, image_dir, tmp_path):
     bad = tmp_path / 'bad'
     (tmp_path / 'bad.json').write_text('{"fid": 3.2}')
     result = run('calc', '--images', image_dir, '--num', 'all', '--metrics', 'nima', '--out', bad, '--workers', 0)
-    assert 'existing entry "fid"' in error_line(result) and 'Calculating statistics' not in result.output
+    assert 'bad.json exists (results of an earlier run)' in error_line(result)
+    assert 'Calculating statistics' not in result.output
     line = error_line(run('gen', '--net', blocker, '--num', 2, '--metrics', 'nima', '--out-images', blocker))
     assert '--out-images' in line and 'is a file' in line
 
@@ -229,3 +230,68 @@ def test_help_torchrun_examples_separate_the_script():
     # torchrun would read e.g. --num after the script name as an abbreviation of its --numa-binding.
     lines = [line for line in run('--help').output.splitlines() if line.strip().startswith('torchrun')]
     assert lines and all(' -- ' in line for line in lines)
+
+
+def test_results_record_provenance_refuse_overwriting_and_serve_as_a_reference(cache, image_dir, tmp_path):
+    # Issue #15, 9.
+    ref = tmp_path / 'ref.pkl'
+    assert run('ref', '--data', image_dir, '--dest', ref, '--metrics', 'fid', '--workers', 0).exit_code == 0
+    out = tmp_path / 'res'
+    result = run('calc', '--images', image_dir, '--num', 8, '--seed', 3, '--metrics', 'fid,nima', '--ref', ref,
+                 '--out', out, '--workers', 0)
+    assert result.exit_code == 0, result.output
+    with open(f'{out}.json') as f:
+        provenance = json.load(f)['provenance']
+    assert (provenance['command'], provenance['images'], provenance['num'], provenance['seed']) == ('calc', image_dir, 8, 3)
+    assert provenance['num_images'] == 8 and provenance['detectors']['fid'].startswith('InceptionV3Detector, 64 features')
+    with open(ref, 'rb') as f:
+        digest = __import__('hashlib').sha256(f.read()).hexdigest()
+    assert provenance['references'] == {'ref': dict(path=str(ref), size=os.path.getsize(ref), sha256=digest,
+                                                    mtime=provenance['references']['ref']['mtime'])}
+    assert provenance['toolkit'] and provenance['time'].endswith('+00:00')
+    before = (open(f'{out}.json').read(), open(f'{out}.pkl', 'rb').read())
+    line = error_line(run('calc', '--images', image_dir, '--num', 'all', '--metrics', 'nima', '--out', out, '--workers', 0))
+    assert f'--out: {out}.json exists (results of an earlier run)' in line
+    assert (open(f'{out}.json').read(), open(f'{out}.pkl', 'rb').read()) == before
+    # OUT.pkl is a reference file: the same 8 images against it give FID 0.
+    result = run('calc', '--images', image_dir, '--num', 8, '--seed', 3, '--metrics', 'fid', '--ref', f'{out}.pkl',
+                 '--workers', 0)
+    assert result.exit_code == 0, result.output
+    assert abs(float(result.output.split('fid = ')[1].split()[0])) < 1e-6
+
+
+def test_gen_results_record_the_network_and_sampler(cache, tmp_path):
+    snapshot = str(tmp_path / 'net.pkl')
+    write_tiny_snapshot(snapshot, net=make_tiny_precond(label_dim=0))
+    out = tmp_path / 'gen'
+    result = run('gen', '--net', snapshot, '--num', 2, '--steps', 2, '--seed', 5, '--guidance', 2, '--metrics', 'nima',
+                 '--out', out)
+    assert result.exit_code == 0, result.output
+    with open(f'{out}.json') as f:
+        provenance = json.load(f)['provenance']
+    assert provenance['net']['path'] == snapshot and len(provenance['net']['sha256']) == 64 and provenance['gnet'] is None
+    assert (provenance['guide'], provenance['guidance'], provenance['num_steps'], provenance['seeds']) == \
+        ('net, without labels', 2.0, 2, '5-6')
+
+
+def test_ref_with_scorers_only_warns_and_is_not_read(cache, image_dir, tmp_path):
+    # Issue #15, 8: --ref when only NIMA is requested.
+    result = run('calc', '--images', image_dir, '--num', 'all', '--metrics', 'nima', '--ref', tmp_path / 'absent.pkl',
+                 '--workers', 0)
+    assert result.exit_code == 0, result.output
+    assert 'Warning: --ref is not used: nima need no reference (only fid and fd_dinov2 do)' in result.output
+
+
+def test_statistics_carry_a_detector_marker_and_other_detectors_are_refused(cache, image_dir, tmp_path, capsys):
+    # Issue #15, 12: the stand-in is accepted as Inception, but with a warning and a marker.
+    ref = tmp_path / 'ref.pkl'
+    result = run('ref', '--data', image_dir, '--dest', ref, '--metrics', 'fid', '--workers', 0)
+    assert result.exit_code == 0 and 'gives 64 features, not the 2048 of the official Inception-v3' in result.output
+    stats = metrics.load_stats(str(ref), verbose=False)
+    marker = stats['fid']['detector']
+    assert marker['detector'] == 'InceptionV3Detector' and marker['feature_dim'] == 64 and len(marker['probe']) == 8
+    other = dict(stats, fid=dict(stats['fid'], detector=dict(marker, probe=[v + 1 for v in marker['probe']])))
+    metrics.save_stats(other, str(tmp_path / 'other.pkl'))
+    line = error_line(run('calc', '--images', image_dir, '--num', 'all', '--metrics', 'fid', '--ref', tmp_path / 'other.pkl',
+                          '--workers', 0))
+    assert 'fid: the reference was computed with another detector (InceptionV3Detector, 64 features)' in line

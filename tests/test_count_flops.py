@@ -136,6 +136,18 @@ def test_report_format():
         '',
     ]
 
+def test_report_of_a_small_network_keeps_significant_digits():
+    # Issue #15, 12: a small network's ops printed 0.00 each.
+    result = dict(total_params=1_234, total_flops=56_700, mem_per_sample=3 << 10,
+                  op_count={'aten::_convolution': 4, 'aten::mul': 9, 'Other': 7},
+                  op_flops={'aten::_convolution': 56_000, 'aten::mul': 700, 'Other': 0})
+    lines = flops.format_flops(result).split('\n')
+    assert lines[1:3] == ['Parameters  0.00123 M', 'Compute     0.0000567Gflops/sample']
+    assert lines[6:10] == ['aten::_convolution        4      0.0000560', 'aten::mul                 9      0.000000700',
+                           'Other                     7      0.00', 'Total                     20     0.0000567']
+    assert [flops.figure(v) for v in (45.5, 0.14, 0.0999, 0)] == ['45.50', '0.14', '0.0999', '0.00']
+
+
 #----------------------------------------------------------------------------
 # Command line.
 
@@ -146,9 +158,9 @@ def test_cli_counts_a_snapshot_pickle(tmp_path):
     assert result.exit_code == 0, result.output
     assert f'Loading network from {path} ...' in result.output
     params = sum(p.numel() for p in data.ema.parameters())
-    assert f'Parameters  {params / 1e6:<8.2f}M' in result.output
+    assert f'Parameters  {flops.figure(params / 1e6):<8s}M' in result.output
     reference = flops.count_flops(make_tiny_precond(), verbose=False)
-    assert re.search(rf'^Total +\d+ +{reference["total_flops"] / 1e9:.2f}$', result.output, re.M)
+    assert re.search(rf'^Total +\d+ +{flops.figure(reference["total_flops"] / 1e9)}$', result.output, re.M)
 
 def test_cli_counts_a_preset():
     result = CliRunner().invoke(cli.cmdline, ['--preset=edm2-img512-xs', '--device=meta'])

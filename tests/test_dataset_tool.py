@@ -292,6 +292,19 @@ def _category_source(root) -> str:
     return str(root)
 
 
+def test_process_and_encode_offline_fails_at_once_leaving_no_folders(tmp_path, monkeypatch):
+    # Issue #15, 10: a model that is not cached, and no network (nothing listens on port 9).
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')
+    src = _category_source(tmp_path / 'src')
+    result = _cli('process-and-encode', f'--source={src}', f'--dest={tmp_path / "dest"}', '--model-url=nobody/no-vae',
+                  '--resolution=16x16', '--num-workers=0', '--device=cpu')
+    errors = [line for line in result.output.splitlines() if line.startswith('Error: ')]
+    assert result.exit_code == 1 and len(errors) == 1 and 'Retrying' not in result.output, result.output
+    assert 'Cannot load the VAE "nobody/no-vae"' in errors[0] and 'no network connection to 127.0.0.1' in errors[0]
+    assert not (tmp_path / 'dest').exists()
+
+
 def test_process_and_encode_under_torchrun(tmp_path, tiny_vae):
     src = _category_source(tmp_path / 'src')
     dest = tmp_path / 'dest'

@@ -166,12 +166,14 @@ def test_cli_grid_and_skip_existing(pkls, tmp_path):
     result = _invoke('--net', pkls['net'], '--outdir', out, '--seeds=0-4', '--steps=2', '--device=cpu', '--grid', grid)
     assert result.exit_code == 0, result.output
     assert PIL.Image.open(grid).size == (3 * 16, 2 * 16)  # 5 images -> 3x2 grid
+    assert f'Saved a grid of the first 5 images to {grid}' in result.output  # issue #15, 12
     first = _read_pngs(out)
     os.remove(out / '000003.png')
     stamp = os.stat(out / '000001.png').st_mtime_ns
     result = _invoke('--net', pkls['net'], '--outdir', out, '--seeds=0-4', '--steps=2', '--device=cpu', '--skip-existing')
     assert result.exit_code == 0, result.output
     assert _read_pngs(out) == first and os.stat(out / '000001.png').st_mtime_ns == stamp
+    assert f'--skip-existing: 4 images already in {out}, 1 to generate' in result.output  # issue #15, 12
 
 #----------------------------------------------------------------------------
 # Latent models: decoding through the pickle's VAE encoder, in chunks.

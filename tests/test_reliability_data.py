@@ -154,7 +154,7 @@ def test_score_filter_without_metadata_is_an_error(tmp_path):
 
 @pytest.mark.parametrize('categories', ['3', '-1'])
 def test_out_of_range_category_is_an_error(tmp_path, categories):
-    with pytest.raises(IOError, match='out of range'):
+    with pytest.raises(dataset.CategoriesError, match='out of range'):
         dataset.FilteredImageDataset(_make(tmp_path / 'ds', {'c/a.png': _png()}), categories=categories)
 
 #----------------------------------------------------------------------------

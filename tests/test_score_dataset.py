@@ -195,3 +195,25 @@ def test_latent_datasets_are_refused_without_writing(cache, tmp_path):
         result = run('--images', folder, '--out', out, '--metric', 'nima', '--workers', 0, '--resolution', resolution)
         assert result.exit_code != 0 and 'latent datasets must be decoded first' in result.output, result.output
         assert 'Traceback' not in result.output and not out.exists()
+
+
+def test_scores_of_a_dataset_with_dataset_json_carry_no_folder_labels(cache, tmp_path):
+    # Issue #15, 1: a convert output's folder is a shard ("00000"), not a class; its labels stay in dataset.json.
+    data = tmp_path / 'converted'
+    names = standins.write_images(str(data / '00000'), 4, size=8)
+    with open(data / 'dataset.json', 'w') as f:
+        json.dump({'labels': [[f'00000/{name}', i % 2] for i, name in enumerate(names)]}, f)
+    result = run('--images', data, '--out', tmp_path / 'scores', '--metric', 'nima', '--workers', 0, '--resolution', 0)
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / 'scores' / 'metadata.json') as f:
+        metadata = json.load(f)['metadata']
+    assert sorted(metadata) == [f'00000/img00{i}' for i in range(4)]
+    assert all(set(entry) == {'nima'} for entry in metadata.values())
+
+
+def test_out_that_is_a_file_is_one_clear_line(cache, image_dir, tmp_path):
+    # Issue #15, 11: not "[Errno 17] File exists".
+    (tmp_path / 'taken').write_text('x')
+    result = run('--images', image_dir, '--out', tmp_path / 'taken', '--metric', 'nima', '--workers', 0)
+    assert result.exit_code == 1
+    assert result.output == f'Error: --out: {tmp_path / "taken"} is a file, not a directory\n'

@@ -13,8 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 import train_edm2
-from tests.training.test_training_loop import write_dataset
+from tests.training.test_training_loop import tiny_config, write_dataset
 from torch_utils import distributed as dist
 from tests.procs import child_env
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
@@ -85,8 +86,8 @@ def test_dry_run_prints_resolved_options(data8, tmp_path):
     (['--duration=1000'], '--duration'),
     (['--batch=1.5Ki'], 'is not an image count'),
     (['--categories=0,9'], 'out of range'),
-    (['--categories=0,x'], "Invalid value for '--categories': invalid item \"x\""),
-    (['--categories='], "Invalid value for '--categories'"),
+    (['--categories=0,x'], 'Error: --categories: invalid item "x"'),
+    (['--categories='], 'Error: --categories: invalid item ""'),
     (['--categories=2-0'], 'start exceeds end'),
     (['--channel-mult='], "'--channel-mult': needs at least one multiplier"),
     (['--channel-mult=1,0'], "'--channel-mult': \"1,0\" must be a comma-separated list of positive integers"),
@@ -139,6 +140,57 @@ def test_score_filter_on_flat_score_only_metadata_dry_run(tmp_path):
     result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data}', '--cond=0',
                                                      *TINY_ARGS[1:], '--nima-threshold=4', '-n'])
     assert result.exit_code == 0 and 'After filtration there are 2 images' in result.output, result.output
+
+
+def _write_scored(data: str, metadata: dict) -> None:
+    with open(os.path.join(data, 'metadata.json'), 'w') as f:
+        json.dump({'metadata': metadata}, f)
+
+
+def test_scores_of_a_converted_dataset_keep_its_ten_classes(tmp_path):
+    # Issue #15, 1: metadata.json written for convert output ("labels": the shard folder) must not make it 1 class.
+    dist.init(device='cpu')
+    data = str(tmp_path / 'conv')
+    os.makedirs(os.path.join(data, '00000'))
+    for i in range(20):
+        PIL.Image.new('RGB', (8, 8), (10 * i, 0, 0)).save(os.path.join(data, '00000', f'img{i:08d}.png'))
+    with open(os.path.join(data, 'dataset.json'), 'w') as f:
+        json.dump({'labels': [[f'00000/img{i:08d}.png', i % 10] for i in range(20)]}, f)
+    _write_scored(data, {f'00000/img{i:08d}': {'nima': float(i), 'labels': '00000'} for i in range(20)})
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data}', *TINY_ARGS,
+                                                     '--categories=3', '-n'])
+    assert result.exit_code == 0 and 'After filtration there are 2 images' in result.output, result.output
+    ds = dnnlib.util.construct_class_by_name(**tiny_config(data, max_size=1000).dataset_kwargs)  # what the loop builds
+    assert ds.label_dim == 10 and [int(ds.get_label(i).argmax()) for i in range(20)] == [i % 10 for i in range(20)]
+
+
+def test_class_folders_need_dataset_json_for_cond_with_and_without_filters(tmp_path):
+    # Issue #15, 2: one rule for labels; the error says how to get them.
+    dist.init(device='cpu')
+    data = str(tmp_path / 'folders')
+    for c in range(3):
+        os.makedirs(os.path.join(data, f'class{c}'))
+        for i in range(2):
+            PIL.Image.new('RGB', (8, 8), (c, i, 0)).save(os.path.join(data, f'class{c}', f'{i}.png'))
+    _write_scored(data, {f'class{c}/{i}': {'nima': 5.0, 'labels': f'class{c}'} for c in range(3) for i in range(2)})
+    outputs = []
+    for extra in ([], ['--max-size=1000']):
+        result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data}', *TINY_ARGS,
+                                                         *extra, '-n'])
+        assert result.exit_code == 1, result.output
+        outputs.append(next(line for line in result.output.splitlines() if line.startswith('Error: ')))
+    assert outputs[0] == outputs[1]
+    assert all(hint in outputs[0] for hint in ('no labels found', 'dataset.json', 'dataset_tool.py convert', '--cond=0'))
+
+
+def test_batch_larger_than_the_dataset_warns(tmp_path):
+    # Issue #15, 8: each image repeated in every batch.
+    dist.init(device='cpu')
+    data = write_dataset(str(tmp_path / 'six'), num_images=6, resolution=8)
+    result = CliRunner().invoke(train_edm2.cmdline, [f'--outdir={tmp_path / "o"}', f'--data={data}', *TINY_ARGS, '-n'])
+    assert result.exit_code == 0, result.output
+    assert ('Warning: --batch 64 is larger than the dataset (6 images): every image appears about 10 times in each batch'
+            in result.output)
 
 
 def test_finetune_warns_about_ignored_network_options_and_prints_compute_dtype(data8, tmp_path):

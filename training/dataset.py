@@ -20,7 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from dnnlib.util import parse_int_list
+from dnnlib.util import count_of, parse_int_list
 from training.data_tools import node_cache as data_cache
 from training.data_tools import image_transforms
 
@@ -459,36 +459,52 @@ class ImageFolderDataset(Dataset):
 #----------------------------------------------------------------------------
 
 
+class CategoriesError(ValueError):
+    """A category list that does not parse, or names a category the dataset does not have."""
+
+
+def parse_categories(spec: Union[None, str, Sequence[int]], num_categories: int, source: str = '') -> Optional[list]:
+    """The one check of a category list: '0,1,12-14' (or a list of ints) -> [0, 1, 12, 13, 14], each index
+    in range(num_categories); None stays None. Raises CategoriesError."""
+    if spec is None:
+        return None
+    try:
+        values = parse_int_list(spec)
+    except ValueError as err:
+        raise CategoriesError(str(err)) from None
+    bad = [c for c in values if not 0 <= c < num_categories]
+    if bad:
+        owner = source or 'the dataset'
+        raise CategoriesError(f'category {bad[0]} is out of range: {owner} has '
+                              f'{count_of(num_categories, "category", "categories")} '
+                              '(its dataset.json class labels, else its top-level folders)')
+    return values
+
+
 def select_filtered(
     scores: Sequence[Optional[float]],              # Per-image score (NIMA), in file order; None = no metadata entry.
     categories_of: Sequence[Optional[int]],         # Per-image category index (None = no category).
-    num_categories: int,                            # Number of categories of the full dataset.
     nima_threshold: Optional[float] = None,         # Drop images scoring below this.
-    categories: Optional[Sequence[int]] = None,     # Keep only these category indices.
+    categories: Optional[Sequence[int]] = None,     # Keep only these category indices (checked by parse_categories).
     top_percent: Optional[float] = None,            # Keep the best X % of the remaining images, by their own score.
     top_per_category: Optional[float] = None,       # Keep the best X % of each category (at least one image).
-    combine: str = 'union',                         # 'union' (the fork as implemented) or 'intersection' (its comment).
-    require_category: bool = True,                  # Drop images without a category even for pure score filters.
+    combine: str = 'intersection',                  # Both top filters must hold; 'union': either (the fork's code).
     dropped: Optional[dict] = None,                 # Filled with the counts dropped for lacking a score/category.
 ) -> list:
-    """Indices of the kept images in ascending order (spec training.md §8.5, fixing quirks F8, F10).
+    """Indices of the kept images in ascending order (the fork's selection, deterministic).
 
-    Images without a category (None) are dropped when `categories` or `top_per_category` is given or
-    `require_category` is True (the fork always drops them, F11); otherwise pure score filters keep them.
-    Images without a score (None: no metadata entry) are dropped by every score filter (§8.5 step 2),
-    never ranked as if they scored 0. `dropped` receives `unscored` (images without a score, when a score
-    filter is on) and `uncategorized` (scored images without a category, when a category is needed).
-    Every ranking sorts by (score descending, file index ascending), so the result does not depend on
-    the process: all ranks see the same selection in the same order."""
+    `nima_threshold` and `categories` apply first; `top_percent` and `top_per_category` rank what remains,
+    and an image must pass both of them ('intersection', what a curated subset means; the fork's code
+    keeps the union, its comment says intersection). Images without a category (None) are dropped only
+    when `categories` or `top_per_category` needs one; images without a score (None: no metadata entry)
+    are dropped by every score filter, never ranked as if they scored 0. `dropped` receives `unscored`
+    (images without a score, when a score filter is on) and `uncategorized` (scored images without a
+    category, when a category is needed). Every ranking sorts by (score descending, file index
+    ascending), so all processes see the same selection in the same order."""
     if combine not in ('union', 'intersection'):
         raise ValueError(f"combine must be 'union' or 'intersection', not {combine!r}")
-    if categories is not None:
-        bad = [c for c in categories if not 0 <= c < num_categories]
-        if bad:
-            raise IOError(f'categories: index {bad[0]} out of range; the dataset has {num_categories} categories'
-                          ' (top-level folders, or dataset.json class labels)')
-        categories = set(categories)
-    need_category = require_category or categories is not None or top_per_category is not None
+    categories = None if categories is None else set(categories)
+    need_category = categories is not None or top_per_category is not None
     need_score = nima_threshold is not None or top_percent is not None or top_per_category is not None
     if dropped is not None:
         dropped['unscored'] = sum(score is None for score in scores) if need_score else 0
@@ -517,13 +533,16 @@ def select_filtered(
 
 
 class FilteredImageDataset(ImageFolderDataset):
-    """[FORK] `ImageFolderDataset` restricted by per-image scores and categories from `metadata.json`.
+    """[FORK] `ImageFolderDataset` restricted by per-image scores (`metadata.json`) and categories.
 
-    `metadata.json` (dataset root): {"metadata": {"<category>/<file stem>": {"nima": 5.2, "labels": "<category>"}}}.
-    Categories are the sorted top-level folder names; an image's category is its metadata `labels`, else its
-    folder. Without `metadata.json`, the `dataset.json` class labels serve as categories (score filters then
-    need metadata and raise). Labels are the category indices and their one-hot length is that of the FULL
-    dataset, whatever is filtered out (quirk F12). Works on zip archives (quirk F2); `max_size` always applies.
+    Class labels come from `dataset.json` only, exactly as for `ImageFolderDataset`: filtering never
+    changes them. Categories (what `categories` and `top_per_category` select by) are those class labels;
+    a dataset without `dataset.json` uses the fork's categories instead: an image's metadata "labels"
+    (a top-level folder name or a category index), else its top-level folder, indexed in the sorted list
+    of top-level folders. One-hot labels keep the length of the full dataset whatever is filtered out.
+    Metadata keys are "<relative path>" with or without the file extension; the file holds
+    {"metadata": {key: {"nima": <score>, ...}}} or the bare {key: {...}} mapping (docs/user-files.md).
+    Works on zip archives; `max_size` always applies. `summary()` says what the filters kept.
     """
 
     def __init__(self,
@@ -534,22 +553,19 @@ class FilteredImageDataset(ImageFolderDataset):
         top_percent: Optional[float] = None,        # Keep the top X % by NIMA.
         top_per_category: Optional[float] = None,   # Keep the top X % by NIMA in each category.
         max_size: Optional[float] = None,           # Cap on the dataset size (seeded random subset).
-        combine: str = 'union',                     # How top_percent and top_per_category combine.
+        combine: str = 'intersection',              # How top_percent and top_per_category combine (or 'union').
         center_crop: bool = True,                   # Fork behaviour of `resolution`.
         force_rgb: bool = True,                     # Fork behaviour of PIL decoding.
         **super_kwargs: Any,                        # Additional arguments for ImageFolderDataset / Dataset.
     ):
-        self._filter_kwargs = dict(nima_threshold=nima_threshold, categories=parse_int_list(categories),
-                                   top_percent=top_percent, top_per_category=top_per_category, combine=combine,
-                                   require_category=super_kwargs.get('use_labels', True)) # labels are categories
+        self._filter_kwargs = dict(nima_threshold=nima_threshold, categories=categories, top_percent=top_percent,
+                                   top_per_category=top_per_category, combine=combine)
         self._num_uncategorized = 0
         self._num_unscored = 0                      # Images without a metadata.json entry dropped by a score filter.
         self._num_listed = 0                        # Image files before filtering.
         super().__init__(path, resolution=resolution, center_crop=center_crop, force_rgb=force_rgb,
                          max_size=max_size, **super_kwargs)
         self._full_label_dim = self._num_categories
-        if self._filtering_active or max_size is not None:
-            print(f'After filtration there are {len(self)} images in the dataset{self._dropped_note()}')
 
     @property
     def _filtering_active(self) -> bool:
@@ -562,38 +578,34 @@ class FilteredImageDataset(ImageFolderDataset):
         return sorted({name.split('/')[0] for name in self._all_fnames if '/' in name})
 
     def _load_metadata(self) -> dict:
+        """{key: entry} of metadata.json, with or without its {"metadata": ...} wrapper; {} when absent."""
         data = self._read_json('metadata.json')
-        metadata = data.get('metadata') if isinstance(data, dict) else data
+        metadata = data.get('metadata', data) if isinstance(data, dict) else data
         if metadata is None:
             return {}
+        where = os.path.join(self._source_path, 'metadata.json')
         if not isinstance(metadata, dict) or not all(isinstance(v, dict) for v in metadata.values()):
-            raise IOError(f'{os.path.join(self._source_path, "metadata.json")}: malformed; expected '
+            raise IOError(f'{where}: malformed; expected '
                           f'{{"metadata": {{"<category>/<file stem>": {{"nima": <float>, "labels": "<category>"}}}}}}')
         bad = [k for k, v in metadata.items() if not isinstance(v.get('nima', 0), (int, float, type(None)))]
         if bad:
-            raise IOError(f'{os.path.join(self._source_path, "metadata.json")}: "nima" of {bad[0]} is not a number')
+            raise IOError(f'{where}: "nima" of {bad[0]} is not a number')
+        bad = [k for k, v in metadata.items() if not isinstance(v.get('labels', ''), (str, int, type(None)))]
+        if bad:
+            raise IOError(f'{where}: "labels" of {bad[0]} is neither a folder name nor a category index')
         return metadata
 
     def _select_files(self, fnames: list) -> list:
         self._metadata = self._load_metadata()
         self._num_listed = len(fnames)
-        folders = self._top_level_dirs()
-        folder_index = {name: i for i, name in enumerate(folders)}
-        # No entry = no score (None), dropped by score filters (§8.5 step 2); an entry without "nima" scores 0.
-        scores = [self._score_of(f) for f in fnames]
-        json_labels = None if self._metadata else self._dataset_json_labels()
-        if self._metadata or json_labels is None:
-            self._num_categories = len(folders)
-            cats = [folder_index.get(self._category_name(f)) for f in fnames]
-        else:
-            int_labels = [v for v in json_labels.values() if isinstance(v, int)]
-            self._num_categories = max(int_labels) + 1 if int_labels else 0
-            cats = [json_labels.get(f) if isinstance(json_labels.get(f), int) else None for f in fnames]
-        self._category_of = dict(zip(fnames, cats))
+        self._num_categories, cats = self._categories(fnames)
+        categories = parse_categories(self._filter_kwargs['categories'], self._num_categories, self._source_path)
         if not self._filtering_active:
             return fnames
+        # No entry = no score (None), dropped by score filters; an entry without "nima" scores 0 (the fork).
+        scores = [self._score_of(f) for f in fnames]
         dropped = dict()
-        kept = select_filtered(scores, cats, self._num_categories, **self._filter_kwargs, dropped=dropped)
+        kept = select_filtered(scores, cats, **dict(self._filter_kwargs, categories=categories), dropped=dropped)
         self._num_unscored, self._num_uncategorized = dropped['unscored'], dropped['uncategorized']
         if self._num_unscored == len(fnames):  # a score filter is on, and no image has a score
             self._check_metadata_matches(fnames)
@@ -601,19 +613,69 @@ class FilteredImageDataset(ImageFolderDataset):
             raise IOError(f'No image files left after filtering: {self._source_path}{self._dropped_note()}')
         return [fnames[i] for i in kept]
 
-    def _score_of(self, fname: str) -> Optional[float]:
+    def _categories(self, fnames: list) -> tuple:
+        """(number of categories, category index or None per file): the dataset.json class labels; without
+        dataset.json, the fork's categories (metadata "labels": folder name or index; else the top-level folder)."""
+        if self._has_file('dataset.json'):
+            labels = self._dataset_json_labels() or {}
+            classes = [v for v in labels.values() if _is_class_index(v)]
+            return (max(classes) + 1 if classes else 0), [labels.get(f) if _is_class_index(labels.get(f)) else None
+                                                          for f in fnames]
+        folder_index = {name: i for i, name in enumerate(self._top_level_dirs())}
+        cats = [self._fork_category(f, folder_index) for f in fnames]
+        return max([len(folder_index)] + [c + 1 for c in cats if c is not None]), cats
+
+    def _fork_category(self, fname: str, folder_index: dict) -> Optional[int]:
+        label = self.metadata_of(fname).get('labels')
+        if _is_class_index(label):
+            return label
+        if isinstance(label, str) and label:
+            return folder_index.get(label)
+        return folder_index.get(fname.split('/')[0]) if '/' in fname else None
+
+    def _entry_of(self, fname: str) -> Optional[dict]:
         entry = self._metadata.get(os.path.splitext(fname)[0], None)
+        return self._metadata.get(fname, None) if entry is None else entry
+
+    def _score_of(self, fname: str) -> Optional[float]:
+        entry = self._entry_of(fname)
         return None if entry is None else float(entry.get('nima', 0) or 0)
 
     def _check_metadata_matches(self, fnames: list) -> None:
-        """No image has a score: metadata.json is missing, or was written for another layout (e.g. of a
-        decoded copy) and matches no file; say which."""
-        if not self._metadata:
+        """No image has a score: metadata.json is missing or empty, or was written for another layout (e.g. of
+        a decoded copy) and matches no file; say which."""
+        if not self._has_file('metadata.json'):
             raise IOError(f'{self._source_path}: nima_threshold/top_percent/top_per_category need metadata.json'
                           ' with per-image scores at the dataset root')
+        if not self._metadata:
+            raise IOError(f'{os.path.join(self._source_path, "metadata.json")}: no entries; score the dataset with '
+                          'score_dataset.py (docs/user-files.md)')
         raise IOError(f'{self._source_path}: no metadata.json key matches an image file (e.g. key '
                       f'"{next(iter(self._metadata))}", file "{fnames[0]}"); keys are "<folder>/<file stem>" of '
                       'this dataset, so score a folder with the same layout (e.g. the source of process-and-encode)')
+
+    def summary(self) -> str:
+        """One line: how many images the filters kept, by which rules, and why others were dropped."""
+        kwargs = self._filter_kwargs
+        rules = []
+        if kwargs['nima_threshold'] is not None:
+            rules.append(f'NIMA >= {kwargs["nima_threshold"]:g}')
+        if kwargs['categories'] is not None:
+            rules.append(f'categories {kwargs["categories"]}')
+        if kwargs['top_percent'] is not None:
+            rules.append(f'top {kwargs["top_percent"]:g}% by NIMA')
+        if kwargs['top_per_category'] is not None:
+            rules.append(f'top {kwargs["top_per_category"]:g}% of each category by NIMA')
+        both_tops = kwargs['top_percent'] is not None and kwargs['top_per_category'] is not None
+        if both_tops and kwargs['combine'] == 'union':
+            rules[-2:] = [f'({rules[-2]} or {rules[-1]})']
+        rule = ' and '.join(rules) or 'all'
+        kept = int(np.unique(self._raw_idx).size)
+        if kept < len(self._image_fnames):
+            rule += f', then a random {kept} of them (max_size)'
+        verb = 'is' if kept == 1 else 'are'
+        return (f'After filtration there {verb} {count_of(kept, "image")} in the dataset (of {self._num_listed};'
+                f' kept: {rule}){self._dropped_note()}')
 
     def _dropped_note(self) -> str:
         """Why images were dropped besides the filters themselves ('' when none were)."""
@@ -629,30 +691,19 @@ class FilteredImageDataset(ImageFolderDataset):
             return ''
         kwargs = self._filter_kwargs
         reasons = [name for name, on in (('--categories', kwargs['categories'] is not None),
-                   ('--top-per-category', kwargs['top_per_category'] is not None),
-                   ('--cond=1', kwargs['require_category'])) if on]
-        return (f' ({self._num_uncategorized} images have no category (metadata "labels" / top-level folder) and were'
-                f' dropped because {" and ".join(reasons)} needs one)')
-
-    def _category_name(self, fname: str) -> Optional[str]:
-        folder = fname.split('/')[0] if '/' in fname else None
-        return self.metadata_of(fname).get('labels') or folder
+                   ('--top-per-category', kwargs['top_per_category'] is not None)) if on]
+        return (f' ({count_of(self._num_uncategorized, "image")} without a category (dataset.json class label, else'
+                f' metadata "labels" / top-level folder) dropped because {" and ".join(reasons)} needs one)')
 
     def metadata_of(self, fname: str) -> dict:
-        """Metadata entry of a file (relative path, extension removed from the key), {} if none."""
-        return self._metadata.get(os.path.splitext(fname)[0], None) or {}
+        """Metadata entry of a file (key: relative path without extension, or with it), {} if none."""
+        return self._entry_of(fname) or {}
 
     def get_metadata(self, idx: int) -> dict:
         return self.metadata_of(self._image_fnames[self._raw_idx[idx]])
 
-    def _load_raw_labels(self) -> Optional[np.ndarray]:
-        if not self._metadata:
-            return super()._load_raw_labels()
-        cats = [self._category_of[f] for f in self._image_fnames]
-        missing = [f for f, c in zip(self._image_fnames, cats) if c is None]
-        if missing:
-            raise IOError(f'{self._source_path}: no category for {missing[0]} (metadata "labels" is not a'
-                          f' top-level folder name; {len(missing)} such images)')
-        return np.array(cats, dtype=np.int64)
+
+def _is_class_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 #----------------------------------------------------------------------------

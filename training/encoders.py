@@ -152,15 +152,34 @@ def load_stability_vae(vae_name: str = 'stabilityai/sd-vae-ft-mse', device: torc
         raise ImportError(f'Loading the VAE "{vae_name}" needs the diffusers package: pip install diffusers accelerate') from err
     try:
         vae = diffusers.models.AutoencoderKL.from_pretrained(vae_name, cache_dir=cache_dir, local_files_only=True)
-    except Exception:  # not in the cache: download it
+    except Exception:  # not in the cache: download it, unless there is no network to download from
+        offline = _hub_offline_reason()
+        if offline is not None:
+            raise _vae_load_error(vae_name, cache_dir, offline) from None
         try:
             vae = diffusers.models.AutoencoderKL.from_pretrained(vae_name, cache_dir=cache_dir)
         except Exception as err:
-            raise _vae_load_error(vae_name, cache_dir, err) from err
+            raise _vae_load_error(vae_name, cache_dir, str(err)) from err
     return vae.eval().requires_grad_(False).to(device)
 
-def _vae_load_error(vae_name: str, cache_dir: str, err: Exception) -> OSError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _hub_offline_reason(timeout: float = 5) -> str:
+    """Why the Hugging Face hub cannot be reached (offline mode, no DNS, no route), or None if it can.
+    One quick connection attempt: the hub client would otherwise retry for tens of seconds, then report
+    a missing config.json."""
+    import socket
+    import urllib.parse
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'):
+        return 'HF_HUB_OFFLINE is set'
+    url = urllib.parse.urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
+    host, port = url.hostname or 'huggingface.co', url.port or (80 if url.scheme == 'http' else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f'no network connection to {host} ({err.strerror or type(err).__name__})'
+    return None
+
+def _vae_load_error(vae_name: str, cache_dir: str, reason: str) -> OSError:
+    reason = reason.strip().splitlines()[0] if reason.strip() else 'unknown error'
     error_class = getattr(dnnlib.util, 'DownloadError', OSError)  # the official dnnlib has no DownloadError
     return error_class(f'Cannot load the VAE "{vae_name}": not found in the cache {cache_dir} and the download failed ({reason}); '
         f'put the model there while online (e.g. `huggingface-cli download {vae_name} --cache-dir {cache_dir}`) or set DNNLIB_CACHE_DIR to a cache that has it')

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from training.data_tools import node_cache as data_cache
-from training.dataset import (CenterCropImagenet, FilteredImageDataset, ImageFolderDataset, parse_int_list,
-                              select_filtered)
+from training.dataset import (CategoriesError, CenterCropImagenet, FilteredImageDataset, ImageFolderDataset,
+                              parse_int_list, select_filtered)
 from training.data_tools.image_transforms import center_crop_dhariwal
 
 from tests.procs import REPO  # noqa: E402
@@ -312,14 +312,18 @@ def test_lock_file_without_fcntl_says_what_it_waits_for(tmp_path, monkeypatch, c
 CATEGORY_SCORES = {'cat': [5.0, 2.0, 7.0, 4.0], 'dog': [1.0, 6.0, 3.0], 'eel': [8.0, 0.5]}
 
 
-def _scored_files() -> dict:
-    files, metadata, seed = {}, {}, 0
-    for category, scores in CATEGORY_SCORES.items():
+def _scored_files(with_labels: bool = False) -> dict:
+    """Class folders with NIMA scores in metadata.json; `with_labels`: also dataset.json (class = folder index)."""
+    files, metadata, labels, seed = {}, {}, [], 0
+    for c, (category, scores) in enumerate(CATEGORY_SCORES.items()):
         for i, score in enumerate(scores):
             files[f'{category}/{i}.png'] = _pixels(seed)
             metadata[f'{category}/{i}'] = {'nima': score, 'labels': category}
+            labels.append([f'{category}/{i}.png', c])
             seed += 1
     files['metadata.json'] = {'metadata': metadata}
+    if with_labels:
+        files['dataset.json'] = {'labels': labels}
     return files
 
 
@@ -333,11 +337,11 @@ def test_filter_nima_threshold(as_kind):
 
 
 def test_filter_categories(as_kind):
-    ds = FilteredImageDataset(as_kind(_scored_files()), categories='0,2')
+    ds = FilteredImageDataset(as_kind(_scored_files(with_labels=True)), categories='0,2')
     assert _kept(ds) == ['cat/0.png', 'cat/1.png', 'cat/2.png', 'cat/3.png', 'eel/0.png', 'eel/1.png']
     assert ds.label_dim == 3  # full dataset's label dimension (quirk F12)
     assert np.array_equal(ds[5][1], np.float32([0, 0, 1]))
-    with pytest.raises(IOError, match='out of range'):
+    with pytest.raises(CategoriesError, match='category 3 is out of range: .* has 3 categories'):
         FilteredImageDataset(as_kind(_scored_files()), categories=[3])
 
 
@@ -353,9 +357,9 @@ def test_filter_top_per_category(as_kind):
 
 def test_filter_combinations_and_max_size(as_kind):
     path = as_kind(_scored_files())
-    union = FilteredImageDataset(path, top_percent=34, top_per_category=50, nima_threshold=2)
+    union = FilteredImageDataset(path, top_percent=34, top_per_category=50, nima_threshold=2, combine='union')
     assert _kept(union) == ['cat/0.png', 'cat/2.png', 'dog/1.png', 'eel/0.png']
-    both = FilteredImageDataset(path, top_percent=34, top_per_category=50, combine='intersection')
+    both = FilteredImageDataset(path, top_percent=34, top_per_category=50)
     assert _kept(both) == ['cat/2.png', 'dog/1.png', 'eel/0.png']
     capped = FilteredImageDataset(path, categories='0-1', max_size=3.0, random_seed=1, xflip=True)
     assert len(capped) == 6 and len(set(_kept(capped))) == 3
@@ -365,7 +369,7 @@ def test_filter_combinations_and_max_size(as_kind):
 
 
 def test_filter_metadata_lookups(tmp_path):
-    ds = FilteredImageDataset(_write_tree(tmp_path / 'd', _scored_files()))
+    ds = FilteredImageDataset(_write_tree(tmp_path / 'd', _scored_files(with_labels=True)))
     assert ds.get_metadata(1) == {'nima': 2.0, 'labels': 'cat'}  # quirk F13 fixed
     assert ds.label_dim == 3 and len(ds) == 9
 
@@ -386,11 +390,8 @@ def test_score_only_metadata_of_a_flat_folder(tmp_path, capsys):
     ds = FilteredImageDataset(path, nima_threshold=3, use_labels=False)  # a pure score filter needs no category
     assert _kept(ds) == ['img3.png', 'img4.png', 'img5.png'] and not ds.has_labels
     assert _kept(FilteredImageDataset(path, top_percent=50, max_size=2, use_labels=False)) == ['img4.png', 'img5.png']
-    capsys.readouterr()
-    with pytest.raises(IOError, match=r'6 images have no category .* because --top-per-category needs one'):
+    with pytest.raises(IOError, match=r'6 images without a category .* because --top-per-category needs one'):
         FilteredImageDataset(path, top_per_category=50, use_labels=False)
-    with pytest.raises(IOError, match=r'6 images have no category .* because --cond=1 needs one'):
-        FilteredImageDataset(path, nima_threshold=3)
 
 
 def test_dropped_uncategorized_images_are_counted_in_the_summary(tmp_path, capsys):
@@ -398,7 +399,7 @@ def test_dropped_uncategorized_images_are_counted_in_the_summary(tmp_path, capsy
     files['loose.png'] = _pixels(99)  # top-level file: no folder, no metadata
     ds = FilteredImageDataset(_write_tree(tmp_path / 'd', files), categories='0')
     assert len(ds) == 4
-    assert '1 images have no category' in capsys.readouterr().out
+    assert '(1 image without a category' in ds.summary()
 
 
 def test_images_without_a_metadata_entry_are_dropped_by_score_filters(tmp_path, capsys):
@@ -406,13 +407,12 @@ def test_images_without_a_metadata_entry_are_dropped_by_score_filters(tmp_path, 
     del files['metadata.json']['metadata']['cat/2']  # the best cat (7.0) and a low dog (3.0) lose their entries
     del files['metadata.json']['metadata']['dog/2']
     path = _write_tree(tmp_path / 'd', files)
-    capsys.readouterr()
     ds = FilteredImageDataset(path, top_percent=50)  # int(7 * 0.5) = 3 best of the 7 scored: 8, 6, 5
     assert _kept(ds) == ['cat/0.png', 'dog/1.png', 'eel/0.png']
-    assert '2 of 9 images have no metadata.json entry' in capsys.readouterr().out
+    assert '2 of 9 images have no metadata.json entry' in ds.summary()
     assert 'cat/2.png' not in _kept(FilteredImageDataset(path, nima_threshold=0))
     assert 'cat/2.png' in _kept(FilteredImageDataset(path, categories='0'))  # no score needed: folder is the category
-    assert select_filtered([None, 1.0, 0.0], [0, 0, 0], 1, top_percent=100) == [1, 2]
+    assert select_filtered([None, 1.0, 0.0], [0, 0, 0], top_percent=100) == [1, 2]
 
 
 def test_metadata_matching_no_file_is_an_error_naming_a_key_and_a_file(tmp_path):
@@ -426,19 +426,19 @@ def test_metadata_matching_no_file_is_an_error_naming_a_key_and_a_file(tmp_path)
 
 def test_select_filtered_is_deterministic_under_ties():
     scores, cats = [1.0] * 6, [0, 1, 0, 1, 0, 1]
-    assert select_filtered(scores, cats, 2, top_percent=50) == [0, 1, 2]
-    assert select_filtered(scores, cats, 2, top_per_category=40) == [0, 1]
+    assert select_filtered(scores, cats, top_percent=50) == [0, 1, 2]
+    assert select_filtered(scores, cats, top_per_category=40) == [0, 1]
     assert parse_int_list('0,1,12-14') == [0, 1, 12, 13, 14] and parse_int_list(None) is None
 
 
 def test_select_filtered_reports_what_it_dropped_for_lacking_a_score_or_category():
     scores, cats = [None, 1.0, 2.0, None, 3.0], [0, None, 0, None, 0]
     dropped = dict()
-    assert select_filtered(scores, cats, 1, nima_threshold=0, dropped=dropped) == [2, 4]
-    assert dropped == dict(unscored=2, uncategorized=1)  # the unscored None-category image counts once
-    assert select_filtered(scores, cats, 1, require_category=False, top_percent=100, dropped=dropped) == [4, 2, 1][::-1]
+    assert select_filtered(scores, cats, nima_threshold=0, dropped=dropped) == [1, 2, 4]  # no category needed
     assert dropped == dict(unscored=2, uncategorized=0)
-    assert select_filtered(scores, cats, 1, categories=[0], dropped=dropped) == [0, 2, 4]
+    assert select_filtered(scores, cats, top_per_category=100, dropped=dropped) == [2, 4]
+    assert dropped == dict(unscored=2, uncategorized=1)  # the unscored None-category image counts once
+    assert select_filtered(scores, cats, categories=[0], dropped=dropped) == [0, 2, 4]
     assert dropped == dict(unscored=0, uncategorized=2)
 
 
@@ -451,6 +451,80 @@ def test_checked_image_refuses_a_shape_mismatch_and_first_raw_dtype_is_kept(tmp_
     with pytest.raises(ImageShapeError, match=r'b\.png: image shape \[3, 4, 4\] != dataset shape \[3, 8, 8\] '
                        r'\(all images must have the same size and channels; hint\)'):
         ds._checked_image(1, hint='; hint')
+
+
+def _converted_files(n=20, classes=10, metadata_labels=True) -> dict:
+    """A `dataset_tool.py convert` output (shard folder 00000, dataset.json class labels) plus the metadata.json
+    that scoring it wrote: scores, and with `metadata_labels` the shard folder as "labels"."""
+    files = {f'00000/img{i:08d}.png': _pixels(i) for i in range(n)}
+    files['dataset.json'] = {'labels': [[f'00000/img{i:08d}.png', i % classes] for i in range(n)]}
+    entry = lambda i: dict(nima=float(i), **({'labels': '00000'} if metadata_labels else {}))
+    files['metadata.json'] = {'metadata': {f'00000/img{i:08d}': entry(i) for i in range(n)}}
+    return files
+
+
+def test_metadata_of_a_converted_dataset_keeps_the_dataset_json_labels(as_kind):
+    # Issue #15, 1: the shard folder in metadata "labels" must not replace the class labels.
+    ds = FilteredImageDataset(as_kind(_converted_files()), max_size=1000)
+    assert ds.label_dim == 10 and [int(np.argmax(ds.get_label(i))) for i in range(len(ds))] == [i % 10 for i in range(20)]
+    three = FilteredImageDataset(as_kind(_converted_files()), categories='3', nima_threshold=5)
+    assert _kept(three) == ['00000/img00000013.png'] and three.label_dim == 10
+    assert np.array_equal(three[0][1], np.eye(10, dtype=np.float32)[3])
+
+
+def test_labels_come_from_dataset_json_with_and_without_filters(tmp_path):
+    # Issue #15, 2: class folders + metadata.json, no dataset.json: unlabeled either way (no folder labels).
+    files = _scored_files()
+    path = _write_tree(tmp_path / 'd', files)
+    assert not ImageFolderDataset(path).has_labels
+    assert not FilteredImageDataset(path, max_size=1000).has_labels
+    assert _kept(FilteredImageDataset(path, categories='1')) == ['dog/0.png', 'dog/1.png', 'dog/2.png']
+    labeled = _write_tree(tmp_path / 'l', _scored_files(with_labels=True))
+    assert ImageFolderDataset(labeled).label_dim == FilteredImageDataset(labeled, max_size=1000).label_dim == 3
+
+
+def test_null_dataset_json_labels_mean_no_categories(tmp_path):
+    files = _converted_files()
+    files['dataset.json'] = {'labels': None}
+    with pytest.raises(CategoriesError, match='has 0 categories'):  # never the shard folders
+        FilteredImageDataset(_write_tree(tmp_path / 'd', files), categories='0')
+
+
+@pytest.mark.parametrize('layout', ['extension-in-key', 'no-wrapper', 'integer-labels'])
+def test_hand_written_metadata_variants(tmp_path, layout):
+    # Issue #15, 11: keys with the extension, a file without {"metadata": ...}, integer labels as in dataset.json.
+    files = {f'{c}/d{c}_{i}.png': _pixels(10 * c + i) for c in range(2) for i in range(3)}
+    metadata = {f'{c}/d{c}_{i}': {'nima': float(i), 'labels': str(c)} for c in range(2) for i in range(3)}
+    if layout == 'extension-in-key':
+        metadata = {f'{key}.png': entry for key, entry in metadata.items()}
+    if layout == 'integer-labels':  # a flat folder: categories come from the integer labels alone
+        files = {f'd{c}_{i}.png': image for (c, i), image in zip([(c, i) for c in range(2) for i in range(3)],
+                                                                  files.values())}
+        metadata = {f'd{c}_{i}': {'nima': float(i), 'labels': c} for c in range(2) for i in range(3)}
+    files['metadata.json'] = metadata if layout == 'no-wrapper' else {'metadata': metadata}
+    ds = FilteredImageDataset(_write_tree(tmp_path / 'd', files), categories='1', nima_threshold=1)
+    assert [os.path.basename(name) for name in _kept(ds)] == ['d1_1.png', 'd1_2.png']
+
+
+def test_top_filters_must_both_hold_and_the_summary_says_so(tmp_path):
+    # Issue #15, 7 and 12: intersection by default, stated in the one summary line; "1 image".
+    path = _write_tree(tmp_path / 'd', _scored_files())
+    ds = FilteredImageDataset(path, top_percent=34, top_per_category=50)
+    assert _kept(ds) == ['cat/2.png', 'dog/1.png', 'eel/0.png']
+    assert ds.summary() == ('After filtration there are 3 images in the dataset (of 9; kept: top 34% by NIMA and '
+                            'top 50% of each category by NIMA)')
+    union = FilteredImageDataset(path, top_percent=34, top_per_category=50, combine='union')
+    assert '(top 34% by NIMA or top 50% of each category by NIMA)' in union.summary()
+    one = FilteredImageDataset(path, nima_threshold=8)
+    assert one.summary() == 'After filtration there is 1 image in the dataset (of 9; kept: NIMA >= 8)'
+    capped = FilteredImageDataset(path, nima_threshold=5, max_size=2)
+    assert capped.summary().endswith('kept: NIMA >= 5, then a random 2 of them (max_size))')
+
+
+def test_building_a_filtered_dataset_prints_nothing(tmp_path, capsys):
+    # Issue #15, 12: the training loop builds the dataset again; the summary is printed once, by the caller.
+    FilteredImageDataset(_write_tree(tmp_path / 'd', _scored_files()), nima_threshold=5)
+    assert capsys.readouterr().out == ''
 
 
 ORDER_SCRIPT = """

@@ -625,11 +625,6 @@ def process_and_encode(source: str, dest: str, model_url: str = 'stabilityai/sd-
     skips = SkipLog(len(items))
     items = _drop_duplicate_stems(categories, items, skips)
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    if rank == 0:
-        for name in categories:
-            os.makedirs(os.path.join(dest, name), exist_ok=True)
-    distributed.barrier()
-
     shard = [it for it in items[rank::world] if not os.path.isfile(_latent_path(dest, categories, it))]
     print(f'[Rank {rank}] Total images in shard: {len(items[rank::world])} ({len(shard)} to encode)')
     device = _torch_device(device) if device else distributed.get_device()
@@ -639,6 +634,7 @@ def process_and_encode(source: str, dest: str, model_url: str = 'stabilityai/sd-
     if rank == 0:
         done = [it for it in items if os.path.isfile(_latent_path(dest, categories, it))]
         labels = [[f'{categories[c]}/{os.path.splitext(f)[0]}.npy', c] for c, f in done]
+        os.makedirs(dest, exist_ok=True)
         with misc.atomic_open(os.path.join(dest, 'dataset.json'), 'wb') as f:
             f.write(dataset_json(labels))
     return skips
@@ -660,7 +656,9 @@ def _encode_shard(dataset: _CategoryImages, dest: str, model_url: str, batch_siz
             vae = vae or _make_vae(model_url, gpu_batch_size, device)
             latents = vae.encode_pixels(pixels.permute(0, 3, 1, 2).to(device)).cpu().numpy().astype(np.float32)
             for i, latent in zip(indices, latents):
-                with misc.atomic_open(_latent_path(dest, dataset.categories, dataset.items[i]), 'wb') as f:
+                path = _latent_path(dest, dataset.categories, dataset.items[i])
+                os.makedirs(os.path.dirname(path), exist_ok=True)  # on first use: a failed VAE load leaves no folders
+                with misc.atomic_open(path, 'wb') as f:
                     np.save(f, latent)
 
 #----------------------------------------------------------------------------

@@ -13,10 +13,12 @@
 
 Fixes over the originals: scorer `sigma` is the standard deviation (quirk F20; the variance is
 stored as `variance`), one histogram figure per metric (F21), images keep their own resolution
-unless `resolution` is given (F17), result files are written atomically and checked before the
-(long) computation starts.
+unless `resolution` is given (F17), result files are written atomically, checked before the
+(long) computation starts, never overwritten, and carry the provenance of their run; statistics
+carry a marker of the detector weights that made them (`detectors.detector_marker`).
 """
 
+import datetime
 import json
 import os
 import pickle
@@ -139,7 +141,8 @@ class StatsAccumulator:
             s1, s2 = _all_reduce(sums['s1'].clone()), _all_reduce(sums['s2'].clone())
             mu = s1 / n
             sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)  # unbiased covariance
-            stats[metric] = dict(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy())
+            stats[metric] = dict(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(),
+                                 detector=detectors.detector_marker(self.detectors[metric], self.device))
             if 'hist' in sums:
                 stats[metric]['histogram'] = _all_reduce(sums['hist'].clone()).cpu().numpy()
         return stats
@@ -251,6 +254,7 @@ def open_image_dataset(image_path: str, num_images: Optional[int] = None, seed: 
         if filters:
             ds = dataset.FilteredImageDataset(image_path, max_size=num_images, random_seed=seed,
                                               resolution=resolution, **filters)
+            dist.print0(ds.summary())
         else:
             ds = dataset.ImageFolderDataset(image_path, max_size=num_images, random_seed=seed,
                                             resolution=resolution, center_crop=(resolution is not None))
@@ -423,9 +427,11 @@ def calculate_stats_for_network(
 def _check_stats(stats: Any, path: str) -> dict:
     if not isinstance(stats, dict):
         raise MetricsError(f'{path}: not a feature statistics file (a {type(stats).__name__}, expected a dict)')
-    for metric, entry in stats.items():
-        if metric == 'num_images':
+    for metric, entry in list(stats.items()):
+        if metric in ('num_images', 'provenance'):
             continue
+        if isinstance(entry, dict) and 'mu' not in entry and 'mean' in entry:  # an --out features file of the fork
+            entry = stats[metric] = dict(entry, mu=entry['mean'])
         mu = entry.get('mu', None) if isinstance(entry, dict) else None
         sigma = entry.get('sigma', None) if isinstance(entry, dict) else None
         if not isinstance(mu, np.ndarray) or not isinstance(sigma, np.ndarray) \
@@ -534,12 +540,23 @@ def calculate_metrics_from_stats(stats: dict, ref: Union[str, dict], metrics: Se
             if verbose:
                 print(f'No statistics computed for {metric} -- skipping.')
             continue
+        check_same_detector(metric, stats[metric], ref[metric], 'the reference')
         if verbose:
             print(f'Calculating {metric}...')
         results[metric] = frechet_distance(stats[metric]['mu'], stats[metric]['sigma'], ref[metric]['mu'], ref[metric]['sigma'])
         if verbose:
             print(f'{metric} = {results[metric]:g}')
     return results
+
+
+def check_same_detector(metric: str, entry: dict, ref_entry: dict, ref_label: str) -> None:
+    """Refuse to compare statistics whose detector markers say they come from different weights
+    (statistics without a marker, e.g. the official references, are compared as before)."""
+    ours, theirs = entry.get('detector'), ref_entry.get('detector')
+    if isinstance(ours, dict) and isinstance(theirs, dict) and not detectors.same_detector(ours, theirs):
+        raise MetricsError(f'{metric}: {ref_label} was computed with another detector '
+                           f'({detectors.describe_marker(theirs)}) than these images ({detectors.describe_marker(ours)});'
+                           ' recompute it with the same detector weights')
 
 
 def reference_name(path: str) -> str:
@@ -581,13 +598,16 @@ def calculate_results(stats: dict, refs: dict, metrics: Sequence[str], verbose: 
             if verbose:
                 print(f'{metric}: mean = {summary["mu"]:g}, std = {summary["sigma"]:g}')
             continue
-        results['features'][metric] = dict(mean=entry['mu'], sigma=entry['sigma'])
+        # 'mean' is the fork's name; 'mu' (the same array, stored once) makes OUT.pkl a reference file too.
+        results['features'][metric] = {key: entry[key] for key in ('mu', 'sigma', 'detector') if key in entry}
+        results['features'][metric]['mean'] = entry['mu']
         values = dict()
         for name, ref in refs.items():
             if metric not in ref:
                 if verbose:
                     print(f'No {metric} statistics in reference {name} -- skipping.')
                 continue
+            check_same_detector(metric, entry, ref[metric], f'reference {name}')
             values[name] = frechet_distance(entry['mu'], entry['sigma'], ref[metric]['mu'], ref[metric]['sigma'])
             if verbose:
                 print(f'{metric} on {name} = {values[name]:g}')
@@ -598,34 +618,12 @@ def calculate_results(stats: dict, refs: dict, metrics: Sequence[str], verbose: 
 # Result files (metrics.md §4.4).
 
 
-def result_paths(base: str) -> dict:
-    return dict(json=f'{base}.json', pkl=f'{base}.pkl')
-
-
-def read_existing_results(base: str) -> tuple:
-    """(json dict, pkl dict) already at `base`; unreadable files are an error (checked before computing)."""
-    paths = result_paths(base)
-    data_json, data_pkl = dict(), dict()
-    if os.path.isfile(paths['json']):
-        try:
-            with open(paths['json'], 'r', encoding='utf-8') as f:
-                data_json = json.load(f)
-        except (OSError, ValueError) as err:
-            raise MetricsError(f'{paths["json"]}: existing results are not valid JSON ({err}); move the file away') from err
-        if not isinstance(data_json, dict):
-            raise MetricsError(f'{paths["json"]}: existing results are not a JSON object; move the file away')
-        for metric, entry in data_json.items():  # new results are merged into these entries
-            if not isinstance(entry, dict):
-                raise MetricsError(f'{paths["json"]}: existing entry "{metric}" is a {type(entry).__name__}, '
-                                   'not an object; move the file away')
-    if os.path.isfile(paths['pkl']):
-        try:
-            data_pkl = persistence.load_pickle(paths['pkl'])
-        except (OSError, pickle.UnpicklingError) as err:
-            raise MetricsError(f'{paths["pkl"]}: existing features file is unreadable; move the file away') from err
-        if not isinstance(data_pkl, dict):
-            raise MetricsError(f'{paths["pkl"]}: existing features file is not a dict; move the file away')
-    return data_json, data_pkl
+def result_paths(base: str, metrics: Sequence[str] = (), hist: bool = False) -> dict:
+    """{'json': BASE.json, 'pkl': BASE.pkl}, plus {metric: BASE-<metric>.png} of the scorers with `hist`."""
+    paths = dict(json=f'{base}.json', pkl=f'{base}.pkl')
+    if hist:
+        paths.update({metric: f'{base}-{metric}.png' for metric in metrics if detectors.is_scorer(metric)})
+    return paths
 
 
 def _check_path(path: str, option: str, is_dir: bool = False) -> None:
@@ -635,11 +633,13 @@ def _check_path(path: str, option: str, is_dir: bool = False) -> None:
         raise MetricsError(str(err)) from None
 
 
-def check_output_base(base: str) -> None:
-    """Fail early: BASE.json / BASE.pkl must be creatable and existing result files readable."""
-    for path in result_paths(base).values():
+def check_output_base(base: str, metrics: Sequence[str] = (), hist: bool = False) -> None:
+    """Fail early: the result files must be creatable and must not exist yet. Each results file records
+    one run and its provenance, so an earlier run's file is never overwritten nor mixed with a new one."""
+    for path in result_paths(base, metrics, hist).values():
         _check_path(path, '--out')
-    read_existing_results(base)
+        if os.path.lexists(path):
+            raise MetricsError(f'--out: {path} exists (results of an earlier run); choose another --out or move it away')
 
 
 def check_stats_dest(path: str, metrics: Sequence[str]) -> None:
@@ -648,18 +648,61 @@ def check_stats_dest(path: str, metrics: Sequence[str]) -> None:
     if path.lower().endswith('.npz') and 'fid' not in metrics:
         raise MetricsError(f'--dest: {path}: the EDM v1 .npz format holds fid statistics only; add fid to --metrics')
 
+#----------------------------------------------------------------------------
+# Provenance of a results file.
 
-def save_results(results: dict, base: str, metrics: Sequence[str], hist: bool = False) -> list:
-    """Merge into BASE.json / BASE.pkl (other metrics and references are kept); with `hist`, write
-    BASE-<metric>.png for every scorer metric. Returns the written paths."""
+
+def toolkit_version() -> str:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version('edm2-toolkit')
+    except importlib.metadata.PackageNotFoundError:
+        return 'unknown'
+
+
+def file_record(path: str) -> dict:
+    """{'path'} of an input file, with its size, modification time and SHA-256 when it is local (a URL
+    is downloaded through the cache, which keeps the content of a URL fixed)."""
+    import hashlib
+    record = dict(path=path)
+    if dnnlib.util.is_url(path) or not os.path.isfile(path):
+        return record
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    stat = os.stat(path)
+    mtime = datetime.datetime.fromtimestamp(stat.st_mtime, datetime.timezone.utc).isoformat(timespec='seconds')
+    return dict(record, size=stat.st_size, mtime=mtime, sha256=digest.hexdigest())
+
+
+def run_provenance(command: str, source: dict, ref_paths: Sequence[str], stats: dict) -> dict:
+    """What produced a set of results: the subcommand, its image source (`source`: the image folder and
+    subset, or the networks, seeds and sampler settings, as given by the caller), the number of images,
+    the references and detectors used, the toolkit version and the time (UTC)."""
+    used = [metric for metric in stats if isinstance(stats[metric], dict) and 'detector' in stats[metric]]
+    return dict(command=command, **source, num_images=int(stats['num_images']),
+                references={reference_name(path): file_record(path) for path in ref_paths},
+                detectors={metric: detectors.describe_marker(stats[metric]['detector']) for metric in used},
+                toolkit=toolkit_version(), torch=str(torch.__version__),
+                time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
+
+
+def save_results(results: dict, base: str, metrics: Sequence[str], hist: bool = False,
+                 provenance: Optional[dict] = None, num_images: Optional[int] = None) -> list:
+    """Write BASE.json (metric values) and BASE.pkl (features; usable as a --ref), each with the run's
+    `provenance`; with `hist`, BASE-<metric>.png for every scorer metric. Existing files are refused
+    (`check_output_base`). Returns the written paths."""
+    check_output_base(base, metrics, hist)  # again: another run may have written them meanwhile
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
-    data_json, data_pkl = read_existing_results(base)
-    for metric in metrics:
-        if metric in results['metrics']:
-            data_json.setdefault(metric, dict()).update(results['metrics'][metric])
-    data_pkl.update(results['features'])
+    data_json = {metric: results['metrics'][metric] for metric in metrics if metric in results['metrics']}
+    data_pkl = dict(results['features'])
+    if num_images is not None:
+        data_pkl['num_images'] = num_images
+    if provenance is not None:
+        data_json['provenance'] = data_pkl['provenance'] = provenance
     paths = result_paths(base)
-    # Both files are complete on disk before either replaces its predecessor: a failure leaves both old.
+    # Both files are complete on disk before either appears: a failure leaves neither.
     with misc.atomic_open(paths['json'], 'w', encoding='utf-8') as f_json, misc.atomic_open(paths['pkl'], 'wb') as f_pkl:
         json.dump(data_json, f_json, indent=2)
         persistence.dump_portable(data_pkl, f_pkl)

@@ -263,20 +263,28 @@ def _cuda_peak(device: torch.device) -> int:
 
 #----------------------------------------------------------------------------
 
+def figure(value: float) -> str:
+    """Two decimals as the official report, but at least three significant digits below 0.1, so that
+    the ops of a small network do not all print as 0.00."""
+    if value == 0 or abs(value) >= 0.1:
+        return f'{value:.2f}'
+    return f'{value:.{2 - math.floor(math.log10(abs(value)))}f}'
+
+
 def format_flops(result: dict) -> str:
     """The report of count_flops.md ("Printed report"), as one string."""
     lines = [
         '',
-        f'Parameters  {result["total_params"] / 1e6:<8.2f}M',
-        f'Compute     {result["total_flops"] / 1e9:<8.2f}Gflops/sample',
-        f'GPU memory  {result["mem_per_sample"] / 2**30:<8.2f}GB/sample',
+        f'Parameters  {figure(result["total_params"] / 1e6):<8s}M',
+        f'Compute     {figure(result["total_flops"] / 1e9):<8s}Gflops/sample',
+        f'GPU memory  {figure(result["mem_per_sample"] / 2**30):<8s}GB/sample',
         '',
         f'{"Op":<26s}{"Count":<7s}Gflops',
     ]
     ops = sorted(result['op_flops'], key=lambda op: -result['op_flops'][op])
     for op in ops:
-        lines.append(f'{op:<26s}{result["op_count"][op]:<7d}{result["op_flops"][op] / 1e9:.2f}')
-    lines.append(f'{"Total":<26s}{sum(result["op_count"].values()):<7d}{result["total_flops"] / 1e9:.2f}')
+        lines.append(f'{op:<26s}{result["op_count"][op]:<7d}{figure(result["op_flops"][op] / 1e9)}')
+    lines.append(f'{"Total":<26s}{sum(result["op_count"].values()):<7d}{figure(result["total_flops"] / 1e9)}')
     lines.append('')
     return '\n'.join(lines)
 

@@ -25,6 +25,7 @@ uses `dnnlib.make_cache_dir_path('torch_hub')` and CLIP keeps its weights in
 
 import io
 import os
+import sys
 import warnings
 import zipfile
 from typing import Any, Callable, Optional
@@ -45,6 +46,7 @@ CLIP_REPO, CLIP_ENTRY, CLIP_MODEL = 'openai/CLIP:main', '_load', 'ViT-L/14'  # e
 CLIP_WEIGHTS = 'ViT-L-14.pt'  # the file name openai/CLIP's load() gives the ViT-L/14 weights in its download_root
 AESTHETIC_HEAD_URL = 'https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/refs/heads/main/sac+logos+ava1-l14-linearMSE.pth'
 
+INCEPTION_FEATURES = 2048  # pool features of the official Inception-v3 (FID)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -333,7 +335,12 @@ class Detector:
 class InceptionV3Detector(Detector):
     def __init__(self, url: str = INCEPTION_URL, verbose: bool = True):
         self.model = load_inception(url, verbose=verbose)
-        self.feature_dim = int(getattr(self.model, 'feature_dim', 2048))
+        self.feature_dim = detector_marker(self, torch.device('cpu'))['feature_dim']  # measured: any format
+        if self.feature_dim != INCEPTION_FEATURES:
+            # Any Inception-shaped file at the weights path loads (e.g. a narrow test stand-in); say it is not the real one.
+            dist.print0(f'Warning: {url}: this Inception detector gives {self.feature_dim} features, not the '
+                        f'{INCEPTION_FEATURES} of the official Inception-v3; its FID is not comparable with published '
+                        'values or official reference statistics', file=sys.stderr, flush=True)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         # The model resizes and normalises raw uint8 images itself.
@@ -459,3 +466,43 @@ def get_detector(metric: str, verbose: bool = True) -> Detector:
 
 def clear_detector_cache() -> None:
     _detector_cache.clear()
+
+#----------------------------------------------------------------------------
+# Detector markers: which weights produced a set of statistics.
+
+PROBE_FEATURES = 4  # features kept per probe image
+
+
+def probe_images() -> torch.Tensor:
+    """Two fixed 64x64 uint8 RGB images (smooth ramps, no random numbers): the same pixels everywhere."""
+    y, x = torch.meshgrid(torch.arange(64), torch.arange(64), indexing='ij')
+    ramps = [(x * 4) % 256, (y * 4) % 256, (x + y) * 2 % 256]
+    first = torch.stack(ramps)
+    return torch.stack([first, first.flip(1, 2)]).to(torch.uint8)
+
+
+def detector_marker(detector: Detector, device: torch.device) -> dict:
+    """{'detector': class name, 'feature_dim', 'probe': first features of `probe_images()`}, stored with the
+    statistics it computes. The probe identifies the weights whatever their file format (pickle, state dict,
+    TorchScript) and survives device rounding when compared with a tolerance (`same_detector`)."""
+    if getattr(detector, '_marker', None) is None:
+        features = detector(probe_images().to(device)).to(torch.float64).reshape(2, -1)
+        detector._marker = dict(detector=type(detector).__name__, feature_dim=int(features.shape[1]),
+                                probe=[float(v) for v in features[:, :PROBE_FEATURES].reshape(-1).cpu()])
+    return dict(detector._marker)
+
+
+def same_detector(a: dict, b: dict) -> bool:
+    """Do two markers come from the same weights (equal feature dimension, probe features within 2 %)?"""
+    if a.get('feature_dim') != b.get('feature_dim'):
+        return False
+    pa, pb = np.asarray(a.get('probe', []), np.float64), np.asarray(b.get('probe', []), np.float64)
+    if pa.shape != pb.shape:
+        return False
+    scale = max(float(np.abs(pa).max(initial=0)), float(np.abs(pb).max(initial=0)), 1e-12)
+    return bool(np.all(np.abs(pa - pb) <= 0.02 * np.abs(pb) + 1e-3 * scale))
+
+
+def describe_marker(marker: dict) -> str:
+    return f'{marker.get("detector", "unknown detector")}, {dnnlib.util.count_of(marker.get("feature_dim", 0), "feature")}'
+

@@ -8,8 +8,8 @@
 * a restart reads `out/results_<n>.csv` (never `results_full.csv`) and skips scored images;
 * at the end `out/results_full.csv` holds every score exactly once, sorted by file name, and
   `out/metadata.json` holds them in the format `training.dataset.FilteredImageDataset` reads
-  (`{"metadata": {"<folder>/<stem>": {"<metric>": score, "labels": "<folder>"}}}`); copy it to
-  the dataset root to filter by score.
+  (`{"metadata": {"<folder>/<stem>": {"<metric>": score, "labels": "<folder>"}}}`, no "labels" for a
+  dataset with dataset.json; docs/user-files.md); copy it to the dataset root to filter by score.
 
 CSV layout: header `filename,<metric>`, one row per image, the name being the path relative to
 the dataset root with `/` separators and without extension. Scores are written with full
@@ -182,20 +182,24 @@ def _flush(pending: dict, out_dir: str, metric: str, index: int) -> int:
     return index + 1
 
 
-def metadata_of(scores: dict, metric: str, existing: Optional[dict] = None) -> dict:
-    """FilteredImageDataset metadata: the score under `metric`, the top-level folder as `labels`."""
+def metadata_of(scores: dict, metric: str, existing: Optional[dict] = None, folder_labels: bool = True) -> dict:
+    """FilteredImageDataset metadata: the score under `metric`; with `folder_labels`, the top-level folder as
+    the fork's category (`labels`). A dataset with dataset.json gets no `labels`: its folders may be shards
+    (convert output), and its class labels are in dataset.json (scores and labels are separate facts)."""
     metadata = dict(existing or {})
     for name, score in sorted(scores.items()):
         entry = dict(metadata.get(name, {}))
         entry[metric] = float(score)
-        if '/' in name:
+        entry.pop('labels', None)
+        if folder_labels and '/' in name:
             entry['labels'] = name.split('/')[0]
         metadata[name] = entry
     return metadata
 
 
-def write_final_files(out_dir: str, metric: str) -> dict:
-    """Rank 0: results_full.csv (every image once) and metadata.json (merged with an existing one)."""
+def write_final_files(out_dir: str, metric: str, folder_labels: bool = True) -> dict:
+    """Rank 0: results_full.csv (every image once) and metadata.json (merged with an existing one);
+    `folder_labels`: see `metadata_of`."""
     scores, _ = read_checkpoints(out_dir, metric)
     write_scores_csv(scores, os.path.join(out_dir, FULL_RESULTS), metric)
     meta_path = os.path.join(out_dir, METADATA)
@@ -207,7 +211,7 @@ def write_final_files(out_dir: str, metric: str) -> dict:
         except (OSError, ValueError, AttributeError) as err:
             raise MetricsError(f'{meta_path}: existing metadata is not valid JSON ({err}); move it away') from err
     with misc.atomic_open(meta_path, 'w', encoding='utf-8') as f:
-        json.dump(dict(metadata=metadata_of(scores, metric, existing)), f, indent=1, sort_keys=True)
+        json.dump(dict(metadata=metadata_of(scores, metric, existing, folder_labels)), f, indent=1, sort_keys=True)
     return scores
 
 #----------------------------------------------------------------------------
@@ -229,6 +233,10 @@ def score_dataset(
     scorers = [name for name in detectors.detector_classes if detectors.is_scorer(name)]
     if metric not in scorers:
         raise MetricsError(f'--metric: invalid scorer "{metric}" (choose from {", ".join(scorers)})')
+    try:
+        misc.check_output_path(out_dir, '--out', is_dir=True)
+    except ValueError as err:
+        raise MetricsError(str(err)) from None
     if dist.get_rank() != 0:
         dist.barrier()
     try:
@@ -250,7 +258,8 @@ def score_dataset(
         if stopped:
             dist.print0(f'Stopped on request; run again with the same --out to resume ({out_dir})')
             return None
-    scores = write_final_files(out_dir, metric) if dist.get_rank() == 0 else None
+    folder_labels = not ds._has_file('dataset.json')
+    scores = write_final_files(out_dir, metric, folder_labels) if dist.get_rank() == 0 else None
     dist.barrier()
     return scores
 

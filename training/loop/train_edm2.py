@@ -21,7 +21,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from training.loop import rules
 from training.loop import presets
-from training.dataset import parse_int_list
+from training.dataset import CategoriesError
 
 #----------------------------------------------------------------------------
 
@@ -81,13 +81,9 @@ _FILTER_KEYS = ('nima_threshold', 'categories', 'top_percent', 'top_per_category
 
 
 def _dataset_kwargs(opts: dict) -> dnnlib.EasyDict:
-    """ImageFolderDataset, or the fork's FilteredImageDataset when a filter option is given."""
+    """ImageFolderDataset, or the fork's FilteredImageDataset when a filter option is given. --categories
+    stays the string given (what training_options.json records); the dataset checks it against its categories."""
     filters = {key: opts.get(key) for key in _FILTER_KEYS}
-    if filters['categories'] is not None:
-        try:
-            filters['categories'] = parse_int_list(filters['categories'])
-        except ValueError as err:
-            raise ConfigError(f'--categories: {err}') from None
     kwargs = dnnlib.EasyDict(path=opts['data'], use_labels=opts['cond'])
     if opts.get('node_cache'):
         kwargs.node_cache = True # slow network storage: read a node-local copy (training.data_tools.node_cache)
@@ -96,18 +92,37 @@ def _dataset_kwargs(opts: dict) -> dnnlib.EasyDict:
     return dnnlib.EasyDict(class_name='training.dataset.FilteredImageDataset', **kwargs, **filters)
 
 
-def _check_dataset(dataset_kwargs: dict, cond: bool) -> tuple:
-    """Open the dataset once; return its item shape [C, H, W] and its number of images."""
+def _no_labels_error(path: str) -> ConfigError:
+    return ConfigError(f'--cond=True, but no labels found in the dataset {path}: class labels come from its dataset.json '
+                       '(metadata.json holds scores, not labels); write one with dataset_tool.py convert (class folders '
+                       'become labels) or process-and-encode, or train unconditionally with --cond=0')
+
+
+def _check_dataset(dataset_kwargs: dict, cond: bool, batch_size: Optional[int] = None) -> tuple:
+    """Open the dataset once (printing what its filters kept); return its item shape [C, H, W] and its number
+    of images."""
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+        if hasattr(dataset_obj, 'summary'):
+            dist.print0(dataset_obj.summary())
         dist.print0(f'Number of images in the dataset: {len(dataset_obj)}')
         if cond and not dataset_obj.has_labels:
-            raise ConfigError('--cond=True, but no labels found in the dataset')
+            raise _no_labels_error(dataset_kwargs['path'])
+        _warn_batch_exceeds_dataset(batch_size, len(dataset_obj))
         return dataset_obj.image_shape, len(dataset_obj)
+    except CategoriesError as err:
+        raise ConfigError(f'--categories: {err}') from None
     except (IOError, NotImplementedError) as err:
         raise ConfigError(f'--data: {err}') from None
     except KeyError as err:  # dataset.json without labels for some images (data.md §2.2); str() would add quotes
         raise ConfigError(f'--data: {err.args[0] if err.args else err}') from None
+
+
+def _warn_batch_exceeds_dataset(batch_size: Optional[int], num_images: int) -> None:
+    """A batch larger than the dataset repeats every image within each batch: legal, but rarely meant."""
+    if batch_size is not None and batch_size > num_images:
+        dist.print0(f'Warning: --batch {batch_size} is larger than the dataset ({dnnlib.util.count_of(num_images, "image")}):'
+                    f' every image appears about {batch_size // num_images} times in each batch')
 
 
 def _check_image_shape(path: str, shape: list, channel_mult: Optional[list]) -> None:
@@ -192,7 +207,7 @@ def setup_training_config(preset: str = 'edm2-img512-s', **opts: Any) -> dnnlib.
     c = dnnlib.EasyDict()
     c.dataset_kwargs = _dataset_kwargs(opts)
     network_kwargs = None if finetuning else _network_kwargs(preset, opts)
-    shape, num_images = _check_dataset(c.dataset_kwargs, opts.cond)
+    shape, num_images = _check_dataset(c.dataset_kwargs, opts.cond, parse_nimg(opts.batch))
     # A fine-tuned network has its own levels; check_compatible() compares its resolution at load time.
     _check_image_shape(opts.data, shape, None if finetuning else rules.network_channel_mult(network_kwargs))
     encoders = {3: 'training.encoders.StandardRGBEncoder', 8: 'training.encoders.StabilityVAEEncoder'}

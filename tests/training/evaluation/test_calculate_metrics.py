@@ -203,16 +203,16 @@ def test_results_multiple_refs_and_scorer_summary(tmp_path):
     assert results['metrics']['fid'] == {'a': pytest.approx(0, abs=1e-6), 'b': pytest.approx(6)}
     assert results['metrics']['nima']['sigma'] == 0.5 and results['metrics']['nima']['variance'] == 0.25  # F20 fixed
     base = str(tmp_path / 'out' / 'results')
-    os.makedirs(os.path.dirname(base))
-    with open(base + '.json', 'w') as f:
-        json.dump({'fid': {'old': 1.0}, 'fd_dinov2': {'x': 2.0}}, f)
-    written = metrics.save_results(results, base, ['fid', 'nima'], hist=True)
+    written = metrics.save_results(results, base, ['fid', 'nima'], hist=True, provenance=dict(command='calc'),
+                                   num_images=20)
     with open(base + '.json') as f:
         data = json.load(f)
-    assert data['fid'] == {'old': 1.0, 'a': pytest.approx(0, abs=1e-6), 'b': pytest.approx(6)}
-    assert data['fd_dinov2'] == {'x': 2.0} and data['nima']['mu'] == 5.0 and len(data['nima']['histogram']) == 100
+    assert data['fid'] == {'a': pytest.approx(0, abs=1e-6), 'b': pytest.approx(6)} and data['provenance'] == {'command': 'calc'}
+    assert data['nima']['mu'] == 5.0 and len(data['nima']['histogram']) == 100
     with open(base + '.pkl', 'rb') as f:
-        np.testing.assert_array_equal(pickle.load(f)['fid']['mean'], mu)
+        features = pickle.load(f)
+    np.testing.assert_array_equal(features['fid']['mean'], mu)  # the fork's name; 'mu' makes it a reference file
+    assert features['fid']['mu'] is features['fid']['mean'] and features['num_images'] == 20
     assert written[-1] == base + '-nima.png'
     with PIL.Image.open(written[-1]) as image:
         assert image.format == 'PNG' and image.size[0] > 100
@@ -233,21 +233,17 @@ def test_duplicate_reference_names(tmp_path):
         metrics.load_references([str(tmp_path / 'a' / 'img.pkl'), str(tmp_path / 'b' / 'img.npz')], verbose=False)
 
 
-def test_failed_pickle_write_keeps_both_old_result_files(tmp_path, monkeypatch):
+def test_failed_pickle_write_leaves_no_result_file(tmp_path, monkeypatch):
     mu, sigma = random_stats(6, 5)
     stats = dict(num_images=20, fid=dict(mu=mu, sigma=sigma))
     results = metrics.calculate_results(stats, dict(a=dict(fid=dict(mu=mu, sigma=sigma))), ['fid'], verbose=False)
-    base = str(tmp_path / 'results')
-    metrics.save_results(results, base, ['fid'])
-    old_json, old_pkl = open(base + '.json').read(), open(base + '.pkl', 'rb').read()
-    results['metrics']['fid']['a'] = 123.0
 
     def full_disk(*args, **kwargs):
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(metrics.persistence, 'dump_portable', full_disk)
     with pytest.raises(OSError):
-        metrics.save_results(results, base, ['fid'])
-    assert open(base + '.json').read() == old_json and open(base + '.pkl', 'rb').read() == old_pkl
+        metrics.save_results(results, str(tmp_path / 'results'), ['fid'])
+    assert os.listdir(tmp_path) == []  # neither file, no temporary left behind
 
 
 def test_statistics_files_use_numpy_names_every_numpy_has(tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 import dnnlib
 from tests import detector_standins as standins
+from torch_utils import persistence
 from training.evaluation import detectors
 
 
@@ -89,6 +90,18 @@ def test_load_inception_state_dict_and_torchscript(tmp_path):
         model = detectors.load_inception(str(path), verbose=False)
         with torch.no_grad():
             torch.testing.assert_close(model(x, return_features=True), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_detector_marker_names_the_weights_not_the_file_format(tmp_path):
+    # Issue #15, 12: the same weights as a state dict or a pickle give the same marker; other weights do not.
+    reference = standins.make_standin_inception()
+    torch.save(reference.state_dict(), tmp_path / 'a.pt')
+    persistence.save_pickle(reference, tmp_path / 'b.pkl')
+    torch.save(standins.make_standin_inception(seed=1).state_dict(), tmp_path / 'c.pt')
+    markers = [detectors.detector_marker(detectors.InceptionV3Detector(str(tmp_path / name), verbose=False), 'cpu')
+               for name in ('a.pt', 'b.pkl', 'c.pt')]
+    assert markers[0]['feature_dim'] == 64 and len(markers[0]['probe']) == 2 * detectors.PROBE_FEATURES
+    assert detectors.same_detector(markers[0], markers[1]) and not detectors.same_detector(markers[0], markers[2])
 
 
 class ForeignModule(torch.nn.Module):  # pickled by reference: not on the safe list
