@@ -1,6 +1,6 @@
 """Count parameters, compute and activation memory of an EDM2 network.
 
-Thin CLI over `training.evaluation.count_flops` (count_flops.md). `count_flops` and `print_flops`
+Thin CLI over `training.evaluation.count_flops`. `count_flops` and `print_flops`
 are re-exported for scripts that import them from here, as with the original.
 """
 

@@ -1,6 +1,6 @@
 """Dataset processing tool for dataset image data conversion and VAE encode/decode preprocessing.
 
-Thin click CLI over `training.data_tools.dataset_tool` (spec data.md §4)."""
+Thin click CLI over `training.data_tools.dataset_tool`."""
 
 from __future__ import annotations
 

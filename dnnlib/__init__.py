@@ -1,4 +1,4 @@
-"""Miscellaneous utilities shared by the whole toolkit (spec persistence.md §5)."""
+"""Miscellaneous utilities shared by the whole toolkit."""
 
 from .util import EasyDict, make_cache_dir_path
 

@@ -1,4 +1,4 @@
-"""Miscellaneous utility classes and functions (spec persistence.md §5.1).
+"""Miscellaneous utility classes and functions.
 
 Everything here is plain Python: no torch, no GPU, no network at import time.
 `open_url` downloads through `requests` (imported lazily) into an on-disk cache.
@@ -331,7 +331,7 @@ def copy_files_and_create_dirs(files: list) -> None:
 
 
 #----------------------------------------------------------------------------
-# URLs and downloads (spec persistence.md §5.2).
+# URLs and downloads.
 
 
 class DownloadError(OSError):

@@ -1,4 +1,4 @@
-"""Process-group helpers, stop/suspend hooks and checkpoint I/O (spec persistence.md §3, training.md §7).
+"""Process-group helpers, stop/suspend hooks and checkpoint I/O (docs/formats.md#training-states).
 
 Importing this module has no side effects: no process group, no CUDA.
 `init()` works for a plain single process (no torchrun needed) and under torchrun;
@@ -259,7 +259,7 @@ def get_progress() -> tuple:
 
 
 #----------------------------------------------------------------------------
-# Checkpoint I/O (training.md §7).
+# Checkpoint I/O (docs/formats.md#training-states).
 
 
 class CheckpointError(RuntimeError):

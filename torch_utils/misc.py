@@ -1,4 +1,4 @@
-"""Assorted torch helpers (spec persistence.md §2) plus atomic file writing.
+"""Assorted torch helpers plus atomic file writing.
 
 Embedded sources of published pickles call `const_like` and `constant`, so their
 signatures and semantics must stay as specified.

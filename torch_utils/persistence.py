@@ -46,7 +46,7 @@ import dnnlib
 from torch_utils import misc
 
 #----------------------------------------------------------------------------
-# Module-level state (spec §1.2).
+# Module-level state.
 
 _version = 6  # Stored in every pickle and checked on load; must stay 6 for compatibility.
 _decorators = set()  # Every wrapper class created by persistent_class().
@@ -57,7 +57,7 @@ _src_to_module_dict = dict()  # source text -> module object
 PICKLE_PROTOCOL = 4  # What the official toolkit writes with Python 3.8-3.13 (pickle.DEFAULT_PROTOCOL).
 
 #----------------------------------------------------------------------------
-# Writer side: persistent_class (spec §1.3).
+# Writer side: persistent_class (docs/formats.md#embedded-source-code).
 
 
 def persistent_class(orig_class: type) -> type:
@@ -175,7 +175,7 @@ def _check_pickleable(obj: Any) -> None:
         pickle.dump(strip_known(obj), f)
 
 #----------------------------------------------------------------------------
-# Official reader (spec §1.4): executes the embedded source. Reached by plain pickle.load.
+# Official reader (docs/formats.md#embedded-source-code): executes the embedded source. Reached by plain pickle.load.
 
 
 def _reconstruct_persistent_obj(meta: dict) -> Any:
@@ -511,9 +511,9 @@ def save_pickle(obj: Any, path: Union[str, os.PathLike]) -> None:
         dump_portable(obj, f)
 
 #----------------------------------------------------------------------------
-# Compatibility check for modules whose source gets embedded (spec §1.7).
+# Compatibility check for modules whose source gets embedded (docs/formats.md#embedded-source-code).
 
-# Public API of the official torch_utils / dnnlib modules (spec persistence.md §1.5, §2-§5).
+# Public API of the official torch_utils / dnnlib modules.
 OFFICIAL_API = {
     'torch_utils': {'persistence', 'misc', 'distributed', 'training_stats'},
     'torch_utils.persistence': {'persistent_class', 'is_persistent', 'import_hook', '_reconstruct_persistent_obj'},

@@ -1,4 +1,4 @@
-"""Cheap scalar statistics, averaged over time, devices and processes (spec persistence.md §4).
+"""Cheap scalar statistics, averaged over time, devices and processes (docs/formats.md#statsjsonl).
 
 Anywhere in the code, `report(name, value)` adds the moments [count, sum, sum of
 squares] of the finite elements of `value` into a per-device counter. A

@@ -1,4 +1,4 @@
-"""Datasets of images or latents stored in a directory or an uncompressed zip (spec data.md §2-3, training.md §8.5).
+"""Datasets of images or latents stored in a directory or an uncompressed zip.
 
 * `Dataset`: abstract base with max_size sub-sampling, x-flip, in-memory cache, labels.
 * `ImageFolderDataset`: PNG/JPEG/... (PIL) or `.npy` files, labels from `dataset.json`.
@@ -51,7 +51,7 @@ def _label_array(labels: list, source: str) -> np.ndarray:
 
 
 def select_indices(num_items: int, max_size: Optional[float], random_seed: int) -> np.ndarray:
-    """All indices, or a seeded random subset of `max_size` of them in ascending order (spec data.md §2.1)."""
+    """All indices, or a seeded random subset of `max_size` of them in ascending order."""
     indices = np.arange(num_items, dtype=np.int64)
     if max_size is not None and num_items > int(max_size):
         np.random.RandomState(random_seed % (1 << 31)).shuffle(indices)
@@ -249,7 +249,7 @@ class Dataset(torch.utils.data.Dataset):
 class CenterCropImagenet:
     """[FORK] `preprocess` callable: ADM centre crop of a CHW uint8 image to `size` x `size`, forced to RGB.
 
-    Unlike the fork, an image already at the target size is still forced to 3 channels (quirk F15)."""
+    Unlike the fork, an image already at the target size is still forced to 3 channels (docs/differences.md#data-5)."""
 
     def __init__(self, size: int):
         self.size = int(size)

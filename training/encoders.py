@@ -1,4 +1,4 @@
-"""Converting between image pixels and the representation the network sees (data.md §5).
+"""Converting between image pixels and the representation the network sees.
 
 Vocabulary: raw pixels (uint8 NCHW) -> `encode_pixels` -> raw latents (what a
 dataset stores) -> `encode_latents` -> final latents (network input);
@@ -113,7 +113,8 @@ class StabilityVAEEncoder(Encoder):
 
     def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:  # raw pixels => raw latents
         self.init(x.device)
-        x = x.to(torch.float32) / 255  # the VAE sees [0, 1]; raw_mean/raw_std were measured that way (quirk E11)
+        # The VAE sees [0, 1]; raw_mean/raw_std were measured that way (docs/differences.md#keep-1).
+        x = x.to(torch.float32) / 255
         return torch.cat([self._run_vae_encoder(batch) for batch in x.split(self.batch_size)])
 
     def encode_latents(self, x: torch.Tensor, noise: torch.Tensor = None) -> torch.Tensor:  # raw latents => final latents

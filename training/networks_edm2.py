@@ -1,6 +1,6 @@
 """Magnitude-preserving U-Net of EDM2 (config G) and its EDM preconditioner.
 
-The layers follow spec network.md exactly: module path, class names,
+The layers follow the official release exactly: module path, class names,
 constructor arguments, sub-module names and state-dict keys are those of the
 official release, so official weights load one to one (`load_state_dict`).
 Every learned layer is bias-free; weights are normalised on every call and, in
@@ -108,7 +108,7 @@ def _state_without_runtime(module: torch.nn.Module) -> dict:
 # dimensions. Default = all dimensions except the first.
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
-    """x / (eps + ||x|| / sqrt(M)), the norm taken in float32 over `dim` (spec §1.1)."""
+    """x / (eps + ||x|| / sqrt(M)), the norm taken in float32 over `dim`."""
     if dim is None:
         dim = list(range(1, x.ndim))
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
@@ -128,7 +128,7 @@ def _normalize_fast(x: torch.Tensor, dim, eps: float = 1e-4) -> torch.Tensor:
 # or keep it as is.
 
 def resample(x: torch.Tensor, f=[1, 1], mode: str = 'keep') -> torch.Tensor:
-    """Depthwise down/up-sampling by 2 with the separable filter `f` (spec §1.2)."""
+    """Depthwise down/up-sampling by 2 with the separable filter `f`."""
     if mode == 'keep':
         return x
     f = np.float32(f)
@@ -464,7 +464,7 @@ class Block(torch.nn.Module):
         return x
 
     def _attention_values(self, x: torch.Tensor) -> torch.Tensor:
-        """Multi-head self-attention output before attn_proj, shape [B, C, H, W] (spec §3 step 6).
+        """Multi-head self-attention output before attn_proj, shape [B, C, H, W].
         attn_qkv channels are ordered (head, channel d, q/k/v)."""
         y = self.attn_qkv(x)
         y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])   # [B, heads, d, 3, HW]
@@ -493,7 +493,7 @@ class Block(torch.nn.Module):
 
 @persistence.persistent_class
 class UNet(torch.nn.Module):
-    """EDM2 magnitude-preserving U-Net, config G (Figure 21, spec §4)."""
+    """EDM2 magnitude-preserving U-Net, config G (EDM2 paper, Figure 21)."""
     fast = FAST_DEFAULTS
 
     def __init__(self,
@@ -588,7 +588,8 @@ class UNet(torch.nn.Module):
 
 @persistence.persistent_class
 class Precond(torch.nn.Module):
-    """EDM preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with a log-variance head (spec §5)."""
+    """EDM preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with a log-variance head
+    (Karras et al. 2022 (EDM), eq. 7; log-variance: EDM2 paper eq. 21)."""
     fast = FAST_DEFAULTS
 
     def __init__(self,
@@ -615,7 +616,7 @@ class Precond(torch.nn.Module):
         return set_fast(self, enabled, **flags)
 
     def compute_dtype(self, x: torch.Tensor, force_fp32: bool = False) -> torch.dtype:
-        """dtype of the image path: the `dtype` switch if set, else float16 iff use_fp16 on CUDA (spec §5 step 3)."""
+        """dtype of the image path: the `dtype` switch if set, else float16 iff use_fp16 on CUDA."""
         override = _DTYPES[self.fast['dtype']]
         if force_fp32:
             return torch.float32

@@ -1,5 +1,5 @@
 """Power-function EMA (EDM2, Karras et al. 2024, Sec. 3) and the math of its
-post-hoc reconstruction. Spec: phema.md sections 1-2.
+post-hoc reconstruction.
 
 A power-function EMA with exponent gamma weights the training trajectory over
 time tau in [0, t] by p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1). Its width is
@@ -22,14 +22,14 @@ MAX_STD = 0.289  # exp_to_std(0) ~= 0.2887: the widest power-function profile.
 
 
 def exp_to_std(exp: Any) -> np.ndarray:
-    """sigma_rel = sqrt((g + 1) / ((g + 2)^2 (g + 3)))  (phema.md 1.1)."""
+    """sigma_rel = sqrt((g + 1) / ((g + 2)^2 (g + 3)))  (EDM2 paper, Sec. 3)."""
     exp = np.float64(exp)
     return np.sqrt((exp + 1) / (exp + 2) ** 2 / (exp + 3))
 
 
 def std_to_exp(std: Any) -> np.ndarray:
     """Inverse of exp_to_std: the largest real root of
-    g^3 + 7 g^2 + (16 - s) g + (12 - s) = 0 with s = sigma_rel^-2  (phema.md 1.2)."""
+    g^3 + 7 g^2 + (16 - s) g + (12 - s) = 0 with s = sigma_rel^-2  (EDM2 paper, Sec. 3)."""
     std = np.float64(std)
     s = 1 / std ** 2
     flat = [np.roots([1, 7, 16 - si, 12 - si]).real.max() for si in np.ravel(s)]
@@ -43,7 +43,7 @@ def std_to_exp(std: Any) -> np.ndarray:
 def power_function_response(ofs: Any, std: Any, len: int, axis: int = 0) -> np.ndarray:
     """Discrete profile over integer times t = 0..len-1 along `axis`, for a
     snapshot at time `ofs`: r(t) = (t/ofs)^g (g+1)/ofs for t <= ofs else 0,
-    normalised to sum 1 along `axis`  (phema.md 1.3). Used for analysis/plots."""
+    normalised to sum 1 along `axis`  (EDM2 paper, Sec. 3). Used for analysis/plots."""
     ofs, std = np.broadcast_arrays(np.float64(ofs), np.float64(std))
     exp = np.expand_dims(std_to_exp(std), axis)
     ofs = np.expand_dims(ofs, axis)
@@ -58,7 +58,7 @@ def power_function_response(ofs: Any, std: Any, len: int, axis: int = 0) -> np.n
 def power_function_correlation(a_ofs: Any, a_std: Any, b_ofs: Any, b_std: Any) -> np.ndarray:
     """Inner product <p_a, p_b> of two continuous profiles ending at a_ofs, b_ofs:
     (ga+1)(gb+1) r^e / ((ga+gb+1) max(a_ofs, b_ofs)), r = a_ofs/b_ofs,
-    e = gb if a_ofs < b_ofs else -ga  (phema.md 1.4)."""
+    e = gb if a_ofs < b_ofs else -ga  (EDM2 paper, Sec. 3)."""
     a_ofs, b_ofs = np.float64(a_ofs), np.float64(b_ofs)
     a_exp, b_exp = std_to_exp(a_std), std_to_exp(b_std)
     ratio = a_ofs / b_ofs
@@ -69,7 +69,7 @@ def power_function_correlation(a_ofs: Any, a_std: Any, b_ofs: Any, b_std: Any) -
 
 
 def power_function_beta(std: Any, t_next: Any, t_delta: Any) -> np.ndarray:
-    """Per-update decay beta = (1 - t_delta / t_next)^(g + 1)  (phema.md 1.5)."""
+    """Per-update decay beta = (1 - t_delta / t_next)^(g + 1)  (EDM2 paper, Sec. 3)."""
     return _beta_from_exp(std_to_exp(std), t_next, t_delta)
 
 
@@ -90,7 +90,7 @@ def _as_column_and_row(in_ofs, in_std, out_ofs, out_std):
 
 
 def solve_posthoc_coefficients(in_ofs: Any, in_std: Any, out_ofs: Any, out_std: Any) -> np.ndarray:
-    """Coefficients X [n_in, n_out] with theta_out_k = sum_i X[i,k] theta_in_i  (phema.md 1.6):
+    """Coefficients X [n_in, n_out] with theta_out_k = sum_i X[i,k] theta_in_i  (EDM2 paper, Sec. 3):
     solve A X = B with A[i,j] = <p_in_i, p_in_j>, B[i,k] = <p_in_i, p_out_k>,
     then normalise every column to sum to 1."""
     in_ofs_c, in_std_c, in_ofs_r, in_std_r, out_ofs_r, out_std_r = _as_column_and_row(in_ofs, in_std, out_ofs, out_std)
@@ -128,7 +128,7 @@ def _copy_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
 
 
 class PowerFunctionEMA:
-    """Tracks one power-function EMA of `net` per std (phema.md 2). `net` is kept
+    """Tracks one power-function EMA of `net` per std. `net` is kept
     by reference; each EMA is a deep copy. Buffers are not averaged but copied
     from `net` by get()."""
 
@@ -177,7 +177,7 @@ class PowerFunctionEMA:
 
 class TraditionalEMA:
     """Classic exponential EMA with a half-life in Mimg and an optional ramp-up
-    (phema.md 2, available but unused by default)."""
+    (available but unused by default)."""
 
     def __init__(self, net: torch.nn.Module, halflife_Mimg: float = float('inf'), rampup_ratio: float | None = 0.09):
         self.net = net

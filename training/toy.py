@@ -1,7 +1,8 @@
-"""2D toy example of autoguidance (spec toy.md): the fractal two-class ground
-truth, the small magnitude-preserving MLP that models its log-density, exact
-score-matching training, the deterministic sampler with classifier-free
-guidance / autoguidance, the 8-panel figure, and measured sample statistics."""
+"""2D toy example of autoguidance (Karras et al. 2024, autoguidance, 2D toy
+example): the fractal two-class ground truth, the small magnitude-preserving MLP
+that models its log-density, exact score-matching training, the deterministic
+sampler with classifier-free guidance / autoguidance, the 8-panel figure, and
+measured sample statistics."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch_utils import misc
 from torch_utils import persistence
 
 #----------------------------------------------------------------------------
-# Ground truth: Gaussian mixture and its heat-diffused density (toy.md §1).
+# Ground truth: Gaussian mixture and its heat-diffused density.
 
 class GaussianMixture(torch.nn.Module):
     """Mixture of 2D Gaussians; evaluated at noise level sigma by replacing
@@ -44,7 +45,7 @@ class GaussianMixture(torch.nn.Module):
         return torch.tensor(np.repeat(np.arange(len(phi)), counts), dtype=torch.int64)
 
     def _eigen_terms(self, x: torch.Tensor, sigma: torch.Tensor):
-        """Per (point, component): log w_k (toy.md §1, evaluated in the log domain)
+        """Per (point, component): log w_k (evaluated in the log domain)
         and z_k = (Sigma_k + sigma^2 I)^-1 (mu_k - x) in the eigenbasis of Sigma_k.
         The eigen-coordinates j = 0, 1 are kept as two contiguous [N, K] planes."""
         K = self.mu.shape[0]
@@ -106,7 +107,7 @@ class GaussianMixture(torch.nn.Module):
 
 
 #----------------------------------------------------------------------------
-# Ground truth construction (toy.md §2).
+# Ground truth construction.
 
 COMPONENTS_PER_BRANCH = 8
 MAX_DEPTH = 7
@@ -146,11 +147,11 @@ def gt(classes: str = 'A', device=torch.device('cpu'), seed: int = 2,
     return GaussianMixture(phi, mu, Sigma).to(device)
 
 #----------------------------------------------------------------------------
-# Model (toy.md §3): magnitude-preserving MLP that outputs an unnormalised
+# Model: magnitude-preserving MLP that outputs an unnormalised
 # log-density; its gradient w.r.t. x is the score.
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
-    """x / (eps + ||x|| / sqrt(M)) over `dim` (default: all but the first), network.md §1.1."""
+    """x / (eps + ||x|| / sqrt(M)) over `dim` (default: all but the first)."""
     if dim is None:
         dim = list(range(1, x.ndim))
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
@@ -165,7 +166,7 @@ class MPSiLU(torch.nn.Module):
 
 @persistence.persistent_class
 class MPLinear(torch.nn.Module):
-    """Bias-free linear layer with forced weight normalisation (network.md §2.2)."""
+    """Bias-free linear layer with forced weight normalisation (EDM2 paper eqs. 47, 66)."""
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(out_dim, in_dim))
@@ -212,7 +213,7 @@ class ToyModel(torch.nn.Module):
             return torch.autograd.grad(self.logp(x, sigma).sum(), [x], create_graph=graph)[0]
 
 #----------------------------------------------------------------------------
-# Training (toy.md §4): exact score matching against the ground truth.
+# Training: exact score matching against the ground truth.
 
 def learning_rate(i: int, lr_ref: float, lr_iter: int) -> float:
     """lr = lr_ref / sqrt(max(i / lr_iter, 1))."""
@@ -317,7 +318,7 @@ class TrainingViz:
         self.plt.pause(0.001)
 
 #----------------------------------------------------------------------------
-# Sampling (toy.md §5): deterministic Heun sampler with EDM time steps.
+# Sampling: deterministic Heun sampler with EDM time steps.
 
 def guided_denoiser(net, gnet=None, guidance: float = 1):
     """D(x; sigma) = x + sigma^2 * score, score = score_g + w (score_net - score_g) with a guide."""
@@ -373,7 +374,7 @@ def sample_from_model(net=None, gnet=None, guidance: float = 1, num_samples: int
 #----------------------------------------------------------------------------
 # Measured figures (beyond the original): how well samples match class A.
 
-SUPPORT_LEVEL = 2.12     # the figure's outline: -sqrt(max log p - log p) >= -2.12 (toy.md §6)
+SUPPORT_LEVEL = 2.12     # the figure's outline: -sqrt(max log p - log p) >= -2.12
 
 @functools.lru_cache(None)
 def support_threshold(device=torch.device('cpu')) -> float:
@@ -443,7 +444,7 @@ def format_stats_table(rows: list[tuple[str, dict]]) -> str:
     return '\n'.join(lines)
 
 #----------------------------------------------------------------------------
-# Plotting (toy.md §6).
+# Plotting.
 
 VIEW_A = dict(view_x=0.30, view_y=0.30, view_size=1.2, num_samples=1 << 14)
 VIEW_B = dict(view_x=0.45, view_y=1.22, view_size=0.3, num_samples=4096, sample_distance=0.045, sigma_max=0.03)
@@ -507,7 +508,7 @@ def do_plot(net=None, guidance: float = 1, gnet=None, elems=('gt_uncond', 'gt_ou
             view_x: float = 0, view_y: float = 0, view_size: float = 1.6, grid_resolution: int = 400,
             arrow_len: float = 0.002, num_samples: int = 8192, seed: int = 1, sample_distance: float = 0,
             sigma_max: float = 5, device=None, ax=None) -> torch.Tensor | None:
-    """Draw the requested elements (table in toy.md §6) on `ax` (default: current axes).
+    """Draw the requested elements on `ax` (default: current axes).
     Returns the final sample positions when samples/trajectories were drawn."""
     import matplotlib.pyplot as plt
     ax = plt.gca() if ax is None else ax
@@ -529,7 +530,7 @@ def do_plot(net=None, guidance: float = 1, gnet=None, elems=('gt_uncond', 'gt_ou
     return None if trajectory is None else trajectory[-1]
 
 def figure_panels() -> list[tuple[str, str, set, dict]]:
-    """(title, models, elems, view) of the 8 panels (toy.md §6)."""
+    """(title, models, elems, view) of the 8 panels."""
     dist = {'gt_uncond', 'gt_outline', 'samples'}
     return [
         ('Ground truth distribution', 'gt', dist, VIEW_A),
@@ -549,7 +550,7 @@ def _panel_models(which: str, net, gnet, guidance: float) -> dict:
 
 def plot_figure(net, gnet, guidance: float = 3, device=None, grid_resolution: int = 400,
                 samples_scale: float = 1.0, progress: bool = True):
-    """The 2x4 figure of toy.md §6. Returns (figure, [(panel title, sample_stats)])
+    """The 2x4 figure of `toy_example.py plot`. Returns (figure, [(panel title, sample_stats)])
     with statistics for the panels that sample the whole tree (view A)."""
     import matplotlib.pyplot as plt
     from tqdm import tqdm

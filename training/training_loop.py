@@ -1,4 +1,4 @@
-"""Main training loop of EDM2 (spec training.md §3-§7): loss, learning-rate schedule, loop.
+"""Main training loop of EDM2: loss, learning-rate schedule, loop.
 
 This file is embedded in every snapshot pickle (the `loss_fn` entry is an `EDM2Loss`),
 so what runs at import time uses only what the official toolkit provides: the standard
@@ -63,7 +63,8 @@ class EDM2Loss:
 # the Training Dynamics of Diffusion Models".
 
 def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10):
-    """alpha_ref / sqrt(max(n / (t_ref B), 1)) * min(n / (R 1e6), 1)  (training.md §5.2)."""
+    """alpha_ref / sqrt(max(n / (t_ref B), 1)) * min(n / (R 1e6), 1): the EDM2 paper's inverse square-root
+    decay after t_ref batches, with a linear ramp-up over R Mimg."""
     lr = ref_lr
     if ref_batches > 0:
         lr /= np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))

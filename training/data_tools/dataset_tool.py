@@ -1,5 +1,5 @@
 """Library behind `dataset_tool.py`: input readers, atomic output writers, `convert`, `encode`, `decode`
-and the fork's `process_and_encode` (spec data.md §4).
+and the fork's `process_and_encode` (docs/formats.md#datasets-written-by-dataset_toolpy).
 
 Every command returns a `SkipLog` listing the inputs it skipped and why (unreadable files, images too
 small for `center-crop-wide`); the CLI prints its summary and, with `--strict`, fails when it is not
@@ -127,7 +127,7 @@ def encode_npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 #----------------------------------------------------------------------------
-# Input readers (spec data.md §4.1).
+# Input readers.
 
 
 class Source:
@@ -214,7 +214,7 @@ class Source:
             self._zip = None
 
 #----------------------------------------------------------------------------
-# Output writers (spec data.md §4.2), atomic: a zip is written to a temp file, a folder to a temp folder,
+# Output writers, atomic: a zip is written to a temp file, a folder to a temp folder,
 # and renamed into place only when everything succeeded.
 
 
@@ -303,7 +303,7 @@ def dataset_json(labels: list) -> bytes:
     return json.dumps({'labels': labels}).encode('utf-8')
 
 #----------------------------------------------------------------------------
-# convert (spec data.md §4.3).
+# convert.
 
 
 CONVERT_HINT = 'use --resolution=WxH (and --transform) to give every image the same size'
@@ -433,7 +433,7 @@ def convert(source: str, dest: str, max_images: Optional[int] = None, transform:
     return skips
 
 #----------------------------------------------------------------------------
-# encode / decode (spec data.md §4.4-4.5) through training.encoders.StabilityVAEEncoder, batched.
+# encode / decode through training.encoders.StabilityVAEEncoder, batched.
 
 
 def _batches(items: Iterator, batch: int) -> Iterator[list]:
@@ -505,7 +505,7 @@ def encode(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse',
 
 def decode(source: str, dest: str, model_url: str = 'stabilityai/sd-vae-ft-mse', max_images: Optional[int] = None,
            batch: int = 8, device: Optional[str] = None, seed: int = 0, verbose: bool = True) -> SkipLog:
-    """Raw latents (`.npy`, as written by `encode`) -> PNGs of a posterior sample (fixes quirk E5)."""
+    """Raw latents (`.npy`, as written by `encode`) -> PNGs of a posterior sample (docs/differences.md#data-1)."""
     device = _torch_device(device)
     src = Source(source, {'.npy'})
     names = _selected_names(src, max_images, '.npy latents')
@@ -538,7 +538,7 @@ def _write_converted(writer: 'DestWriter', src: 'Source', items: Iterator, batch
         writer.write('dataset.json', dataset_json(labels))
 
 #----------------------------------------------------------------------------
-# process-and-encode (fork, spec data.md §4.6): category folders -> per-image latents, sharded over ranks.
+# process-and-encode (fork; docs/differences.md#data-13): category folders -> per-image latents, sharded over ranks.
 
 
 def list_category_images(source: str) -> tuple:
@@ -578,7 +578,7 @@ class _CategoryImages(torch.utils.data.Dataset):
 
 
 def _collate_keep_skips(batch: list) -> tuple:
-    """Default collate cannot batch None (quirk F24): split the batch into kept images and skips."""
+    """Default collate cannot batch None (docs/differences.md#data-13): split the batch into kept images and skips."""
     kept = [(i, img) for i, img, _reason in batch if img is not None]
     skipped = [(i, reason) for i, img, reason in batch if img is None]
     pixels = torch.from_numpy(np.stack([img for _i, img in kept])) if kept else None

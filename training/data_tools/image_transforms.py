@@ -1,7 +1,7 @@
 """Image scale/crop transforms of `dataset_tool.py convert` and of the fork's `CenterCropImagenet`.
 
 Every transform takes and returns an HWC uint8 numpy array (RGB). All resizes are PIL resizes of uint8
-images, as spec data.md §4.3 prescribes. A transform returns None when the image must be skipped
+images, as in the official dataset_tool.py. A transform returns None when the image must be skipped
 (only `center-crop-wide` does this, for images too small to fill the output).
 """
 
@@ -83,7 +83,8 @@ class TransformWrapper:
 
 
 def check_transform_args(mode: Optional[str], width: Optional[int], height: Optional[int]) -> None:
-    """The official checks (the fork dropped them: quirk F25), plus center-crop-wide's H <= W. Raises ValueError."""
+    """The official checks (the fork dropped them: docs/differences.md#data-14), plus center-crop-wide's
+    H <= W. Raises ValueError."""
     if mode is None:
         return
     if mode not in TRANSFORM_MODES:
@@ -93,7 +94,7 @@ def check_transform_args(mode: Optional[str], width: Optional[int], height: Opti
     if mode == 'center-crop-dhariwal' and width != height:
         raise ValueError('width and height must match in --resolution=WxH when using center-crop-dhariwal transform')
     if mode == 'center-crop-wide' and height > width:
-        # The band is pasted into a W x W canvas (spec data.md §4.3), which cannot hold a taller one.
+        # The band is pasted into a W x W canvas, which cannot hold a taller one.
         raise ValueError('height must not exceed width in --resolution=WxH when using center-crop-wide transform')
 
 

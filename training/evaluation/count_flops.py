@@ -1,4 +1,4 @@
-"""Parameter, compute and activation-memory counts of a network (count_flops.md).
+"""Parameter, compute and activation-memory counts of a network.
 
 The official tool traces the network with `torch.jit.trace` and walks the
 graph. This module records the same forward pass with a `TorchDispatchMode`
@@ -6,11 +6,11 @@ instead: every ATen operator that runs is seen together with the shapes of its
 inputs and outputs, which also works on the `meta` device (no weights, no
 arithmetic), so even the XXL preset is counted in a fraction of a second.
 
-The counting rules are those of count_flops.md; operators reach the dispatcher
+The counting rules are those of the official count_flops.py; operators reach the dispatcher
 in their decomposed form, so a few names are mapped back to the names the
 official tracer records (`mm`/`bmm` -> `matmul`, `convolution` ->
 `_convolution`, `_softmax` -> `softmax`, `_to_copy` -> `to`); the cost of each
-is the one the spec gives for that name. Convolutions and matrix products are
+is the one the official tool assigns to that name. Convolutions and matrix products are
 counted as multiply-accumulates, so totals match the paper's "Gflops".
 
 Activation memory per sample: on CUDA the peak of the allocator during the
@@ -140,7 +140,7 @@ class OpCounterMode(TorchDispatchMode):
 
 #----------------------------------------------------------------------------
 # Attention through the fused kernel is counted as its explicit formula
-# softmax(Q K^T / sqrt(d)) V (count_flops.md §4).
+# softmax(Q K^T / sqrt(d)) V.
 
 def _explicit_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     if attn_mask is not None or dropout_p != 0 or is_causal or enable_gqa:
@@ -173,7 +173,7 @@ def _plain_path(net: torch.nn.Module):
 
 @contextlib.contextmanager
 def _exact_cuda_math(device: torch.device):
-    """cuDNN benchmark and TF32 / reduced-precision reductions off while counting (count_flops.md step 3)."""
+    """cuDNN benchmark and TF32 / reduced-precision reductions off while counting."""
     if device.type != 'cuda':
         yield
         return
@@ -200,7 +200,7 @@ def load_network(src: str, verbose: bool = True) -> torch.nn.Module:
     return load_snapshot(src, 'PKL|URL')['ema']
 
 def default_inputs(net: torch.nn.Module, device: torch.device) -> tuple:
-    """Batch of one: zero image, zero sigma, zero labels (count_flops.md step 2)."""
+    """Batch of one: zero image, zero sigma, zero labels."""
     missing = [name for name in ('img_resolution', 'img_channels', 'label_dim') if not hasattr(net, name)]
     if missing:
         raise ValueError(f'{type(net).__name__} has no {", ".join(missing)}: not an image network; pass net_args explicitly')
@@ -272,7 +272,7 @@ def figure(value: float) -> str:
 
 
 def format_flops(result: dict) -> str:
-    """The report of count_flops.md ("Printed report"), as one string."""
+    """The printed report, as one string."""
     lines = [
         '',
         f'Parameters  {figure(result["total_params"] / 1e6):<8s}M',

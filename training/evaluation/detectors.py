@@ -1,4 +1,4 @@
-"""Feature detectors and image scorers used by the metrics (spec metrics.md §1).
+"""Feature detectors and image scorers used by the metrics.
 
 Every detector has `feature_dim` and maps a batch of uint8 NCHW RGB images (any
 resolution, on the compute device) to float features `[N, feature_dim]`. Scorers
@@ -269,7 +269,7 @@ def load_inception(url: str = INCEPTION_URL, verbose: bool = True) -> torch.nn.M
 
 
 def _resize_normalize(images: torch.Tensor, mean: tuple, std: tuple, size: int = 224) -> torch.Tensor:
-    """Bicubic antialiased resize on float values, /255, per-channel mean/std (metrics.md §1.2-1.4)."""
+    """Bicubic antialiased resize on float values, /255, per-channel mean/std."""
     x = images.to(torch.float32)
     x = F.interpolate(x, size=(size, size), mode='bicubic', antialias=True, align_corners=False)
     x = x / 255
@@ -365,7 +365,7 @@ class DINOv2Detector(Detector):
 
 
 class Nima(Detector):
-    """[FORK] NIMA: expected rating sum_k k * p_k over the 10 rating bins (metrics.md §1.3)."""
+    """[FORK] NIMA: expected rating sum_k k * p_k over the 10 rating bins (Talebi & Milanfar 2018)."""
     feature_dim = 1
     max_score = 10
 
@@ -398,7 +398,7 @@ class AestheticHead(torch.nn.Module):
 
 
 class AestheticPredictor(Detector):
-    """[FORK] head(L2-normalised CLIP ViT-L/14 image embedding) (metrics.md §1.4)."""
+    """[FORK] head(L2-normalised CLIP ViT-L/14 image embedding) (LAION improved aesthetic predictor)."""
     feature_dim = 1
     max_score = 10
 

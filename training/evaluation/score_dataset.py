@@ -1,4 +1,4 @@
-"""[FORK] Per-image scoring of a dataset, resumable (spec metrics.md §5; fixes quirks F14, F22).
+"""[FORK] Per-image scoring of a dataset, resumable (docs/differences.md#metrics-11, #metrics-12).
 
 `score_dataset()` scores every image of a directory or zip with one scorer (`nima`, `ascore`):
 
@@ -66,7 +66,8 @@ def write_scores_csv(scores: dict, path: str, metric: str) -> None:
 
 
 def checkpoint_files(out_dir: str) -> list:
-    """[(index, path)] of out/results_<n>.csv sorted by n; results_full.csv is not one of them (F22)."""
+    """[(index, path)] of out/results_<n>.csv sorted by n; results_full.csv is not one of them
+    (docs/differences.md#metrics-12)."""
     if not os.path.isdir(out_dir):
         return []
     found = [(int(m.group(1)), os.path.join(out_dir, name)) for name in os.listdir(out_dir)

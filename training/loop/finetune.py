@@ -1,10 +1,11 @@
-"""Fine-tuning support (the fork's `--model2finetune`, `--freeze-down`, `--freeze-attn`; training.md §4, §8).
+"""Fine-tuning support: the fork's `--model2finetune`, `--freeze-down`, `--freeze-attn`
+(docs/differences.md#train-3 to #train-5).
 
 * `load_finetune_source`: the EMA network (as float32) and encoder of a snapshot pickle,
   read by the one snapshot loader (training.snapshots.loading).
 * `check_compatible` / `match_label_dim`: the dataset must fit the loaded network; its
   label vectors are zero-padded to the network's `label_dim` (the fork breaks when a
-  filtered dataset has fewer classes, quirk F12).
+  filtered dataset has fewer classes, docs/differences.md#data-11).
 * `freeze_parameters` / `hold_frozen_weights`: frozen tensors get no gradient, stay out of
   the optimizer, and - unlike the fork, where forced weight normalisation still rewrites
   them - keep their exact values.
@@ -78,7 +79,7 @@ def network_kwargs_of(net: torch.nn.Module) -> dict:
 
 def freeze_parameters(net: torch.nn.Module, freeze_down: bool = False, freeze_attn: bool = False) -> list:
     """Set requires_grad=False on U-Net parameters whose name (relative to `net.unet`) contains
-    'down' (freeze_down) or 'attn' (freeze_attn); return their names (training.md §4 step 8)."""
+    'down' (freeze_down) or 'attn' (freeze_attn); return their names."""
     unet = getattr(net, 'unet', net)
     frozen = []
     for name, param in unet.named_parameters():

@@ -1,4 +1,4 @@
-"""Training presets of EDM2 (network.md §7, training.md §1-2) as plain dicts.
+"""Training presets of EDM2 as plain dicts.
 
 A preset maps CLI option names of `train_edm2.py` to defaults: every key is the
 name of an option (`duration`, `batch`, `channels`, `lr`, `decay`, `dropout`,
@@ -19,11 +19,12 @@ Origins:
 * `base-finetuning`: the fork's preset; it has no `channels` because the fork
   takes the network from `--model2finetune`.
 * `edm2-cifar10-32x32-*`: this project's pixel-space presets built from the
-  third-party CIFAR settings in training.md §10 (config E hyperparameters on the
-  config G network): 128 channels, channel_mult [1,2,2,2], attention at 16x16
-  only, dropout 0.13, P_mean -1.2, P_std 1.2, batch 512, lr 2e-2, t_ref = 400
-  CIFAR-10 epochs (400 * 50000 / 512 batches) and 200 epochs (10 Mimg) of LR
-  ramp-up. The duration (200Mi, about 4200 epochs) is this project's choice.
+  CIFAR settings of futurexiang-edm2, an independent pixel-space
+  reimplementation (config E hyperparameters on the config G network): 128
+  channels, channel_mult [1,2,2,2], attention at 16x16 only, dropout 0.13,
+  P_mean -1.2, P_std 1.2, batch 512, lr 2e-2, t_ref = 400 CIFAR-10 epochs
+  (400 * 50000 / 512 batches) and 200 epochs (10 Mimg) of LR ramp-up. The
+  duration (200Mi, about 4200 epochs) is this project's choice.
 """
 
 import copy
@@ -112,7 +113,7 @@ def data_shape_for_preset(name: str) -> dict[str, int]:
     return dict(DATA_SHAPES[name])
 
 def network_kwargs_for_preset(name: str, *, use_fp16: bool = True, with_data_shape: bool = True, **overrides: Any) -> dict[str, Any]:
-    """Constructor kwargs of `Precond` for a preset (network.md §7).
+    """Constructor kwargs of `Precond` for a preset.
 
     Returns `{class_name, model_channels, dropout, use_fp16, [extras], [img_resolution, img_channels, label_dim]}`;
     `overrides` replace any entry (e.g. `label_dim=0` for an unconditional net, `model_channels=64`).

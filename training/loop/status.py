@@ -1,7 +1,8 @@
-"""Status lines, `stats.jsonl`, TensorBoard scalars and network snapshots of a training run (training.md §6-§7).
+"""Status lines, `stats.jsonl`, TensorBoard scalars and network snapshots of a training run
+(docs/formats.md#run-directory).
 
 `stats.jsonl` has one strict-JSON object per status point: every collected statistic's
-mean (non-finite means are written as `null`, not the official bare `NaN`, quirk E2),
+mean (non-finite means are written as `null`, not the official bare `NaN`, docs/differences.md#io-5),
 then `timestamp`. TensorBoard scalars are written beside it when the `tensorboard`
 package is installed (imported lazily; silently skipped otherwise).
 """

@@ -23,7 +23,7 @@ from training.loop import finetune
 # Setup.
 
 def configure_backends(cudnn_benchmark: bool) -> None:
-    """cuDNN benchmark per option; TF32 and reduced-precision fp16 reductions off (training.md §4 step 1)."""
+    """cuDNN benchmark per option; TF32 and reduced-precision fp16 reductions off."""
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -136,9 +136,9 @@ def gradient_health(grads: Sequence[torch.Tensor], loss_total: torch.Tensor, los
 
 
 def clip_gradients_(grads: Sequence[torch.Tensor], grad_norm: torch.Tensor, max_norm: float) -> None:
-    """If grad_norm > max_norm, scale every gradient by max_norm / (grad_norm + 1e-6) (training.md §8.3).
+    """If grad_norm > max_norm, scale every gradient by max_norm / (grad_norm + 1e-6).
 
-    `grad_norm` is the unscaled norm (quirk E12/F4: the threshold does not depend on --ls).
+    `grad_norm` is the unscaled norm (docs/differences.md#train-1: the threshold does not depend on --ls).
     """
     coef = torch.where(grad_norm > max_norm, max_norm / (grad_norm + 1e-6), torch.ones_like(grad_norm))
     torch._foreach_mul_(list(grads), coef)

@@ -1,4 +1,4 @@
-"""From `train_edm2.py` options to a training config, and launching the run (training.md §1-§2).
+"""From `train_edm2.py` options to a training config, and launching the run.
 
 The config is a plain dict (an `EasyDict`) whose keys are `training_loop()` kwargs, in
 the official order, with this project's additions at the end:
@@ -33,7 +33,7 @@ _NIMG_UNITS = (('Ki', 10), ('Mi', 20), ('Gi', 30))
 
 
 def parse_nimg(s: Union[int, str, None]) -> Optional[int]:
-    """'128Ki' -> 131072, '8Mi' -> 8388608, '2Gi' -> 2147483648, '4096' -> 4096 (training.md §1)."""
+    """'128Ki' -> 131072, '8Mi' -> 8388608, '2Gi' -> 2147483648, '4096' -> 4096."""
     if s is None or isinstance(s, int):
         return s
     s = str(s).strip()
@@ -114,7 +114,8 @@ def _check_dataset(dataset_kwargs: dict, cond: bool, batch_size: Optional[int] =
         raise ConfigError(f'--categories: {err}') from None
     except (IOError, NotImplementedError) as err:
         raise ConfigError(f'--data: {err}') from None
-    except KeyError as err:  # dataset.json without labels for some images (data.md §2.2); str() would add quotes
+    except KeyError as err:
+        # dataset.json without labels for some images (docs/user-files.md#datasetjson); str() would add quotes.
         raise ConfigError(f'--data: {err.args[0] if err.args else err}') from None
 
 
@@ -133,7 +134,8 @@ def _check_image_shape(path: str, shape: list, channel_mult: Optional[list]) -> 
         raise ConfigError(f'--data: {path}: {err}') from None
 
 
-# Network options that have no effect with --model2finetune: the network comes from the pickle (quirk F5).
+# Network options that have no effect with --model2finetune: the network comes from the pickle
+# (docs/differences.md#train-5).
 _NETWORK_OPTIONS = dict(channels='--channels', channel_mult='--channel-mult', num_blocks='--num-blocks',
                         attn_res='--attn-res', channels_per_head='--channels-per-head', dropout='--dropout')
 
@@ -373,7 +375,8 @@ def launch_training(run_dir: str, c: dict, device: Any = None) -> str:
     if dist.get_rank() == 0:
         _write_options(run_dir, c)
     dist.barrier()
-    log_file = os.path.join(run_dir, 'log.txt') if dist.get_rank() == 0 else None # only rank 0 writes it (quirk E10)
+    # Only rank 0 writes log.txt (docs/differences.md#io-4).
+    log_file = os.path.join(run_dir, 'log.txt') if dist.get_rank() == 0 else None
     logger = dnnlib.util.Logger(file_name=log_file, file_mode='a', should_flush=True)
     try:
         return training_loop(run_dir=run_dir, device=device, **c)
