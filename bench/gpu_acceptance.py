@@ -99,7 +99,7 @@ QUICK = dict(
 # max |diff| / max |cpu| is reported too (scalar gains can show cancellation there), without a limit.
 PARITY_LIMITS = {
     'fp32': dict(forward=1e-4, grad=1e-3),      # TF32 off (IEEE float32 everywhere): rounding-order differences only
-    'tf32': dict(forward=2e-2, grad=5e-2),      # TF32 on: 10-bit mantissa products in convolutions and matmuls
+    'tf32': dict(forward=5e-2, grad=1e-1),      # TF32 on: 10-bit mantissas in convolutions and matmuls (~1e-3 a layer)
 }
 # Mean |diff| in uint8 levels of reduced-precision sampling vs fp32, same seeds (measured on random-weight
 # XS-layout nets: fp16 ~0.05, bf16 ~0.25-0.6; limits with a wide margin, the sampler ODE amplifies rounding).
