@@ -29,56 +29,15 @@ Examples:
 import os
 import statistics
 import sys
-import time
 
 import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.loop import presets  # noqa: E402
-from training.sampling import generate_images as sampling  # noqa: E402
-from training.encoders import StandardRGBEncoder  # noqa: E402
+from bench.common import FAST_PATHS, image_change, make_xs_net, sample_once  # noqa: E402
 
-FAST_PATHS = {
-    'plain': dict(enabled=False),
-    'fast': dict(enabled=True),
-    'bf16': dict(enabled=True, dtype='bf16'),
-    'fp16': dict(enabled=True, dtype='fp16'),
-    'compile': dict(enabled=True, compile=True),
-    'compile_cl': dict(enabled=True, compile=True, channels_last=True),
-}
 CPU_DEFAULTS = dict(resolution=16, channels=64, batch=4, steps=32)
 CUDA_DEFAULTS = dict(resolution=64, channels=128, batch=64, steps=32)
-
-
-def make_net(device: str, resolution: int, channels: int, weights: str) -> torch.nn.Module:
-    """edm2-img512-xs layout with trained-looking gains, stored weights in `weights` dtype."""
-    torch.manual_seed(0)
-    net = presets.construct_network_for_preset('edm2-img512-xs', device='cpu', img_resolution=resolution,
-                                               model_channels=channels)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if name.endswith('gain'):
-                param.fill_(0.7)
-    net = net.to(torch.float16) if weights == 'fp16' else net
-    return net.to(device)
-
-
-def sample_once(net: torch.nn.Module, variant: str, batch: int, steps: int, device: str) -> tuple:
-    """Generate one batch; returns (seconds, uint8 images)."""
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    results = list(sampling.generate_images(net, encoder=StandardRGBEncoder(), seeds=range(batch), max_batch_size=batch,
-                                            device=device, verbose=False, fast_path=FAST_PATHS[variant], num_steps=steps))
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, results[0].images.cpu()
-
-
-def image_change(images: torch.Tensor, reference: torch.Tensor) -> str:
-    diff = (images.int() - reference.int()).abs()
-    return f'max |diff| {int(diff.max()):3d}, {float((diff > 0).float().mean()) * 100:5.2f}% of values changed'
 
 
 @click.command()
@@ -102,12 +61,13 @@ def main(device, variants, resolution, channels, batch, steps, rounds, weights):
     variants = variants.split(',')
     print(f'device {device}, threads {torch.get_num_threads()}, XS layout C={channels} at {resolution}x{resolution}x4, '
           f'{weights} weights, batch {batch}, {steps} steps ({2 * steps - 1} calls), {rounds} rounds')
-    nets = {variant: make_net(device, resolution, channels, weights) for variant in variants}
-    images = {variant: sample_once(nets[variant], variant, batch, steps, device)[1] for variant in variants}  # warm-up
+    nets = {variant: make_xs_net(device, resolution, channels, weights) for variant in variants}
+    run = lambda variant: sample_once(nets[variant], FAST_PATHS[variant], batch, device, num_steps=steps)
+    images = {variant: run(variant)[1] for variant in variants}  # warm-up
     times = {variant: [] for variant in variants}
     for _ in range(rounds):
         for variant in variants:
-            times[variant].append(sample_once(nets[variant], variant, batch, steps, device)[0])
+            times[variant].append(run(variant)[0])
     base = variants[0]
     for variant in variants:
         speedup = statistics.median(b / t for b, t in zip(times[base], times[variant]))

@@ -17,88 +17,17 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.loop import step as train_step  # noqa: E402
+from bench.common import GPU_NET, Variant, step_flops, time_steps  # noqa: E402
 from training.networks_edm2 import Precond  # noqa: E402
-from training.phema import PowerFunctionEMA  # noqa: E402
-from training.training_loop import EDM2Loss  # noqa: E402
 
 CPU_NET = dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2, 2],
                num_blocks=2, attn_resolutions=[16], use_fp16=False)
-GPU_NET = dict(img_resolution=64, img_channels=4, label_dim=1000, model_channels=128, use_fp16=True)  # edm2-img512-xs
-
-#----------------------------------------------------------------------------
-
-class Variant:
-    """A network + optimizer + EMA set up either the plain or the fast way."""
-
-    def __init__(self, net: torch.nn.Module, fast: bool, fast_kwargs: dict, device: torch.device):
-        self.net = net.train().requires_grad_(True).to(device)
-        self.fast = fast
-        self.net.set_fast(**fast_kwargs) if fast else self.net.set_fast(False)
-        self.params = list(self.net.parameters())
-        if fast:
-            self.opt = train_step.make_optimizer(self.params, dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)), device)
-        else:
-            self.opt = torch.optim.Adam(self.params, betas=(0.9, 0.99), foreach=False, fused=False)
-        self.ema = PowerFunctionEMA(self.net)
-        self.loss_fn = EDM2Loss()
-        self.nimg = 0
-
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.net, images, labels)
-        loss.sum().mul(1 / images.shape[0]).backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if self.fast:
-            _, finite = train_step.gradient_health(grads, loss.detach().sum(), 1.0)
-            if not finite:
-                train_step.zero_nonfinite_(grads)
-        else:
-            for g in grads:
-                torch.nan_to_num(g, nan=0, posinf=0, neginf=0, out=g)
-        self.opt.step()
-        self.nimg += images.shape[0]
-        if self.fast:
-            self.ema.update(self.nimg, images.shape[0])
-        else:
-            self._plain_ema_update(images.shape[0])
-
-    @torch.no_grad()
-    def _plain_ema_update(self, batch: int) -> None:
-        for exp, ema in zip(self.ema._exps, self.ema.emas):
-            beta = (1 - batch / self.nimg) ** (exp + 1)
-            for p_ema, p_net in zip(ema.parameters(), self.net.parameters()):
-                p_ema.lerp_(p_net, 1 - beta)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def time_steps(variant: Variant, images, labels, steps: int, device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        variant.step(images, labels)
-    _sync(device)
-    return (time.perf_counter() - start) / steps
-
-
-def step_flops(variant: Variant, images, labels) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        loss = variant.loss_fn(variant.net, images, labels)
-        loss.sum().backward()
-    variant.opt.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 #----------------------------------------------------------------------------
 
