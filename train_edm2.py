@@ -132,7 +132,9 @@ no ramp-up when fine-tuning); the learning rate is constant after --rampup.
 --channels, --channel-mult, --num-blocks, --attn-res set the U-Net (EDM v1's
 --cbase, --cres). Snapshots are network-snapshot-<kimg:06d>.pkl in EDM v1's
 layout; --model2finetune takes an EDM v1 snapshot with an EDM v1 preset (EDM
-v1's --transfer).
+v1's --transfer). The EDM v1 losses draw noise levels, augmentations and noise
+per process from (--seed, process, step), so their results depend on the
+number of processes and --batch-gpu; resuming is exact all the same.
 """
 
 @click.command(epilog=EPILOG)
