@@ -241,3 +241,22 @@ def test_finetune_refuses_a_mismatched_generation_or_augmentation(data8, tmp_pat
                              f'--model2finetune={tmp_path / "ve.pkl"}')
     assert 'training without augmentation' in result.output and config['augment_kwargs'] is None
     assert config['loss_kwargs'] == {'class_name': 'training.loss.VELoss'}
+
+
+def test_torchrun_finetunes_without_augmentation(tmp_path):
+    """Two processes (DistributedDataParallel): a network with an augmentation-label input trained without
+    augmentation keeps that input's weights frozen, so no process waits for their gradients."""
+    data = write_dataset(str(tmp_path / 'data16'), num_images=16, resolution=16)
+    source = make_tiny_edm1('EDMPrecond', 'ddpmpp', dropout=0.0)
+    write_edm1_snapshot(str(tmp_path / 'edm.pkl'), source)
+    outdir = str(tmp_path / 'ft')
+    result = run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_edm2.py',
+                  f'--outdir={outdir}', f'--data={data}', '--preset=edm-cifar10-32x32-cond-vp', '--augment=0',
+                  f'--model2finetune={tmp_path / "edm.pkl"}', '--rampup=0', '--workers=0', '--device=cpu', '--batch=16',
+                  '--duration=32', '--status=16', '--snapshot=1Ki', '--checkpoint=1Ki'])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert 'Frozen parameter: model.map_augment.weight' in result.stdout
+    trained = load_state(os.path.join(outdir, 'training-state-0000000.pt'))
+    assert trained['state']['cur_nimg'] == 32
+    assert torch.equal(trained['net']['model.map_augment.weight'], source.state_dict()['model.map_augment.weight'])
+    assert not torch.equal(trained['net']['model.map_layer0.weight'], source.state_dict()['model.map_layer0.weight'])

@@ -171,6 +171,8 @@ def training_loop(
 
     # [FORK] Freeze parameters; frozen weights are held exactly (no forced re-normalisation).
     frozen = finetune.freeze_parameters(net, freeze_down=freeze_down, freeze_attn=freeze_attn)
+    if augment_kwargs is None:
+        frozen += finetune.freeze_augment_input(net)
     for name in frozen:
         dist.print0(f'Frozen parameter: {name}')
     finetune.hold_frozen_weights(net)

@@ -94,6 +94,18 @@ def freeze_parameters(net: torch.nn.Module, freeze_down: bool = False, freeze_at
     return frozen
 
 
+def freeze_augment_input(net: torch.nn.Module) -> list:
+    """Set requires_grad=False on the augmentation-label input of an EDM v1 network (`model.map_augment`) and
+    return the names. Training without augmentation never runs that layer (the network gets no labels), so its
+    weights would get no gradient anyway; frozen, they stay exact and DistributedDataParallel does not wait for
+    their gradients."""
+    layer = getattr(getattr(net, 'model', None), 'map_augment', None)
+    if layer is None:
+        return []
+    layer.requires_grad_(False)
+    return [f'model.map_augment.{name}' for name, _param in layer.named_parameters()]
+
+
 def hold_frozen_weights(net: torch.nn.Module) -> int:
     """Put every leaf layer whose parameters are all frozen in eval mode; return how many.
 
