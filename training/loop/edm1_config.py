@@ -14,6 +14,7 @@ resume are the same (`training.training_loop`); what differs is configuration:
 * snapshots: `network-snapshot-<kimg:06d>.pkl` in EDM v1's layout (docs/formats.md).
 """
 
+import copy
 import math
 from typing import Optional
 
@@ -34,7 +35,7 @@ EDM1_OPTIMIZER_KWARGS = dict(class_name='torch.optim.Adam', betas=[0.9, 0.999], 
 EDM1_OPTIONS = dict(arch='--arch', precond='--precond', augment='--augment', ema='--ema')
 
 
-def preset_names() -> list:
+def preset_names() -> list[str]:
     return list(edm1_presets.EDM1_MODELS)
 
 
@@ -55,7 +56,7 @@ def _whole_batches(nimg: float, batch_size: int) -> int:
 def preset_values(name: str) -> dict:
     """The training options of a published model as train_edm2.py option values: durations in images,
     `ema` and `rampup` in Mimg, `decay=0` (constant learning rate after the ramp-up)."""
-    options = edm1_presets.EDM1_MODELS[name]['options']
+    options = copy.deepcopy(edm1_presets.EDM1_MODELS[name]['options'])
     batch = options['batch']
     return dict(cond=options['cond'], arch=options['arch'], precond=options['precond'],
                 duration=_whole_batches(options['duration'] * 1e6, batch), batch=batch, channels=options['cbase'],

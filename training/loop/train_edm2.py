@@ -206,8 +206,7 @@ def _preset_values(preset: str) -> dict:
 
 
 def _resolve_options(preset: str, opts: dict) -> tuple:
-    """(options with the preset's values and the defaults filled in, the preset's values, the names of the
-    options given explicitly)."""
+    """(options with the preset's values and the defaults filled in, the names of the options given explicitly)."""
     opts = dnnlib.EasyDict(opts)
     preset_values = _preset_values(preset)
     explicit = {key for key, value in opts.items() if value is not None}
@@ -221,14 +220,14 @@ def _resolve_options(preset: str, opts: dict) -> tuple:
             opts[key] = value
     opts.rampup = _mimg_option('--rampup', opts.get('rampup'), default_rampup(preset_values, finetuning))
     opts.ema = _mimg_option('--ema', opts.get('ema'), None)
-    return opts, preset_values, explicit
+    return opts, explicit
 
 
 def setup_training_config(preset: str = 'edm2-img512-s', **opts: Any) -> dnnlib.EasyDict:
     """Resolve options (None = take the preset's value) into a training config; raises ConfigError.
     Prints (rank 0) warnings about settings that are legal but probably not meant. An EDM v1 preset
     configures the same loop for EDM v1 networks (training.loop.edm1_config)."""
-    opts, preset_values, explicit = _resolve_options(preset, opts)
+    opts, explicit = _resolve_options(preset, opts)
     edm1 = edm1_config.is_edm1_preset(preset)
     finetuning = opts.get('model2finetune') is not None
     if opts.channels is None and not finetuning and not edm1:
