@@ -209,7 +209,7 @@ def training_loop(
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
     dataset_iterator = train_step.make_data_iterator(dataset_obj, dataset_sampler, batch_gpu, data_loader_kwargs, device)
     noise_source = None
-    if train_step.takes_step_noise(loss_fn):
+    if not train_step.draws_own_noise(loss_fn):
         noise_source = train_step.StepNoise(seed, batch_size, ref_image.shape[1:], device,
                                             posterior=isinstance(encoder, encoders.StabilityVAEEncoder))
     reporter = train_status.StatusReporter(run_dir, device, stop_at_nimg)

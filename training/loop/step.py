@@ -1,6 +1,6 @@
 """One training step (`TrainingStep`) and what it is built from: optimizer, data loader, per-step noise,
 gradient checks. The step trains EDM2 networks with `EDM2Loss` and EDM v1 networks with the losses of
-`training.loss`, which draw their own noise and take the augmentation pipeline (`takes_step_noise`).
+`training.loss`, which draw their own noise and take the augmentation pipeline (`draws_own_noise`).
 
 Speed rules (perf-notes): no per-parameter Python loops on the normal path; the
 optimizer runs foreach (CPU) or fused (CUDA); gradient norms use one foreach
@@ -84,11 +84,11 @@ def _sigint_ignored() -> Iterator[None]:
 #----------------------------------------------------------------------------
 # Noise shared by all ranks: rows of a global-batch draw.
 
-def takes_step_noise(loss_fn: Any) -> bool:
-    """Whether `loss_fn` takes the step's pre-drawn noise (`EDM2Loss`: `rnd_normal`, `noise`). The EDM v1
-    losses (training.loss) draw sigma, the augmentation and the noise themselves, from the global generator
-    that every step seeds with (seed, rank, images seen), and take the augmentation pipeline instead."""
-    return 'rnd_normal' in inspect.signature(loss_fn).parameters
+def draws_own_noise(loss_fn: Any) -> bool:
+    """Whether `loss_fn` is an EDM v1 loss (training.loss): one that takes the augmentation pipeline and draws
+    sigma, the augmentation and the noise itself, from the global generator that every step seeds with (seed,
+    rank, images seen). Any other loss gets the step's pre-drawn noise like `EDM2Loss` (`rnd_normal`, `noise`)."""
+    return 'augment_pipe' in inspect.signature(loss_fn).parameters
 
 
 class StepNoise:
@@ -183,7 +183,7 @@ class TrainingStep:
                  noise: Optional[StepNoise], lr_kwargs: dict, seed: int, batch_size: int, batch_gpu: int,
                  loss_scaling: float = 1, max_grad_norm: float = 0, force_finite: bool = True,
                  augment_pipe: Any = None, device: Optional[torch.device] = None):
-        """`noise` is None for a loss that draws its own (takes_step_noise); it then gets `augment_pipe`
+        """`noise` is None for a loss that draws its own (draws_own_noise); it then gets `augment_pipe`
         (None = no augmentation) and `device` says where the step computes."""
         self.net, self.ddp, self.params = net, ddp, list(params)
         self.loss_fn, self.optimizer, self.encoder, self.augment_pipe = loss_fn, optimizer, encoder, augment_pipe

@@ -42,7 +42,8 @@ def test_edm1_losses_draw_their_own_noise_from_the_seeded_step():
     from training.augment import AugmentPipe
     from training.loop.edm1_presets import EDM1_AUGMENT_KWARGS
     from training.loss import VPLoss
-    assert train_step.takes_step_noise(EDM2Loss()) and not train_step.takes_step_noise(VPLoss())
+    assert train_step.draws_own_noise(VPLoss()) and not train_step.draws_own_noise(EDM2Loss())
+    assert not train_step.draws_own_noise(lambda net, images, labels, **kwargs: None)  # a wrapper: EDM2's interface
     images = torch.randint(0, 256, [4, 3, 16, 16], generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     labels = torch.eye(4)
 
