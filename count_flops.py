@@ -1,4 +1,4 @@
-"""Count parameters, compute and activation memory of an EDM2 network.
+"""Count parameters, compute and activation memory of an EDM2 or EDM v1 network.
 
 Thin CLI over `training.evaluation.count_flops`. `count_flops` and `print_flops`
 are re-exported for scripts that import them from here, as with the original.
@@ -8,7 +8,7 @@ import click
 
 from torch_utils import distributed as dist
 from training.evaluation import count_flops as flops
-from training.loop import presets
+from training.loop import edm1_presets, presets
 from training.cli.options import DeviceType
 from training.evaluation.count_flops import count_flops, print_flops
 
@@ -17,10 +17,14 @@ __all__ = ['count_flops', 'print_flops', 'cmdline']
 #----------------------------------------------------------------------------
 
 def _count_preset(name: str, device: str) -> dict:
+    if name in edm1_presets.EDM1_MODELS:  # a published EDM v1 model, as its training builds it
+        kwargs = edm1_presets.edm1_model_network_kwargs(name)
+        net = edm1_presets.construct_edm1_network(kwargs, device=device).eval().requires_grad_(False)
+        return count_flops(net, device=device)
     try:
         net = presets.construct_network_for_preset(name, device=device)  # use_fp16=True as in training
     except presets.PresetError as err:
-        raise click.BadParameter(str(err), param_hint='--preset') from None
+        raise click.BadParameter(f'{err}, {", ".join(edm1_presets.EDM1_MODELS)}', param_hint='--preset') from None
     return count_flops(net, device=device)
 
 def _count_pickle(src: str, device: str) -> dict:
@@ -34,9 +38,10 @@ def _count_pickle(src: str, device: str) -> dict:
 Examples:
   python count_flops.py https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-s-2147483-0.130.pkl
   python count_flops.py --preset=edm2-img512-xs
+  python count_flops.py --preset=edm-cifar10-32x32-cond-vp
 """)
 @click.argument('net', metavar='PKL|URL', required=False)
-@click.option('--preset', help='Count a freshly built network of this training preset instead of a pickle.', metavar='NAME')
+@click.option('--preset', help='Count a freshly built network of this training preset (EDM2, or an EDM v1 model such as edm-cifar10-32x32-cond-vp) instead of a pickle.', metavar='NAME')
 @click.option('--device', help='Device for the forward pass. On "meta" nothing is computed: counts come from shapes and memory is estimated from tensor sizes.  [default: cuda if available, else meta]', metavar='STR', type=DeviceType(allow_meta=True))
 def cmdline(net: str, preset: str, device: str) -> None:
     """Print parameters, Gflops per sample and activation memory per sample of a network.

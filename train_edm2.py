@@ -9,7 +9,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training.loop import presets
+from training.loop import edm1_config, presets
 from training.cli.options import DEVICE
 from training.loop.train_edm2 import (ConfigError, check_config, check_level_list, launch_training, parse_nimg,
                                       parse_rampup, print_training_config, setup_training_config)
@@ -32,7 +32,7 @@ def _nimg(ctx: click.Context, param: click.Parameter, value):
     return nimg
 
 
-def _rampup(ctx: click.Context, param: click.Parameter, value):
+def _mimg(ctx: click.Context, param: click.Parameter, value):
     try:
         return parse_rampup(value)
     except ValueError as err:
@@ -72,6 +72,12 @@ python train_edm2.py --outdir=runs/tiny --data=datasets/tiny-32x32.zip --cond=0 
     --preset=edm2-cifar10-32x32-uncond --channels=16 --channel-mult=1,2 \\
     --num-blocks=1 --batch=32 --duration=64Ki --status=4Ki --snapshot=16Ki \\
     --checkpoint=16Ki --workers=0 --rampup=0
+
+\b
+# EDM v1: the published CIFAR-10 DDPM++ model (edm-cifar10-32x32-cond-vp) on 8 GPUs
+torchrun --standalone --nproc_per_node=8 train_edm2.py \\
+    --outdir=training-runs/edm-cifar10-32x32-cond-vp --data=datasets/cifar10-32x32.zip \\
+    --preset=edm-cifar10-32x32-cond-vp
 
 \b
 # Fine-tune a published snapshot on a filtered dataset (the fork's workflow)
@@ -116,6 +122,19 @@ have no effect (a warning says so), and training_options.json records the
 pickle's network. A run whose loss or gradients stay non-finite for --nonfinite-limit
 steps stops with an error; stats.jsonl is strict JSON (non-finite -> null) and
 counts steps with non-finite gradients (Loss/nonfinite_grads).
+
+EDM v1 presets (edm-*) train the networks of "Elucidating the Design Space of
+Diffusion-Based Generative Models" with the same loop: --arch (ddpmpp, ncsnpp,
+adm) and --precond (vp, ve, edm) choose the network and its loss, --augment the
+probability of the augmentation pipeline (its labels go to the network), --ema
+the half-life of the classic EMA (ramped up over the first images as in EDM v1,
+no ramp-up when fine-tuning); the learning rate is constant after --rampup.
+--channels, --channel-mult, --num-blocks, --attn-res set the U-Net (EDM v1's
+--cbase, --cres). Snapshots are network-snapshot-<kimg:06d>.pkl in EDM v1's
+layout; --model2finetune takes an EDM v1 snapshot with an EDM v1 preset (EDM
+v1's --transfer). The EDM v1 losses draw noise levels, augmentations and noise
+per process from (--seed, process, step), so their results depend on the
+number of processes and --batch-gpu; resuming is exact all the same.
 """
 
 @click.command(epilog=EPILOG)
@@ -123,8 +142,8 @@ counts steps with non-finite gradients (Loss/nonfinite_grads).
 # Main options.
 @click.option('--outdir',           help='Where to save the results', metavar='DIR',              type=str, required=True)
 @click.option('--data',             help='Path to the dataset', metavar='ZIP|DIR',                type=str, required=True)
-@click.option('--cond',             help='Train class-conditional model', metavar='BOOL',         type=bool, default=True, show_default=True)
-@click.option('--preset',           help='Configuration preset: ' + ', '.join(presets.preset_names()), metavar='STR', type=str, default='edm2-img512-s', show_default=True)
+@click.option('--cond',             help='Train class-conditional model  [default: True; EDM v1 presets: as named]', metavar='BOOL', type=bool, default=None)
+@click.option('--preset',           help='Configuration preset: ' + ', '.join(presets.preset_names() + edm1_config.preset_names()), metavar='STR', type=str, default='edm2-img512-s', show_default=True)
 @click.option('--model2finetune',   help='Network snapshot pickle to fine-tune (its EMA network and encoder)  [default: train a fresh network]', metavar='PKL', type=str, default=None)
 
 # Hyperparameters.
@@ -136,13 +155,19 @@ counts steps with non-finite gradients (Loss/nonfinite_grads).
 @click.option('--P_std', 'P_std',   help='Noise level standard deviation', metavar='FLOAT',       type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--lr',               help='Learning rate max. (alpha_ref)', metavar='FLOAT',       type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--decay',            help='Learning rate decay (t_ref)', metavar='BATCHES',        type=click.FloatRange(min=0), default=None)
-@click.option('--rampup',           help='Learning rate ramp-up: images like --duration (e.g. 256Ki), or a plain number in Mimg  [default: preset, else 0 when fine-tuning, 10 (Mimg) otherwise]', metavar='NIMG|MIMG', type=str, default=None, callback=_rampup)
+@click.option('--rampup',           help='Learning rate ramp-up: images like --duration (e.g. 256Ki), or a plain number in Mimg  [default: preset, else 0 when fine-tuning, 10 (Mimg) otherwise]', metavar='NIMG|MIMG', type=str, default=None, callback=_mimg)
 
 # Architecture knobs (fixed by the presets).
 @click.option('--channel-mult',     help='Per-resolution channel multipliers, e.g. 1,2,3,4  [default: preset]', metavar='LIST', type=str, default=None, callback=_int_list)
 @click.option('--num-blocks',       help='Residual blocks per resolution  [default: preset]', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--attn-res',         help='Resolutions with self-attention, e.g. 16,8  [default: preset]', metavar='LIST', type=str, default=None, callback=_int_list)
 @click.option('--channels-per-head', help='Channels per attention head  [default: 64]', metavar='INT', type=click.IntRange(min=1), default=None)
+
+# EDM v1 runs (edm-* presets).
+@click.option('--arch',             help='EDM v1 architecture  [default: preset]',                 type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default=None)
+@click.option('--precond',          help='EDM v1 preconditioning and loss  [default: preset]',     type=click.Choice(['vp', 've', 'edm']), default=None)
+@click.option('--augment',          help='EDM v1 augmentation probability (0 = off)  [default: preset]', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=None)
+@click.option('--ema',              help='EDM v1 EMA half-life: images like --duration, or a plain number in Mimg  [default: preset]', metavar='NIMG|MIMG', type=str, default=None, callback=_mimg)
 
 # Fine-tuning and dataset filtering [fork].
 @click.option('--max-grad-norm',    help='Clip the global gradient norm to this (0 = off)', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
@@ -156,10 +181,10 @@ counts steps with non-finite gradients (Loss/nonfinite_grads).
 
 # Performance-related options.
 @click.option('--batch-gpu',        help='Limit batch size per GPU', metavar='NIMG',              type=str, default='0', show_default=True, callback=_nimg)
-@click.option('--fp16',             help='Enable mixed-precision training (CUDA)', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--fp16',             help='Enable mixed-precision training (CUDA)  [default: True; EDM v1 presets: their own]', metavar='BOOL', type=bool, default=None)
 @click.option('--dtype',            help='Compute dtype of the network  [default: fp16 on CUDA with --fp16, else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']), default=None)
 @click.option('--plain',            help='Use the official op-for-op network computation (no fast paths)', is_flag=True)
-@click.option('--ls',               help='Loss scaling', metavar='FLOAT',                         type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--ls',               help='Loss scaling  [default: 1; EDM v1 presets: their own]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--bench',            help='Enable cuDNN benchmarking', metavar='BOOL',             type=bool, default=True, show_default=True)
 @click.option('--node-cache',       help='Copy a zip dataset once per node to local disk and read it from there ($EDM2_DATASET_CACHE, else <tempdir>/edm2-dataset-cache-<uid>; copies are not removed automatically)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--workers',          help='Data loader worker processes per GPU', metavar='INT',   type=click.IntRange(min=0), default=2, show_default=True)
@@ -175,7 +200,8 @@ counts steps with non-finite gradients (Loss/nonfinite_grads).
 
 def cmdline(outdir, dry_run, device, **opts):
     """Train or fine-tune diffusion models according to the EDM2 recipe from the paper
-    "Analyzing and Improving the Training Dynamics of Diffusion Models"."""
+    "Analyzing and Improving the Training Dynamics of Diffusion Models", or the EDM v1
+    networks of "Elucidating the Design Space of Diffusion-Based Generative Models"."""
     torch.multiprocessing.set_start_method('spawn', force=True)
     try:
         dist.init(device=device or str(misc.default_device()))

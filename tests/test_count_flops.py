@@ -168,11 +168,31 @@ def test_cli_counts_a_preset():
     assert 'Parameters  124.71  M' in result.output
     assert re.search(r'^Compute     45\.\d\d +Gflops/sample$', result.output, re.M)
 
+def test_cli_counts_an_edm1_preset():
+    result = CliRunner().invoke(cli.cmdline, ['--preset=edm-cifar10-32x32-cond-vp', '--device=meta'])
+    assert result.exit_code == 0, result.output
+    assert 'Parameters  55.74   M' in result.output  # 55,735,299 (tests/training/test_networks.py)
+    assert re.search(r'^Compute     21\.\d\d +Gflops/sample$', result.output, re.M)
+
+@pytest.mark.parametrize('precond, arch', [('VPPrecond', 'ddpmpp'), ('VEPrecond', 'ncsnpp'), ('iDDPMPrecond', 'adm'),
+                                           ('EDMPrecond', 'adm')])
+def test_cli_counts_an_edm1_snapshot(tmp_path, precond, arch):
+    from tests.tiny_edm1 import make_tiny_edm1, write_edm1_snapshot
+    net = make_tiny_edm1(precond, arch)
+    write_edm1_snapshot(str(tmp_path / 'edm1.pkl'), net)
+    result = CliRunner().invoke(cli.cmdline, [str(tmp_path / 'edm1.pkl'), '--device=cpu'])
+    assert result.exit_code == 0 and 'Unknown op' not in result.output, result.output
+    assert f'Parameters  {flops.figure(sum(p.numel() for p in net.parameters()) / 1e6):<8s}M' in result.output
+    reference = flops.count_flops(net, verbose=False)
+    assert reference['total_flops'] > 0 and not reference['unknown_ops']
+    assert re.search(rf'^Total +\d+ +{flops.figure(reference["total_flops"] / 1e9)}$', result.output, re.M)
+
 @pytest.mark.parametrize('args, env, message', [
     (['--preset=edm2-img512-xs'], {'WORLD_SIZE': '2'}, 'Distributed execution is not supported'),
     (['--preset=edm2-img512-xs'], {'WORLD_SIZE': 'x'}, 'WORLD_SIZE="x" is not an integer'),
     ([], {}, 'Give exactly one of PKL|URL or --preset'),
     (['--preset=nope'], {}, 'Invalid configuration preset "nope"; valid presets: edm2-img512-xxs'),
+    (['--preset=nope'], {}, 'edm2-cifar10-32x32-cond, edm-cifar10-32x32-cond-vp'),
     (['--preset=base-finetuning'], {}, '--model2finetune'),
     (['--preset=edm2-img512-xs', '--device=gpu0'], {}, 'is not a torch device'),
 ])

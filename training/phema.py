@@ -208,3 +208,28 @@ class TraditionalEMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.load_state_dict(state)
+
+
+class EDM1EMA(TraditionalEMA):
+    """The classic EMA of EDM v1 (Karras et al. 2022, Table 7: half-life 0.5 Mimg, 50 Mimg for ImageNet),
+    with EDM v1's ramp-up: the half-life is at most `rampup_ratio` times the images seen *before* the step
+    (the loop calls update() after counting the step's batch), so the first update copies the network.
+    `rampup_ratio=None` (fine-tuning, EDM v1's --transfer) averages with the full half-life from the start.
+
+    The average is computed as EDM v1 writes it, theta_ema <- lerp(theta_net, theta_ema, beta)."""
+
+    def __init__(self, net: torch.nn.Module, halflife_Mimg: float = 0.5, rampup_ratio: float | None = 0.05):
+        super().__init__(net, halflife_Mimg=halflife_Mimg, rampup_ratio=rampup_ratio)
+
+    def beta(self, cur_nimg: int, batch_size: int) -> float:
+        """beta = 0.5^(batch / max(h, 1e-8)), h = min(halflife, (cur_nimg - batch) rampup_ratio) in images."""
+        halflife_nimg = self.halflife_Mimg * 1e6
+        if self.rampup_ratio is not None:
+            halflife_nimg = min(halflife_nimg, (cur_nimg - batch_size) * self.rampup_ratio)
+        return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+    @torch.no_grad()
+    def update(self, cur_nimg: int, batch_size: int) -> None:
+        beta = self.beta(cur_nimg, batch_size)
+        ema_params = _params(self.ema)
+        torch._foreach_copy_(ema_params, torch._foreach_lerp(_params(self.net), ema_params, beta))

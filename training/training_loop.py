@@ -6,6 +6,12 @@ library, numpy, torch, psutil, dnnlib and the official torch_utils modules. The 
 helpers (`training.loop.rules`, `training.loop.step`, `training.loop.status`,
 `training.loop.finetune`) are imported inside `training_loop()`.
 
+The same loop trains the EDM v1 networks (`training.networks`, Karras et al. 2022) when the config
+says so: their losses (`training.loss`, which draw their own noise and take the augmentation pipeline
+of `augment_kwargs`), the classic EMA (`training.phema.EDM1EMA`), a constant learning rate after the
+ramp-up (`learning_rate_schedule` with `ref_batches=0`) and EDM v1's snapshot layout
+(`snapshot_layout='edm1'`).
+
 Differences from the official loop (all documented in `train_edm2.py --help`):
 * The noise levels and noise of a step (and, for latent datasets, the VAE posterior
   sample) are drawn for the whole global batch from a generator seeded by
@@ -94,6 +100,8 @@ def training_loop(
     optimizer_kwargs    = dict(class_name='torch.optim.Adam', betas=(0.9, 0.99)),
     lr_kwargs           = dict(func_name='training.training_loop.learning_rate_schedule'),
     ema_kwargs          = dict(class_name='training.phema.PowerFunctionEMA'),
+    augment_kwargs      = None,     # Augmentation pipeline of the EDM v1 losses (training.augment.AugmentPipe); None = off.
+    snapshot_layout     = 'edm2',   # Network snapshot layout: 'edm2', or 'edm1' (EDM v1's, for its networks; docs/formats.md).
     run_dir             = '.',      # Output directory.
     preload_model       = None,     # [FORK] Network pickle to fine-tune (its EMA network and encoder); None = fresh network.
     seed                = 0,        # Global random seed.
@@ -114,7 +122,7 @@ def training_loop(
     fast_kwargs         = None,     # Network fast-path switches (Precond.set_fast kwargs); None = network defaults.
     nonfinite_limit     = 100,      # Stop after this many consecutive steps with non-finite loss/gradients; 0 = never.
 ):
-    """Train (or fine-tune) an EDM2 network; returns 'done', 'stopped' (signal) or 'suspended' (slice)."""
+    """Train (or fine-tune) an EDM2 or EDM v1 network; returns 'done', 'stopped' (signal) or 'suspended' (slice)."""
     from training import encoders
     from training.loop import finetune
     from training.loop import rules
@@ -164,6 +172,8 @@ def training_loop(
 
     # [FORK] Freeze parameters; frozen weights are held exactly (no forced re-normalisation).
     frozen = finetune.freeze_parameters(net, freeze_down=freeze_down, freeze_attn=freeze_attn)
+    if augment_kwargs is None:
+        frozen += finetune.freeze_augment_input(net)
     for name in frozen:
         dist.print0(f'Frozen parameter: {name}')
     finetune.hold_frozen_weights(net)
@@ -176,6 +186,7 @@ def training_loop(
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     optimizer = train_step.make_optimizer(trainable, optimizer_kwargs, device)
     ema = dnnlib.util.construct_class_by_name(net=net, **ema_kwargs) if ema_kwargs is not None else None
+    augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
 
     # Load previous checkpoint and decide how long to train.
     checkpoint = dist.CheckpointIO(state=state, net=net, loss_fn=loss_fn, optimizer=optimizer, ema=ema)
@@ -198,13 +209,15 @@ def training_loop(
     # Main training loop.
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=state.cur_nimg)
     dataset_iterator = train_step.make_data_iterator(dataset_obj, dataset_sampler, batch_gpu, data_loader_kwargs, device)
-    noise_source = train_step.StepNoise(seed, batch_size, ref_image.shape[1:], device,
-                                        posterior=isinstance(encoder, encoders.StabilityVAEEncoder))
+    noise_source = None
+    if not train_step.draws_own_noise(loss_fn):
+        noise_source = train_step.StepNoise(seed, batch_size, ref_image.shape[1:], device,
+                                            posterior=isinstance(encoder, encoders.StabilityVAEEncoder))
     reporter = train_status.StatusReporter(run_dir, device, stop_at_nimg)
     step = train_step.TrainingStep(net=net, ddp=ddp, params=trainable, loss_fn=loss_fn, optimizer=optimizer,
         encoder=encoder, data_iterator=dataset_iterator, noise=noise_source, lr_kwargs=lr_kwargs, seed=seed,
         batch_size=batch_size, batch_gpu=batch_gpu, loss_scaling=loss_scaling, max_grad_norm=max_grad_norm,
-        force_finite=force_finite)
+        force_finite=force_finite, augment_pipe=augment_pipe, device=device)
     health = train_step.HealthMonitor(nonfinite_limit)
     prev_status_nimg = state.cur_nimg
     cumulative_training_time = 0
@@ -230,7 +243,8 @@ def training_loop(
 
             # Save network snapshot.
             if snapshot_nimg is not None and state.cur_nimg % snapshot_nimg == 0 and not at_resume_point and rank == 0 and ema is not None:
-                train_status.save_snapshots(run_dir, state.cur_nimg, ema, encoder, dataset_kwargs, loss_fn)
+                train_status.save_snapshots(run_dir, state.cur_nimg, ema, encoder, dataset_kwargs, loss_fn,
+                                            augment_pipe=augment_pipe, layout=snapshot_layout)
 
             # Save state checkpoint.
             checkpoint_due = checkpoint_nimg is not None and (done or state.cur_nimg % checkpoint_nimg == 0)

@@ -214,3 +214,23 @@ def test_traditional_ema_halflife():
     ema2 = phema.TraditionalEMA(_NetWithBuffer(dim=2))
     ema2.load_state_dict(ema.state_dict())
     assert torch.equal(ema2.ema.weight, ema.ema.weight)
+
+
+def test_edm1_ema_ramps_up_over_the_images_seen_before_the_step():
+    net = _NetWithBuffer(dim=2)
+    ema = phema.EDM1EMA(net)  # half-life 0.5 Mimg, ramp-up ratio 0.05
+    assert ema.beta(cur_nimg=512, batch_size=512) == 0  # first step: nothing seen before it, the EMA copies the net
+    assert ema.beta(cur_nimg=1024, batch_size=512) == 0.5 ** (512 / (512 * 0.05))
+    assert ema.beta(cur_nimg=20 * 10 ** 6, batch_size=512) == 0.5 ** (512 / 0.5e6)  # ramp-up over
+    _set(net, 2.0)
+    ema.update(cur_nimg=512, batch_size=512)
+    assert torch.equal(ema.ema.weight, torch.full([2], 2.0))
+    _set(net, 4.0)
+    beta = ema.beta(cur_nimg=1024, batch_size=512)
+    ema.update(cur_nimg=1024, batch_size=512)
+    assert torch.equal(ema.ema.weight, torch.full([2], 4.0).lerp(torch.full([2], 2.0), beta))  # EDM v1's arithmetic
+    no_ramp = phema.EDM1EMA(_NetWithBuffer(dim=2), halflife_Mimg=1.0, rampup_ratio=None)  # fine-tuning
+    assert no_ramp.beta(cur_nimg=10 ** 6, batch_size=10 ** 6) == 0.5
+    restored = phema.EDM1EMA(_NetWithBuffer(dim=2))
+    restored.load_state_dict(ema.state_dict())
+    assert torch.equal(restored.ema.weight, ema.ema.weight) and ema.get() is ema.ema

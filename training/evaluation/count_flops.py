@@ -69,8 +69,10 @@ def _op_cost(name: str, out: list, ins: list) -> Optional[int]:
         return 0
     if name in _ELEMENTWISE:
         return _ELEMENTWISE[name] * _prod(out)
-    if name in ('linalg_vector_norm', 'avg_pool2d'):
+    if name in ('linalg_vector_norm', 'avg_pool2d', 'argmin', 'argmax'):
         return _prod(ins[0])
+    if name in ('_euclidean_dist', 'cdist', '_cdist_forward'):  # EDM v1 iDDPMPrecond.round_sigma: per distance
+        return 3 * _prod(out) * ins[0][-1]                      # and dimension a difference, square and sum
     if name in ('mm', 'bmm', 'matmul', 'linear'):
         return _prod(out) * ins[0][-1]
     if name == 'addmm':  # input, mat1, mat2

@@ -77,16 +77,33 @@ def network_kwargs_of(net: torch.nn.Module) -> dict:
 
 #----------------------------------------------------------------------------
 
+# Names of attention weights: EDM2 blocks have attn_qkv / attn_proj, EDM v1 blocks (training.networks) qkv / proj.
+_ATTENTION_NAMES = ('attn', '.qkv.', '.proj.')
+
+
 def freeze_parameters(net: torch.nn.Module, freeze_down: bool = False, freeze_attn: bool = False) -> list:
-    """Set requires_grad=False on U-Net parameters whose name (relative to `net.unet`) contains
-    'down' (freeze_down) or 'attn' (freeze_attn); return their names."""
+    """Set requires_grad=False on U-Net parameters whose name (relative to `net.unet`, or to an EDM v1 `net`)
+    contains 'down' (freeze_down) or names an attention weight (freeze_attn); return their names."""
     unet = getattr(net, 'unet', net)
     frozen = []
     for name, param in unet.named_parameters():
-        if (freeze_down and 'down' in name) or (freeze_attn and 'attn' in name):
+        attention = any(part in name for part in _ATTENTION_NAMES)
+        if (freeze_down and 'down' in name) or (freeze_attn and attention):
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+def freeze_augment_input(net: torch.nn.Module) -> list:
+    """Set requires_grad=False on the augmentation-label input of an EDM v1 network (`model.map_augment`) and
+    return the names. Training without augmentation never runs that layer (the network gets no labels), so its
+    weights would get no gradient anyway; frozen, they stay exact and DistributedDataParallel does not wait for
+    their gradients."""
+    layer = getattr(getattr(net, 'model', None), 'map_augment', None)
+    if layer is None:
+        return []
+    layer.requires_grad_(False)
+    return [f'model.map_augment.{name}' for name, _param in layer.named_parameters()]
 
 
 def hold_frozen_weights(net: torch.nn.Module) -> int:

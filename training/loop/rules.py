@@ -9,6 +9,10 @@ import numpy as np
 
 #----------------------------------------------------------------------------
 
+class ConfigError(ValueError):
+    """Bad option value; the message names the option."""
+
+
 def check_batch_settings(batch_size: int, batch_gpu: Optional[int], world_size: int, total_nimg: Optional[int],
                          slice_nimg: Optional[int] = None, status_nimg: Optional[int] = None,
                          snapshot_nimg: Optional[int] = None, checkpoint_nimg: Optional[int] = None) -> tuple:

@@ -153,7 +153,18 @@ class StatusReporter:
 
 #----------------------------------------------------------------------------
 
-def save_snapshots(run_dir: str, cur_nimg: int, ema: Any, encoder: Any, dataset_kwargs: dict, loss_fn: Any) -> list:
+def save_snapshots(run_dir: str, cur_nimg: int, ema: Any, encoder: Any, dataset_kwargs: dict, loss_fn: Any,
+                   augment_pipe: Any = None, layout: str = 'edm2') -> list:
+    """Write the network snapshots of `cur_nimg` in the `layout` of a run, 'edm2' or 'edm1' (atomic); return
+    the paths."""
+    if layout == 'edm1':
+        return [save_edm1_snapshot(run_dir, cur_nimg, ema.get(), loss_fn, augment_pipe, dataset_kwargs)]
+    if layout != 'edm2':
+        raise ValueError(f'Invalid snapshot layout "{layout}"; expected "edm2" or "edm1"')
+    return save_edm2_snapshots(run_dir, cur_nimg, ema, encoder, dataset_kwargs, loss_fn)
+
+
+def save_edm2_snapshots(run_dir: str, cur_nimg: int, ema: Any, encoder: Any, dataset_kwargs: dict, loss_fn: Any) -> list:
     """Write `network-snapshot-<kimg:07d><suffix>.pkl` for every EMA profile (atomic); return the paths.
 
     Layout (official): EasyDict(encoder, dataset_kwargs, loss_fn, ema) with `ema` a float16,
@@ -171,5 +182,18 @@ def save_snapshots(run_dir: str, cur_nimg: int, ema: Any, encoder: Any, dataset_
         print('done')
         paths.append(path)
     return paths
+
+
+def save_edm1_snapshot(run_dir: str, cur_nimg: int, ema_net: torch.nn.Module, loss_fn: Any, augment_pipe: Any,
+                       dataset_kwargs: dict) -> str:
+    """Write `network-snapshot-<kimg:06d>.pkl` in EDM v1's layout (atomic; docs/formats.md) and return its path:
+    a plain dict(ema, loss_fn, augment_pipe, dataset_kwargs), `ema` an eval-mode, no-grad float32 CPU copy."""
+    data = dict(ema=copy.deepcopy(ema_net).cpu().eval().requires_grad_(False).to(torch.float32), loss_fn=loss_fn,
+                augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
+    path = os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl')
+    print(f'Saving {os.path.basename(path)} ... ', end='', flush=True)
+    persistence.save_pickle(data, path)
+    print('done')
+    return path
 
 #----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""One EDM2 training step (`TrainingStep`) and what it is built from: optimizer, data loader, per-step noise,
-gradient checks.
+"""One training step (`TrainingStep`) and what it is built from: optimizer, data loader, per-step noise,
+gradient checks. The step trains EDM2 networks with `EDM2Loss` and EDM v1 networks with the losses of
+`training.loss`, which draw their own noise and take the augmentation pipeline (`draws_own_noise`).
 
 Speed rules (perf-notes): no per-parameter Python loops on the normal path; the
 optimizer runs foreach (CPU) or fused (CUDA); gradient norms use one foreach
@@ -8,6 +9,7 @@ actually non-finite.
 """
 
 import contextlib
+import inspect
 import signal
 from typing import Any, Iterator, Optional, Sequence
 
@@ -81,6 +83,13 @@ def _sigint_ignored() -> Iterator[None]:
 
 #----------------------------------------------------------------------------
 # Noise shared by all ranks: rows of a global-batch draw.
+
+def draws_own_noise(loss_fn: Any) -> bool:
+    """Whether `loss_fn` is an EDM v1 loss (training.loss): one that takes the augmentation pipeline and draws
+    sigma, the augmentation and the noise itself, from the global generator that every step seeds with (seed,
+    rank, images seen). Any other loss gets the step's pre-drawn noise like `EDM2Loss` (`rnd_normal`, `noise`)."""
+    return 'augment_pipe' in inspect.signature(loss_fn).parameters
+
 
 class StepNoise:
     """Standard normal draws for a whole global batch, seeded by (seed, cur_nimg).
@@ -170,12 +179,16 @@ class TrainingStep:
     learning rate, optimizer update. The EMA and the image counter are the loop's."""
 
     def __init__(self, *, net: torch.nn.Module, ddp: torch.nn.Module, params: Sequence[torch.nn.Parameter],
-                 loss_fn: Any, optimizer: torch.optim.Optimizer, encoder: Any, data_iterator: Any, noise: StepNoise,
-                 lr_kwargs: dict, seed: int, batch_size: int, batch_gpu: int, loss_scaling: float = 1,
-                 max_grad_norm: float = 0, force_finite: bool = True):
+                 loss_fn: Any, optimizer: torch.optim.Optimizer, encoder: Any, data_iterator: Any,
+                 noise: Optional[StepNoise], lr_kwargs: dict, seed: int, batch_size: int, batch_gpu: int,
+                 loss_scaling: float = 1, max_grad_norm: float = 0, force_finite: bool = True,
+                 augment_pipe: Any = None, device: Optional[torch.device] = None):
+        """`noise` is None for a loss that draws its own (draws_own_noise); it then gets `augment_pipe`
+        (None = no augmentation) and `device` says where the step computes."""
         self.net, self.ddp, self.params = net, ddp, list(params)
-        self.loss_fn, self.optimizer, self.encoder = loss_fn, optimizer, encoder
+        self.loss_fn, self.optimizer, self.encoder, self.augment_pipe = loss_fn, optimizer, encoder, augment_pipe
         self.data_iterator, self.noise, self.lr_kwargs, self.seed = data_iterator, noise, lr_kwargs, seed
+        self.device = device if device is not None else noise.device
         self.batch_size, self.batch_gpu = batch_size, batch_gpu
         self.loss_scaling, self.max_grad_norm, self.force_finite = loss_scaling, max_grad_norm, force_finite
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -191,25 +204,32 @@ class TrainingStep:
 
     def _accumulate_gradients(self, cur_nimg: int) -> torch.Tensor:
         """Forward and backward over the accumulation rounds (DDP syncs on the last); returns the summed loss."""
-        rnd_normal, noise, posterior = self.noise.draw(cur_nimg)
-        device = self.noise.device
+        drawn = self.noise.draw(cur_nimg) if self.noise is not None else None
+        device = self.device
         loss_total = torch.zeros([], device=device)
         for round_idx in range(self.num_rounds):
             with misc.ddp_sync(self.ddp, (round_idx == self.num_rounds - 1)):
                 images, labels = next(self.data_iterator)
                 rows = global_rows(self.rank, self.world_size, round_idx, self.batch_gpu, device)
-                images = images.to(device)
-                if posterior is None:
-                    images = self.encoder.encode_latents(images)
-                else:  # the posterior noise exists only for our VAE encoder class
-                    images = self.encoder.encode_latents(images, posterior[rows])
+                images = self._encode(images.to(device), rows, drawn)
                 labels = finetune.match_label_dim(labels.to(device), self.net.label_dim)
-                loss = self.loss_fn(net=self.ddp, images=images, labels=labels, rnd_normal=rnd_normal[rows],
-                                    noise=noise[rows])
+                loss = self._loss(images, labels, rows, drawn)
                 training_stats.report('Loss/loss', loss)
                 loss.sum().mul(self.loss_scaling / self.batch_gpu_total).backward()
                 loss_total += loss.detach().sum()
         return loss_total
+
+    def _encode(self, images: torch.Tensor, rows: torch.Tensor, drawn: Optional[tuple]) -> torch.Tensor:
+        posterior = drawn[2] if drawn is not None else None
+        if posterior is None:
+            return self.encoder.encode_latents(images)
+        return self.encoder.encode_latents(images, posterior[rows])  # the posterior noise exists only for our VAE encoder class
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, drawn: Optional[tuple]) -> torch.Tensor:
+        if drawn is None:  # an EDM v1 loss: sigma, augmentation and noise from the step's seeded global generator
+            return self.loss_fn(net=self.ddp, images=images, labels=labels, augment_pipe=self.augment_pipe)
+        rnd_normal, noise, _posterior = drawn
+        return self.loss_fn(net=self.ddp, images=images, labels=labels, rnd_normal=rnd_normal[rows], noise=noise[rows])
 
     def _update_weights(self, cur_nimg: int, loss_total: torch.Tensor) -> bool:
         """Check and clip the gradients, set the learning rate, zero non-finite entries, run the optimizer."""

@@ -7,6 +7,9 @@ the official order, with this project's additions at the end:
     network_kwargs, loss_kwargs, lr_kwargs, batch_gpu, loss_scaling, cudnn_benchmark,
     status_nimg, snapshot_nimg, checkpoint_nimg, seed, max_grad_norm, freeze_down,
     freeze_attn, data_loader_kwargs, fast_kwargs, nonfinite_limit
+
+and, for the EDM v1 presets (training.loop.edm1_config), optimizer_kwargs, ema_kwargs,
+augment_kwargs, snapshot_layout.
 """
 
 import json
@@ -19,15 +22,13 @@ from typing import Any, Optional, Sequence, Union
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from training.loop import edm1_config
 from training.loop import rules
 from training.loop import presets
+from training.loop.rules import ConfigError
 from training.dataset import CategoriesError
 
 #----------------------------------------------------------------------------
-
-class ConfigError(ValueError):
-    """Bad option value; the message names the option."""
-
 
 _NIMG_UNITS = (('Ki', 10), ('Mi', 20), ('Gi', 30))
 
@@ -137,7 +138,8 @@ def _check_image_shape(path: str, shape: list, channel_mult: Optional[list]) -> 
 # Network options that have no effect with --model2finetune: the network comes from the pickle
 # (docs/differences.md#train-5).
 _NETWORK_OPTIONS = dict(channels='--channels', channel_mult='--channel-mult', num_blocks='--num-blocks',
-                        attn_res='--attn-res', channels_per_head='--channels-per-head', dropout='--dropout')
+                        attn_res='--attn-res', channels_per_head='--channels-per-head', dropout='--dropout',
+                        arch='--arch', precond='--precond')
 
 
 def _warn_ignored_network_options(opts: dict) -> None:
@@ -171,58 +173,91 @@ def check_level_list(name: str, values: Sequence[int]) -> None:
         raise ValueError('needs at least one multiplier, e.g. 1,2,2')
 
 
+def _check_level_options(opts: dict) -> None:
+    for key, name, flag in (('channel_mult', 'channel_mult', '--channel-mult'),
+                            ('attn_res', 'attn_resolutions', '--attn-res')):
+        try:
+            if opts.get(key) is not None:
+                check_level_list(name, opts[key])
+        except ValueError as err:
+            raise ConfigError(f'{flag}: {err}') from None
+
+
 def _network_kwargs(preset_name: str, opts: dict) -> dnnlib.EasyDict:
     kwargs = dnnlib.EasyDict(class_name=presets.PRECOND_CLASS_NAME, model_channels=opts['channels'],
                              dropout=opts['dropout'], use_fp16=opts['fp16'])
     kwargs.update(presets.NETWORK_EXTRAS.get(preset_name, {}))
+    _check_level_options(opts)
     knobs = dict(channel_mult=opts.get('channel_mult'), num_blocks=opts.get('num_blocks'),
                  attn_resolutions=opts.get('attn_res'), channels_per_head=opts.get('channels_per_head'))
-    for key, flag in (('channel_mult', '--channel-mult'), ('attn_resolutions', '--attn-res')):
-        try:
-            if knobs[key] is not None:
-                check_level_list(key, knobs[key])
-        except ValueError as err:
-            raise ConfigError(f'{flag}: {err}') from None
     kwargs.update({key: value for key, value in knobs.items() if value is not None})
     return kwargs
 
 
-def setup_training_config(preset: str = 'edm2-img512-s', **opts: Any) -> dnnlib.EasyDict:
-    """Resolve options (None = take the preset's value) into a training config; raises ConfigError.
-    Prints (rank 0) warnings about settings that are legal but probably not meant."""
-    opts = dnnlib.EasyDict(opts)
+# Defaults of options whose click default is None because the EDM v1 presets set them.
+_OPTION_DEFAULTS = dict(cond=True, fp16=True, ls=1)
+
+
+def _preset_values(preset: str) -> dict:
+    if edm1_config.is_edm1_preset(preset):
+        return edm1_config.preset_values(preset)
     try:
-        preset_values = presets.get_preset(preset)
+        return presets.get_preset(preset)
     except presets.PresetError as err:
-        raise ConfigError(f'--preset: {err}') from None
+        raise ConfigError(f'--preset: {err}, {", ".join(edm1_config.preset_names())}') from None
+
+
+def _resolve_options(preset: str, opts: dict) -> tuple:
+    """(options with the preset's values and the defaults filled in, the names of the options given explicitly)."""
+    opts = dnnlib.EasyDict(opts)
+    preset_values = _preset_values(preset)
     explicit = {key for key, value in opts.items() if value is not None}
     finetuning = opts.get('model2finetune') is not None
+    if not edm1_config.is_edm1_preset(preset):
+        edm1_config.refuse_edm1_options(opts, preset)
     if finetuning:
         _warn_ignored_network_options(opts) # before the preset fills in its values: only explicit options warn
-    for key, value in preset_values.items():
+    for key, value in [*preset_values.items(), *_OPTION_DEFAULTS.items()]:  # the preset's values first
         if opts.get(key) is None:
             opts[key] = value
-    opts.rampup = _rampup_mimg(opts.get('rampup'), preset_values, finetuning)
-    if opts.channels is None and not finetuning:
+    opts.rampup = _mimg_option('--rampup', opts.get('rampup'), default_rampup(preset_values, finetuning))
+    opts.ema = _mimg_option('--ema', opts.get('ema'), None)
+    return opts, explicit
+
+
+def setup_training_config(preset: str = 'edm2-img512-s', **opts: Any) -> dnnlib.EasyDict:
+    """Resolve options (None = take the preset's value) into a training config; raises ConfigError.
+    Prints (rank 0) warnings about settings that are legal but probably not meant. An EDM v1 preset
+    configures the same loop for EDM v1 networks (training.loop.edm1_config)."""
+    opts, explicit = _resolve_options(preset, opts)
+    edm1 = edm1_config.is_edm1_preset(preset)
+    finetuning = opts.get('model2finetune') is not None
+    if opts.channels is None and not finetuning and not edm1:
         raise ConfigError(f'--channels: preset "{preset}" defines no network; give --channels or --model2finetune')
 
     c = dnnlib.EasyDict()
     c.dataset_kwargs = _dataset_kwargs(opts)
-    network_kwargs = None if finetuning else _network_kwargs(preset, opts)
+    network_kwargs = None if finetuning else _fresh_network_kwargs(preset, opts, edm1)
     shape, num_images = _check_dataset(c.dataset_kwargs, opts.cond, parse_nimg(opts.batch))
     # A fine-tuned network has its own levels; check_compatible() compares its resolution at load time.
     _check_image_shape(opts.data, shape, None if finetuning else rules.network_channel_mult(network_kwargs))
     encoders = {3: 'training.encoders.StandardRGBEncoder', 8: 'training.encoders.StabilityVAEEncoder'}
     if shape[0] not in encoders:
         raise ConfigError(f'--data: Unsupported channel count {shape[0]}')
+    if edm1:
+        edm1_config.check_data_channels(opts.data, shape[0])
     c.encoder_kwargs = dnnlib.EasyDict(class_name=encoders[shape[0]])
     if finetuning:
         c.preload_model = opts.model2finetune
         network_kwargs = _finetune_network_kwargs(opts.model2finetune)
+        edm1_config.check_finetune_family(network_kwargs, edm1, opts.model2finetune, preset)
     c.total_nimg = parse_nimg(opts.duration)
     c.batch_size = parse_nimg(opts.batch)
     c.network_kwargs = network_kwargs
-    c.loss_kwargs = dnnlib.EasyDict(class_name='training.training_loop.EDM2Loss', P_mean=opts.P_mean, P_std=opts.P_std)
+    if edm1:
+        c.loss_kwargs = edm1_config.loss_kwargs(network_kwargs, opts.P_mean, opts.P_std)
+    else:
+        c.loss_kwargs = dnnlib.EasyDict(class_name='training.training_loop.EDM2Loss', P_mean=opts.P_mean, P_std=opts.P_std)
     c.lr_kwargs = dnnlib.EasyDict(func_name='training.training_loop.learning_rate_schedule', ref_lr=opts.lr,
                                   ref_batches=opts.decay, rampup_Mimg=opts.rampup)
     c.batch_gpu = parse_nimg(opts.get('batch_gpu')) or None
@@ -240,19 +275,29 @@ def setup_training_config(preset: str = 'edm2-img512-s', **opts: Any) -> dnnlib.
                                            num_workers=workers, prefetch_factor=2 if workers > 0 else None)
     c.fast_kwargs = _fast_kwargs(opts.get('plain', False), opts.get('dtype'))
     c.nonfinite_limit = opts.get('nonfinite_limit', 100)
-    if not {'P_mean', 'P_std'} & explicit:
+    if edm1:
+        c.update(edm1_config.loop_kwargs(opts, network_kwargs, explicit))
+    elif not {'P_mean', 'P_std'} & explicit:
         _warn_about_noise_settings(preset, c.loss_kwargs, data_channels=shape[0])
     _warn_about_run_length(c, num_images)
     return c
 
 
-def _rampup_mimg(value: Union[float, str, None], preset_values: dict, finetuning: bool) -> float:
+def _fresh_network_kwargs(preset: str, opts: dict, edm1: bool) -> dnnlib.EasyDict:
+    if edm1:
+        _check_level_options(opts)
+        return edm1_config.network_kwargs(opts)
+    return _network_kwargs(preset, opts)
+
+
+def _mimg_option(flag: str, value: Union[float, str, None], default: Optional[float]) -> Optional[float]:
+    """--rampup, --ema: Mimg from an image count or a plain number (parse_rampup); `default` when not given."""
     if value is None:
-        return default_rampup(preset_values, finetuning)
+        return default
     try:
         return parse_rampup(value)
     except ValueError as err:
-        raise ConfigError(f'--rampup: {err}') from None
+        raise ConfigError(f'{flag}: {err}') from None
 
 #----------------------------------------------------------------------------
 # Warnings about settings that are legal but probably not meant.

@@ -56,6 +56,29 @@ def load_snapshot(src: Union[str, os.PathLike], option: str) -> dict:
     return data
 
 
+EDM1_NETWORK_MODULE = 'training.networks'  # the module of the EDM v1 networks (Karras et al. 2022) in pickles
+
+
+def network_module(net: torch.nn.Module) -> str:
+    """The module a network's class is stored under in pickles, e.g. 'training.networks_edm2' (EDM2) or
+    'training.networks' (EDM v1); also for a network that a trusted load built from the pickle's own source."""
+    return persistence.safe_class_modules.get(type(net).__name__, type(net).__module__)
+
+
+def is_edm1_snapshot(data: dict) -> bool:
+    """Whether a snapshot (load_snapshot's dict) holds an EDM v1 network."""
+    return network_module(data['ema']) == EDM1_NETWORK_MODULE
+
+
+def check_power_function_snapshot(data: dict, src: Union[str, os.PathLike], option: str) -> None:
+    """Raise SnapshotError for a snapshot whose weights are not a power-function EMA profile (EDM2 paper,
+    Sec. 3), which post-hoc reconstruction needs: EDM v1 snapshots carry a classic exponential EMA."""
+    if is_edm1_snapshot(data):
+        raise SnapshotError(f'{option}: {os.fspath(src)} holds an EDM v1 network ({type(data["ema"]).__name__}) with a '
+                            'classic EMA, not a power-function EMA profile; post-hoc EMA reconstruction needs EDM2 '
+                            'snapshots (network-snapshot-<kimg>-<std>.pkl)')
+
+
 def _missing_file_message(path: str) -> str:
     if not os.path.isdir(path):
         return f'{path} does not exist (expected a network snapshot .pkl)'

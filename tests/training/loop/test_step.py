@@ -35,3 +35,31 @@ def test_accumulation_rounds_give_the_update_of_one_round():
     assert not torch.equal(one['unet.out_conv.weight'], before['unet.out_conv.weight'])  # the step did update
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_edm1_losses_draw_their_own_noise_from_the_seeded_step():
+    from tests.tiny_edm1 import make_tiny_edm1
+    from training.augment import AugmentPipe
+    from training.loop.edm1_presets import EDM1_AUGMENT_KWARGS
+    from training.loss import VPLoss
+    assert train_step.draws_own_noise(VPLoss()) and not train_step.draws_own_noise(EDM2Loss())
+    assert not train_step.draws_own_noise(lambda net, images, labels, **kwargs: None)  # a wrapper: EDM2's interface
+    images = torch.randint(0, 256, [4, 3, 16, 16], generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    labels = torch.eye(4)
+
+    def one_step():
+        net = make_tiny_edm1('VPPrecond').train().requires_grad_(True)
+        params = list(net.parameters())
+        optimizer = train_step.make_optimizer(params, dict(class_name='torch.optim.Adam'), torch.device('cpu'))
+        step = train_step.TrainingStep(net=net, ddp=net, params=params, loss_fn=VPLoss(), optimizer=optimizer,
+                                       encoder=StandardRGBEncoder(), data_iterator=iter([(images, labels)]), noise=None,
+                                       lr_kwargs=LR_KWARGS, seed=1, batch_size=4, batch_gpu=4,
+                                       augment_pipe=AugmentPipe(p=1, **EDM1_AUGMENT_KWARGS),
+                                       device=torch.device('cpu'))
+        assert step.run(cur_nimg=0)
+        return net.state_dict()
+
+    first, second = one_step(), one_step()
+    before = make_tiny_edm1('VPPrecond').state_dict()
+    assert not torch.equal(first['model.dec.16x16_aux_conv.weight'], before['model.dec.16x16_aux_conv.weight'])
+    assert all(torch.equal(value, second[key]) for key, value in first.items())  # same seed and step, same update

@@ -10,7 +10,8 @@ import dnnlib
 from tests.tiny import write_tiny_snapshot
 from torch_utils import distributed as dist
 from torch_utils import persistence
-from training.snapshots.loading import SnapshotError, load_snapshot
+from training.snapshots.loading import (SnapshotError, check_power_function_snapshot, is_edm1_snapshot,
+                                        load_snapshot)
 
 
 @pytest.fixture(autouse=True)
@@ -78,3 +79,17 @@ def test_invalid_trust_setting_is_its_own_error(tmp_path, monkeypatch):
     monkeypatch.setenv('EDM2_TRUST_PICKLE', 'perhaps')
     with pytest.raises(persistence.TrustSettingError, match="EDM2_TRUST_PICKLE='perhaps'"):
         load_snapshot(path, '--net')
+
+
+def test_edm1_snapshots_are_told_apart_from_power_function_ones(tmp_path):
+    from tests.tiny_edm1 import write_edm1_snapshot
+    write_tiny_snapshot(str(tmp_path / 'edm2.pkl'))
+    write_edm1_snapshot(str(tmp_path / 'edm1.pkl'))
+    edm2, edm1 = (load_snapshot(tmp_path / name, '--indir') for name in ('edm2.pkl', 'edm1.pkl'))
+    assert not is_edm1_snapshot(edm2) and is_edm1_snapshot(edm1)
+    check_power_function_snapshot(edm2, tmp_path / 'edm2.pkl', '--indir')
+    with pytest.raises(SnapshotError) as info:
+        check_power_function_snapshot(edm1, tmp_path / 'edm1.pkl', '--indir')
+    assert str(info.value) == (f'--indir: {tmp_path / "edm1.pkl"} holds an EDM v1 network (EDMPrecond) with a classic '
+                               'EMA, not a power-function EMA profile; post-hoc EMA reconstruction needs EDM2 snapshots '
+                               '(network-snapshot-<kimg>-<std>.pkl)')
