@@ -258,6 +258,19 @@ def test_cli_mixed_architectures(tmp_path):
     res = _bad([f'--indir={run}', f'--outdir={tmp_path / "out"}', '--outstd=0.1'], 'net-0000003-0.100.pkl')
 
 
+def test_cli_refuses_edm1_snapshots_with_one_line(tmp_path):
+    """EDM v1 snapshots hold a classic EMA, not a power-function profile: nothing to reconstruct from."""
+    from tests.tiny_edm1 import write_edm1_snapshot
+    run = tmp_path / 'run'
+    run.mkdir()
+    for kimg in (1, 2):
+        write_edm1_snapshot(str(run / f'network-snapshot-{kimg:07d}-0.100.pkl'))
+    res = _bad([f'--indir={run}', f'--outdir={tmp_path / "out"}', '--outstd=0.1'],
+               'holds an EDM v1 network (EDMPrecond) with a classic EMA, not a power-function EMA profile')
+    assert [line for line in res.output.splitlines() if 'Error' in line] == [res.output.splitlines()[0]]
+    assert not os.path.exists(tmp_path / 'out')
+
+
 def test_cli_unusable_outdir_fails_before_loading_inputs(run_dir, tmp_path, monkeypatch):
     loaded = []
     monkeypatch.setattr(pr, '_load_input', lambda path, reference: loaded.append(path))

@@ -30,7 +30,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
 from training import phema
-from training.snapshots.loading import load_snapshot
+from training.snapshots.loading import check_power_function_snapshot, load_snapshot
 from training.snapshots import safetensors_format
 
 # A reconstructed profile whose relative L2 fit error exceeds this is reported as poor.
@@ -247,6 +247,7 @@ def _network_signature(net: torch.nn.Module) -> list[tuple[str, tuple]]:
 def _load_input(path: str, reference: dict) -> dict:
     """Load one input snapshot and check it matches the first input's architecture."""
     data = load_snapshot(path, '--indir')
+    check_power_function_snapshot(data, path, '--indir')
     signature = _network_signature(data['ema'])
     if 'signature' not in reference:
         reference.update(signature=signature, path=path)
