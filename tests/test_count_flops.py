@@ -1,4 +1,4 @@
-"""Tests of training/evaluation/count_flops.py and the count_flops.py CLI (spec count_flops.md)."""
+"""Tests of training/evaluation/count_flops.py and the count_flops.py CLI."""
 
 import re
 

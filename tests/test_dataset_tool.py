@@ -61,7 +61,7 @@ def _png(data: bytes) -> np.ndarray:
     return np.array(PIL.Image.open(io.BytesIO(data)))
 
 #----------------------------------------------------------------------------
-# The transforms, written out from the spec (data.md §4.3) with PIL operations.
+# The transforms, written out again with plain PIL operations.
 
 
 def expected_center_crop(img, W, H):
@@ -252,7 +252,7 @@ def test_encode_decode_round_trip(tmp_path, tiny_vae, pixel_dataset):
     assert sorted(latents) == names + ['dataset.json']
     images = torch.stack([torch.from_numpy(_png(pixels[f'00000/img{i:08d}.png'])).permute(2, 0, 1) for i in range(5)])
     with torch.no_grad():
-        dist = vae.encode(images.float() / 255).latent_dist  # inputs in [0, 1] (quirk E11)
+        dist = vae.encode(images.float() / 255).latent_dist  # inputs in [0, 1] (docs/differences.md#keep-1)
     expected = torch.cat([dist.mean, dist.std], dim=1).numpy()
     arrays = [np.load(io.BytesIO(latents[n])) for n in names]
     assert all(a.shape == (8, 2, 2) and a.dtype == np.float32 for a in arrays)

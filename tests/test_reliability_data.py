@@ -60,7 +60,7 @@ def test_truncated_and_corrupt_images_are_counted_skips(tmp_path, as_zip, capsys
 
 
 def test_first_file_corrupt_still_finds_the_shape(tmp_path, as_zip):
-    # Quirk F16: the fork crashes when the first file is unreadable.
+    # docs/differences.md#data-3: the fork crashes when the first file is unreadable.
     ds = dataset.ImageFolderDataset(_make(tmp_path / 'ds', {'0.png': b'\x89PNG broken', '1.png': _png(16)}, as_zip))
     assert ds.image_shape == [3, 16, 16] and '0.png' in ds.skipped
     assert _read_all(ds)[0][0].shape == (3, 16, 16)

@@ -103,6 +103,6 @@ def test_persistent_nonfinite_loss_stops_without_garbage_snapshots(data8, tmp_pa
     names = os.listdir(outdir)
     assert not [n for n in names if n.startswith('training-state-')]
     assert not [n for n in names if n.startswith('network-snapshot-') and not n.startswith('network-snapshot-0000000')]
-    stats = [json.loads(line) for line in (outdir / 'stats.jsonl').read_text().splitlines()]  # Strict JSON (E2).
+    stats = [json.loads(line) for line in (outdir / 'stats.jsonl').read_text().splitlines()]  # Strict JSON (docs/differences.md#io-5).
     counted = [s['Loss/nonfinite_grads'] for s in stats if 'Loss/nonfinite_grads' in s]
     assert counted and all(value == 1.0 for value in counted)

@@ -1,5 +1,5 @@
-"""score_dataset.py / training.evaluation.score_dataset: CSV layout, resume after interruption, no duplicates (F22),
-metadata.json usable by FilteredImageDataset (F14), zip input, bad input."""
+"""score_dataset.py / training.evaluation.score_dataset: CSV layout, resume after interruption, no duplicates (docs/differences.md#metrics-12),
+metadata.json usable by FilteredImageDataset (docs/differences.md#metrics-11), zip input, bad input."""
 
 import csv
 import json
@@ -95,7 +95,7 @@ def test_interrupted_run_resumes_to_identical_results(cache, image_dir, tmp_path
     assert len(scores) == 11
     with open(reference / 'results_full.csv', 'rb') as a, open(resumed / 'results_full.csv', 'rb') as b:
         assert a.read() == b.read()
-    # A third run finds nothing to do and rewrites the same file: no duplicated rows (F22).
+    # A third run finds nothing to do and rewrites the same file: no duplicated rows (docs/differences.md#metrics-12).
     result = run('--images', image_dir, '--out', resumed, '--metric', 'nima', '--workers', 0, '--resolution', 0)
     assert result.exit_code == 0 and 'Dataset Already Fully Processed' in result.output
     with open(reference / 'results_full.csv', 'rb') as a, open(resumed / 'results_full.csv', 'rb') as b:

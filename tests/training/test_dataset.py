@@ -151,7 +151,7 @@ def test_center_crop_resolution_forces_rgb(tmp_path):
     files = {'a.png': _pixels(0, (16, 16)), 'b.png': _pixels(1, (24, 32, 3))}
     ds = ImageFolderDataset(_write_tree(tmp_path / 'c', files), resolution=16, center_crop=True, use_labels=False)
     assert ds.image_shape == [3, 16, 16]
-    assert np.array_equal(ds[0][0], np.repeat(_pixels(0, (16, 16))[None], 3, axis=0))  # quirk F15 fixed
+    assert np.array_equal(ds[0][0], np.repeat(_pixels(0, (16, 16))[None], 3, axis=0))  # docs/differences.md#data-5
     assert np.array_equal(ds[1][0], center_crop_dhariwal(_pixels(1, (24, 32, 3)), 16).transpose(2, 0, 1))
     assert CenterCropImagenet(16)(ds[1][0]) is not None
 
@@ -339,7 +339,7 @@ def test_filter_nima_threshold(as_kind):
 def test_filter_categories(as_kind):
     ds = FilteredImageDataset(as_kind(_scored_files(with_labels=True)), categories='0,2')
     assert _kept(ds) == ['cat/0.png', 'cat/1.png', 'cat/2.png', 'cat/3.png', 'eel/0.png', 'eel/1.png']
-    assert ds.label_dim == 3  # full dataset's label dimension (quirk F12)
+    assert ds.label_dim == 3  # full dataset's label dimension (docs/differences.md#data-11)
     assert np.array_equal(ds[5][1], np.float32([0, 0, 1]))
     with pytest.raises(CategoriesError, match='category 3 is out of range: .* has 3 categories'):
         FilteredImageDataset(as_kind(_scored_files()), categories=[3])
@@ -347,7 +347,7 @@ def test_filter_categories(as_kind):
 
 def test_filter_top_percent_ranks_by_own_score(as_kind):
     ds = FilteredImageDataset(as_kind(_scored_files()), top_percent=34)  # int(9 * 0.34) = 3 best: 8, 7, 6
-    assert _kept(ds) == ['cat/2.png', 'dog/1.png', 'eel/0.png']  # quirk F8 fixed
+    assert _kept(ds) == ['cat/2.png', 'dog/1.png', 'eel/0.png']  # docs/differences.md#data-6
 
 
 def test_filter_top_per_category(as_kind):
@@ -364,13 +364,13 @@ def test_filter_combinations_and_max_size(as_kind):
     capped = FilteredImageDataset(path, categories='0-1', max_size=3.0, random_seed=1, xflip=True)
     assert len(capped) == 6 and len(set(_kept(capped))) == 3
     assert all(name.split('/')[0] in ('cat', 'dog') for name in _kept(capped))
-    no_filter = FilteredImageDataset(path, max_size=2)  # max_size applies without filters (quirk F7)
+    no_filter = FilteredImageDataset(path, max_size=2)  # max_size applies without filters (docs/differences.md#data-8)
     assert len(no_filter) == 2
 
 
 def test_filter_metadata_lookups(tmp_path):
     ds = FilteredImageDataset(_write_tree(tmp_path / 'd', _scored_files(with_labels=True)))
-    assert ds.get_metadata(1) == {'nima': 2.0, 'labels': 'cat'}  # quirk F13 fixed
+    assert ds.get_metadata(1) == {'nima': 2.0, 'labels': 'cat'}  # docs/differences.md#data-10
     assert ds.label_dim == 3 and len(ds) == 9
 
 

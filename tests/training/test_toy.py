@@ -65,7 +65,7 @@ def test_gt_structure():
     # Component weights phi = dist * 0.5^depth: the 8 components of a branch share one weight.
     assert torch.allclose(a.phi[:8], a.phi[0].expand(8))
     x = ab.sample(200000, generator=torch.Generator().manual_seed(0))
-    assert x.mean(0).abs().max() < 0.02 and (x.std(0) - 0.5).abs().max() < 0.02   # spec: mean ~0, std ~0.5
+    assert x.mean(0).abs().max() < 0.02 and (x.std(0) - 0.5).abs().max() < 0.02   # the toy distribution: mean ~0, std ~0.5
     with pytest.raises(ValueError, match='classes'):
         toy.gt('C')
 
