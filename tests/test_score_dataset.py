@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import score_dataset
 from tests import detector_standins as standins
+from tests import faults
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
 from training.evaluation import detectors
@@ -217,3 +218,9 @@ def test_out_that_is_a_file_is_one_clear_line(cache, image_dir, tmp_path):
     result = run('--images', image_dir, '--out', tmp_path / 'taken', '--metric', 'nima', '--workers', 0)
     assert result.exit_code == 1
     assert result.output == f'Error: --out: {tmp_path / "taken"} is a file, not a directory\n'
+
+
+@pytest.mark.reliability
+def test_scores_csv_full_disk(tmp_path, full_disk):
+    path = str(tmp_path / 'results_1.csv')
+    faults.check_previous_kept(path, lambda: scoring.write_scores_csv({'a.png': 5.0}, path, 'nima'), full_disk)

@@ -9,15 +9,18 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dnnlib
-from tests import tiny
+from tests import faults, tiny
 from torch_utils import persistence
 
 from tests.procs import REPO as REPO_ROOT  # noqa: E402
@@ -507,3 +510,60 @@ def test_saved_numpy_values_use_names_every_numpy_has(ours, tmp_path):
             assert type(got) is type(value) and got.dtype == value.dtype and np.array_equal(got, value), key
             if isinstance(got, np.ndarray):
                 assert got.shape == value.shape and got.flags.writeable, key
+
+#----------------------------------------------------------------------------
+# Injected faults (docs/reliability.md): random bytes, a full disk, a hostile pickle.
+
+FUZZ_IO = settings(max_examples=25, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.mark.reliability
+@FUZZ_IO
+@given(st.binary(max_size=300))
+def test_load_pickle_random_bytes_raise_one_error_type(data):
+    try:
+        loaded = persistence.load_pickle(io.BytesIO(data))
+    except persistence.PickleLoadError as err:
+        assert str(err).startswith('<stream>: ') and '\n' not in str(err)
+        return
+    # The rare valid pickle of harmless values loads as the plain pickle module reads it.
+    assert repr(loaded) == repr(pickle.loads(data))
+
+
+@pytest.mark.reliability
+@FUZZ_IO
+@given(st.binary(max_size=300))
+def test_training_state_random_bytes_are_refused_cleanly(data):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'training-state-0000001.pt')
+        with open(path, 'wb') as f:
+            f.write(data)
+        with pytest.raises(persistence.PickleLoadError) as info:
+            persistence.load_torch_file(path)
+        assert str(info.value).startswith(f'{path}: ') and '\n' not in str(info.value)
+        assert not isinstance(info.value, persistence.UnsafePickleError)  # Garbage, not a refused global.
+
+
+@pytest.mark.reliability
+def test_network_pickle_full_disk(tmp_path, full_disk):
+    # Snapshots (train_status.save_snapshots) and reconstructed pickles (phema_reconstruct) use save_pickle.
+    path = str(tmp_path / 'network-snapshot-0000001.pkl')
+    net = tiny.make_tiny_precond()
+    faults.check_previous_kept(path, lambda: persistence.save_pickle(dnnlib.EasyDict(ema=net), path), full_disk)
+
+
+@pytest.mark.reliability
+def test_trusted_mode_is_opt_in_and_does_run_code(tmp_path):
+    """Control for the refusals of faults.write_bad_pickles' hostile file (here and in the tests of every
+    command that loads a pickle): refused by default, and it really does run its command when trusted."""
+    files = faults.write_bad_pickles(tmp_path)
+    marker = files['marker']
+    with pytest.raises(persistence.UnsafePickleError, match=f"refusing to load global '{os.system.__module__}.system'"):
+        persistence.load_pickle(files['hostile'])
+    assert not os.path.exists(marker)
+    try:
+        persistence.load_pickle(files['hostile'], trust=True)
+        assert os.path.exists(marker)
+    finally:
+        if os.path.exists(marker):
+            os.remove(marker)
