@@ -275,12 +275,15 @@ def test_start_prints_the_length_and_warns_about_epochs_and_noise_settings(data8
     assert 'Duration:                2Gi images = 8388608 steps\n' in result.output
     warnings = [line for line in result.output.splitlines() if line.startswith('Warning')]
     assert warnings == [
+        'Warning: --batch 256 is larger than the dataset (32 images): every image appears about 8 times in each batch',
         'Warning: the noise settings of preset base-finetuning (--P_mean=-0.4 --P_std=1.0) are meant for VAE latents, '
         'but --data holds RGB pixels; give --P_mean and --P_std (preset edm2-img64-xs uses --P_mean=-0.8 --P_std=1.6)',
         'Warning: --duration=2Gi is 67108864 epochs of the 32-image dataset (8388608 steps of --batch=256); the '
         'official recipes train for a few thousand epochs at most: give a shorter --duration']
     result, _ = dry_run(*args, '--P_mean=-0.8', '--P_std=1.6', '--duration=256Ki', '--batch=64')
-    assert 'Duration:                256Ki images = 4096 steps\n' in result.output and 'Warning' not in result.output
+    assert 'Duration:                256Ki images = 4096 steps\n' in result.output
+    assert [line for line in result.output.splitlines() if line.startswith('Warning')] == [
+        'Warning: --batch 64 is larger than the dataset (32 images): every image appears about 2 times in each batch']
 
 
 def test_model2finetune_must_be_a_snapshot_before_anything_is_written(data8, tmp_path):
