@@ -43,3 +43,11 @@ def cache(cache_root, monkeypatch):
     yield cache_root
     torch.set_num_threads(threads)
     detectors.clear_detector_cache()
+
+
+@pytest.fixture(params=['write', 'fsync', 'replace'])
+def full_disk(request, monkeypatch):
+    """A function that arms a full disk (ENOSPC) at one point of misc.atomic_open: the first write, the
+    fsync or the final os.replace (tests/faults.py); call it right before the write under test."""
+    from tests import faults
+    return faults.full_disk_arm(request.param, monkeypatch)

@@ -1,5 +1,6 @@
-"""Tests of training/evaluation/count_flops.py and the count_flops.py CLI (spec count_flops.md)."""
+"""Tests of training/evaluation/count_flops.py and the count_flops.py CLI."""
 
+import os
 import re
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import count_flops as cli
+from tests import faults
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
 from training.evaluation import count_flops as flops
 from training.loop import presets
@@ -219,3 +221,10 @@ def test_cli_refuses_a_pickle_whose_ema_is_not_an_image_network(tmp_path):
     write_tiny_snapshot(str(path), ema=torch.nn.Linear(2, 2))
     result = CliRunner().invoke(cli.cmdline, [str(path)])
     assert result.exit_code == 1 and 'not an image network' in result.output
+
+
+@pytest.mark.reliability
+def test_count_flops_refuses_hostile_pickle(tmp_path):
+    files = faults.write_bad_pickles(tmp_path)
+    faults.assert_one_line_refusal(faults.run_script('count_flops.py', files['hostile']), files['hostile'])
+    assert not os.path.exists(files['marker'])

@@ -12,8 +12,12 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dataset_tool
+from tests import faults
+from tests.faults import png_bytes, write_files
 from training.data_tools import dataset_tool as lib
 from training.dataset import ImageFolderDataset
 
@@ -61,7 +65,7 @@ def _png(data: bytes) -> np.ndarray:
     return np.array(PIL.Image.open(io.BytesIO(data)))
 
 #----------------------------------------------------------------------------
-# The transforms, written out from the spec (data.md §4.3) with PIL operations.
+# The transforms, written out again with plain PIL operations.
 
 
 def expected_center_crop(img, W, H):
@@ -252,7 +256,7 @@ def test_encode_decode_round_trip(tmp_path, tiny_vae, pixel_dataset):
     assert sorted(latents) == names + ['dataset.json']
     images = torch.stack([torch.from_numpy(_png(pixels[f'00000/img{i:08d}.png'])).permute(2, 0, 1) for i in range(5)])
     with torch.no_grad():
-        dist = vae.encode(images.float() / 255).latent_dist  # inputs in [0, 1] (quirk E11)
+        dist = vae.encode(images.float() / 255).latent_dist  # inputs in [0, 1] (docs/differences.md#keep-1)
     expected = torch.cat([dist.mean, dist.std], dim=1).numpy()
     arrays = [np.load(io.BytesIO(latents[n])) for n in names]
     assert all(a.shape == (8, 2, 2) and a.dtype == np.float32 for a in arrays)
@@ -496,3 +500,58 @@ def test_process_and_encode_skips_name_the_category_folder():
     skips = lib.SkipLog()
     kept = lib._drop_duplicate_stems(['a', 'b'], [(0, 'x.png'), (0, 'x.jpg'), (1, 'x.png')], skips)
     assert kept == [(0, 'x.png'), (1, 'x.png')] and [name for name, _ in skips.items] == ['a/x.jpg']
+
+#----------------------------------------------------------------------------
+# Injected faults (docs/reliability.md): corrupt inputs, a full disk under the output zip, fuzzed --resolution.
+
+
+@pytest.mark.reliability
+def test_dataset_tool_convert_skips_corrupt_input_and_counts_it(tmp_path):
+    files = {'a.png': png_bytes(16, value=3), 'b.png': b'\x89PNG truncated', 'c.png': png_bytes(16, value=5)}
+    source = write_files(tmp_path / 'src', files)
+    dest = tmp_path / 'out.zip'
+    result = faults.run_script('dataset_tool.py', 'convert', f'--source={source}', f'--dest={dest}')
+    assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr
+    assert 'Processed 3 inputs, skipped 1:\n  b.png: unreadable image (' in result.stderr
+    ds = ImageFolderDataset(str(dest))
+    assert len(ds) == 2 and [int(ds[i][0].max()) for i in range(2)] == [3, 5]
+
+
+@pytest.mark.reliability
+def test_dataset_tool_corrupt_zip_member_is_a_counted_skip(tmp_path):
+    source = write_files(tmp_path / 'src', {'a.png': png_bytes(16), 'b.png': png_bytes(16, value=9)}, as_zip=True)
+    with open(source, 'rb') as f:
+        data = bytearray(f.read())
+    data[data.index(b'a.png') + 8] ^= 0xFF  # inside a.png's compressed bytes, just after its local header
+    with open(source, 'wb') as f:
+        f.write(bytes(data))
+    dest = tmp_path / 'out.zip'
+    result = faults.run_script('dataset_tool.py', 'convert', f'--source={source}', f'--dest={dest}', '--strict')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'a.png: unreadable image' in result.stderr and '--strict: 1 inputs were skipped' in result.stderr
+
+
+@pytest.mark.reliability
+def test_dataset_tool_zip_full_disk(tmp_path, full_disk):
+    def write():
+        with lib.DestWriter(path) as dest:
+            dest.write('00000/img00000000.png', b'x' * 100)
+    path = str(tmp_path / 'out.zip')
+    faults.check_previous_kept(path, write, full_disk)
+
+
+PARSER_ALPHABET = st.sampled_from(list('0123456789,-.eE+ KMGix') + ['...', 'inf', 'nan', 'X', '\n'])
+
+
+@pytest.mark.reliability
+@settings(max_examples=60, deadline=500)
+@given(st.lists(PARSER_ALPHABET, max_size=20).map(''.join) | st.text(max_size=20))
+def test_resolution_tuple_parse_or_raise_tool_error(text):
+    try:
+        w, h = lib.parse_tuple(text)
+    except lib.DatasetToolError as err:
+        assert str(err).startswith('--resolution: ') and '\n' not in str(err).strip()
+        return
+    # Accepted: WxH or W,H of two positive integers.
+    assert type(w) is int and type(h) is int and w > 0 and h > 0
+    assert [int(part) for part in text.replace(',', 'x').split('x')] == [w, h]

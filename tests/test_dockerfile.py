@@ -1,4 +1,4 @@
-"""The Dockerfile cannot be built here (no Docker engine); lint it and check the facts the spec fixes."""
+"""The Dockerfile cannot be built here (no Docker engine); lint it and check its base image, environment, pins and entry point."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""score_dataset.py / training.evaluation.score_dataset: CSV layout, resume after interruption, no duplicates (F22),
-metadata.json usable by FilteredImageDataset (F14), zip input, bad input."""
+"""score_dataset.py / training.evaluation.score_dataset: CSV layout, resume after interruption, no duplicates (docs/differences.md#metrics-12),
+metadata.json usable by FilteredImageDataset (docs/differences.md#metrics-11), zip input, bad input."""
 
 import csv
 import json
@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import score_dataset
 from tests import detector_standins as standins
+from tests import faults
 from torch_utils import distributed as dist
 from training import dataset as dataset_lib
 from training.evaluation import detectors
@@ -95,7 +96,7 @@ def test_interrupted_run_resumes_to_identical_results(cache, image_dir, tmp_path
     assert len(scores) == 11
     with open(reference / 'results_full.csv', 'rb') as a, open(resumed / 'results_full.csv', 'rb') as b:
         assert a.read() == b.read()
-    # A third run finds nothing to do and rewrites the same file: no duplicated rows (F22).
+    # A third run finds nothing to do and rewrites the same file: no duplicated rows (docs/differences.md#metrics-12).
     result = run('--images', image_dir, '--out', resumed, '--metric', 'nima', '--workers', 0, '--resolution', 0)
     assert result.exit_code == 0 and 'Dataset Already Fully Processed' in result.output
     with open(reference / 'results_full.csv', 'rb') as a, open(resumed / 'results_full.csv', 'rb') as b:
@@ -217,3 +218,9 @@ def test_out_that_is_a_file_is_one_clear_line(cache, image_dir, tmp_path):
     result = run('--images', image_dir, '--out', tmp_path / 'taken', '--metric', 'nima', '--workers', 0)
     assert result.exit_code == 1
     assert result.output == f'Error: --out: {tmp_path / "taken"} is a file, not a directory\n'
+
+
+@pytest.mark.reliability
+def test_scores_csv_full_disk(tmp_path, full_disk):
+    path = str(tmp_path / 'results_1.csv')
+    faults.check_previous_kept(path, lambda: scoring.write_scores_csv({'a.png': 5.0}, path, 'nima'), full_disk)

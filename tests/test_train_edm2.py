@@ -1,7 +1,10 @@
 """Tests of the train_edm2.py command line: options, errors, resume after SIGKILL, SIGTERM, torchrun, outputs."""
 
+import errno
+import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,9 +15,13 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dnnlib
 import train_edm2
+from tests import faults
+from tests.faults import png_bytes, write_files
 from tests.training.test_training_loop import tiny_config, write_dataset
 from torch_utils import distributed as dist
 from tests.procs import child_env
@@ -273,8 +280,10 @@ def test_start_prints_the_length_and_warns_about_epochs_and_noise_settings(data8
         'but --data holds RGB pixels; give --P_mean and --P_std (preset edm2-img64-xs uses --P_mean=-0.8 --P_std=1.6)',
         'Warning: --duration=2Gi is 67108864 epochs of the 32-image dataset (8388608 steps of --batch=256); the '
         'official recipes train for a few thousand epochs at most: give a shorter --duration']
-    result, _ = dry_run(*args, '--P_mean=-0.8', '--P_std=1.6', '--duration=256Ki', '--batch=32')
-    assert 'Duration:                256Ki images = 8192 steps\n' in result.output and 'Warning' not in result.output
+    result, _ = dry_run(*args, '--P_mean=-0.8', '--P_std=1.6', '--duration=256Ki', '--batch=64')
+    assert 'Duration:                256Ki images = 4096 steps\n' in result.output
+    assert [line for line in result.output.splitlines() if line.startswith('Warning')] == [
+        'Warning: --batch 64 is larger than the dataset (32 images): every image appears about 2 times in each batch']
 
 
 def test_model2finetune_must_be_a_snapshot_before_anything_is_written(data8, tmp_path):
@@ -470,3 +479,167 @@ def test_library_refuses_bad_level_lists_with_the_cli_wording(opts, message):
     with pytest.raises(ConfigError) as info:
         _network_kwargs('edm2-img64-xs', dict(channels=8, dropout=0, fp16=False, **opts))
     assert str(info.value) == message
+
+#----------------------------------------------------------------------------
+# Injected faults (docs/reliability.md): fuzzed image counts, a full disk under training_options.json, a
+# dataset without labels, a hostile --model2finetune, SIGKILL during a checkpoint write plus a torn newest
+# checkpoint, a loss that stays non-finite, a torchrun rank that dies or hangs. The 12-trial version of the
+# kill test with random kill times is bench/kill_resume.py.
+
+NIMG_UNITS = {'': 0, 'Ki': 10, 'Mi': 20, 'Gi': 30}
+
+
+@pytest.mark.reliability
+@settings(max_examples=60, deadline=500)
+@given(st.lists(st.sampled_from(list('0123456789,-.eE+ KMGi') + ['...', 'inf', 'nan', 'x', '\n']),
+                max_size=20).map(''.join) | st.text(max_size=20))
+def test_parse_nimg_returns_int_or_value_error(text):
+    try:
+        value = parse_nimg(text)
+    except ValueError as err:
+        assert '\n' not in str(err)
+        return
+    # Accepted: an integer with an optional unit Ki, Mi or Gi (a power of two), read back by format_nimg.
+    stripped = text.strip()
+    unit = next((unit for unit in ('Ki', 'Mi', 'Gi') if stripped.endswith(unit)), '')
+    assert type(value) is int and value == int(stripped[:len(stripped) - len(unit)]) << NIMG_UNITS[unit]
+    assert parse_nimg(format_nimg(value)) == value
+
+
+@pytest.mark.reliability
+@settings(max_examples=60, deadline=500)
+@given(st.integers(0, 10**6), st.sampled_from(list(NIMG_UNITS)))
+def test_parse_nimg_units_fuzzed(number, unit):
+    assert parse_nimg(f'{number}{unit}') == number << NIMG_UNITS[unit]
+    assert parse_nimg(format_nimg(number << NIMG_UNITS[unit])) == number << NIMG_UNITS[unit]
+
+
+@pytest.mark.reliability
+def test_training_options_json_full_disk(tmp_path, full_disk):
+    # _write_options keeps an existing file (resume), so the failing write is the first one.
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    full_disk()
+    with pytest.raises(OSError) as info:
+        _write_options(str(run_dir), dict(batch_size=2))
+    assert info.value.errno == errno.ENOSPC and 'training_options.json' in str(info.value)
+    assert os.listdir(run_dir) == []
+
+
+def _run_child(cmd) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.reliability
+def test_train_cond_without_labels_is_refused(tmp_path):
+    data = write_files(tmp_path / 'ds', {'a.png': png_bytes(16), 'b.png': png_bytes(16)})
+    result = faults.run_script('train_edm2.py', f'--outdir={tmp_path / "run"}', f'--data={data}', '--cond=1',
+                               '--preset=edm2-img512-xs', '--batch=2', '--duration=4', '--dry-run')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and '--cond=True, but no labels found in the dataset' in errors[0], result.stderr
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.reliability
+def test_train_refuses_hostile_model2finetune(tmp_path):
+    files = faults.write_bad_pickles(tmp_path)
+    data = write_files(tmp_path / 'data', {'0.png': png_bytes(16), '1.png': png_bytes(16)})
+    result = faults.run_script('train_edm2.py', f'--outdir={tmp_path / "run"}', f'--data={data}', '--cond=0',
+                               '--preset=base-finetuning', f'--model2finetune={files["hostile"]}', '--batch=2',
+                               '--duration=4', '--device=cpu', '--workers=0')
+    faults.assert_one_line_refusal(result, f"--model2finetune: {files['hostile']}: refusing to load global")
+    assert not os.path.exists(files['marker']) and not (tmp_path / 'run').exists()
+
+
+@pytest.mark.reliability
+def test_kill_during_checkpoint_write_and_torn_file_resume_bit_exact(data8, tmp_path):
+    reference = _run_child(cli(tmp_path / 'ref', data8, '--duration=2048'))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    # 1. SIGKILL exactly while training-state-0000002.pt is being written (its temp file exists).
+    outdir = tmp_path / 'killed'
+    cmd = cli(outdir, data8, '--duration=2048')
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if glob.glob(str(outdir / '.training-state-0000002.pt.tmp-*')):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.0005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before the checkpoint write could be interrupted'
+    assert not (outdir / 'training-state-0000002.pt').exists()  # Never a torn file under the final name.
+    load_state(outdir / 'training-state-0000001.pt')  # The previous checkpoint is complete.
+    assert glob.glob(str(outdir / '.training-state-0000002.pt.tmp-*'))  # SIGKILL leaves the temp file...
+
+    # 2. Worse: a torn file with the newest name (e.g. a non-atomic copy) must be skipped, not loaded.
+    complete = (outdir / 'training-state-0000001.pt').read_bytes()
+    (outdir / 'training-state-0000002.pt').write_bytes(complete[:len(complete) // 3])
+
+    resumed = _run_child(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = (outdir / 'log.txt').read_text()
+    assert 'Skipping unreadable checkpoint' in resumed.stderr + log
+    assert not glob.glob(str(outdir / '.*.tmp-*'))  # ...which the resumed run removes.
+    assert 'training-state-0000001.pt' in log and 'Training from 1 kimg to 2 kimg' in log
+    # On CPU the resumed run equals the uninterrupted one bit for bit (net, optimizer, EMA).
+    ref_state = load_state(tmp_path / 'ref' / 'training-state-0000002.pt')
+    res_state = load_state(outdir / 'training-state-0000002.pt')
+    for key, value in ref_state['net'].items():
+        assert torch.equal(value, res_state['net'][key]), key
+    for ref_ema, res_ema in zip(ref_state['ema']['emas'], res_state['ema']['emas'], strict=True):
+        assert all(torch.equal(v, res_ema[k]) for k, v in ref_ema.items())
+    ref_moments, res_moments = ref_state['optimizer']['state'], res_state['optimizer']['state']
+    assert len(ref_moments) == len(res_moments) > 0
+    for ref_p, res_p in zip(ref_moments.values(), res_moments.values()):
+        assert all(torch.equal(ref_p[k], res_p[k]) for k in ref_p)
+
+
+@pytest.mark.reliability
+def test_persistent_nonfinite_loss_stops_without_garbage_snapshots(data8, tmp_path):
+    outdir = tmp_path / 'nan'
+    # P_mean=1000 makes sigma overflow to inf, so every loss and gradient is non-finite.
+    result = _run_child(cli(outdir, data8, '--duration=4Ki', '--status=64', '--P_mean=1000', '--nonfinite-limit=3'))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and 'non-finite' in errors[0], result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
+    names = os.listdir(outdir)
+    assert not [n for n in names if n.startswith('training-state-')]
+    assert not [n for n in names if n.startswith('network-snapshot-') and not n.startswith('network-snapshot-0000000')]
+    stats = [json.loads(line) for line in (outdir / 'stats.jsonl').read_text().splitlines()]  # Strict JSON (docs/differences.md#io-5).
+    counted = [s['Loss/nonfinite_grads'] for s in stats if 'Loss/nonfinite_grads' in s]
+    assert counted and all(value == 1.0 for value in counted)
+
+
+@pytest.fixture(scope='module')
+def data16(tmp_path_factory):
+    return faults.write_random_images(tmp_path_factory.mktemp('data16'), count=64, size=16)
+
+
+def _rank_fault_train_args(tmp_path, data16) -> list:
+    return ['train_edm2.py', f'--outdir={tmp_path / "run"}', f'--data={data16}', '--cond=0',
+            '--preset=edm2-cifar10-32x32-uncond', '--channels=8', '--channel-mult=1,2', '--num-blocks=1',
+            '--attn-res=8', '--channels-per-head=8', '--fp16=0', '--workers=0', '--device=cpu', '--batch=16',
+            '--duration=64Ki', '--status=1Ki', '--snapshot=64Ki', '--checkpoint=64Ki']
+
+
+@pytest.mark.reliability
+def test_training_rank_killed_mid_run_stops_the_job(tmp_path, data16):
+    returncode, output, elapsed = faults.torchrun_with_faulty_rank(tmp_path, _rank_fault_train_args(tmp_path, data16),
+                                                                   'die', fail_at=8)
+    faults.assert_rank1_killed_reported(returncode, output)
+    assert elapsed < 90
+
+
+@pytest.mark.reliability
+def test_training_rank_hung_mid_run_times_out(tmp_path, data16):
+    # Rank 1 stops taking part without dying: rank 0 must give up after EDM2_DIST_TIMEOUT.
+    returncode, output, elapsed = faults.torchrun_with_faulty_rank(tmp_path, _rank_fault_train_args(tmp_path, data16),
+                                                                   'hang', fail_at=8, timeout_env='5')
+    assert returncode != 0, output[-3000:]
+    # Rank 0's collective times out after the 5 s of EDM2_DIST_TIMEOUT; it exits with 1 and torchrun stops rank 1.
+    assert 'Timed out waiting 5000ms' in output, output[-3000:]
+    assert re.search(r'rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 1 ', faults.torchrun_root_cause(output)), output[-3000:]
+    assert elapsed < 90

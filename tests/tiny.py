@@ -3,7 +3,7 @@
 `make_tiny_precond()` builds a real `training.networks_edm2.Precond` small
 enough for unit tests (16x16x3, two resolution levels, ~46k parameters).
 `write_tiny_snapshot()` writes a snapshot pickle with the layout of the
-official training loop (spec training.md §7): an `EasyDict` with keys
+official training loop (docs/formats.md#what-a-snapshot-holds): an `EasyDict` with keys
 `encoder`, `dataset_kwargs`, `loss_fn`, `ema`, the `ema` network being an
 eval-mode, no-grad, float16 copy.
 """
@@ -56,10 +56,7 @@ def tiny_dataset_kwargs(label_dim: int = 0, path: Optional[str] = None) -> Any:
 
 
 def _default_encoder() -> Any:
-    try:
-        from training.encoders import StandardRGBEncoder
-    except ImportError:   # encoders not written yet: snapshot without encoder
-        return None
+    from training.encoders import StandardRGBEncoder
     return StandardRGBEncoder()
 
 

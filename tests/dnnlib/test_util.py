@@ -11,9 +11,12 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dnnlib
 from dnnlib import util
+from tests import faults
 
 #----------------------------------------------------------------------------
 # EasyDict, Logger, small helpers.
@@ -359,3 +362,85 @@ def test_first_line():
     assert util.first_line(ValueError('only a header:')) == 'only a header:'
     long = util.first_line(OSError('x' * 500))
     assert len(long) == 200 and long.endswith('...')
+
+#----------------------------------------------------------------------------
+# Injected faults (docs/reliability.md): fuzzed integer lists, a full disk under the download cache.
+
+FUZZ = settings(max_examples=60, deadline=500, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Text made of the characters the parsers care about, plus some noise.
+PARSER_ALPHABET = st.sampled_from(list('0123456789,-.eE+ KMGi') + ['...', 'inf', 'nan', 'x', '\n'])
+parser_text = st.lists(PARSER_ALPHABET, max_size=20).map(''.join) | st.text(max_size=20)
+
+
+@pytest.mark.reliability
+@FUZZ
+@given(parser_text)
+def test_seed_lists_parse_or_raise_value_error(text):
+    try:
+        seeds = util.parse_int_list(text)
+    except ValueError as err:
+        assert '\n' not in str(err).strip()
+        return
+    # Accepted: each comma-separated item is one integer or an inclusive range LO-HI, in order.
+    expected = []
+    for item in text.split(','):
+        item = item.strip()
+        try:
+            expected.append(int(item))
+        except ValueError:
+            lo, hi = item.split('-')
+            expected.extend(range(int(lo), int(hi) + 1))
+    assert seeds == expected and all(type(seed) is int for seed in seeds)
+
+
+@pytest.mark.reliability
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 50)), min_size=1, max_size=5))
+def test_seed_ranges_expand_inclusively(pairs):
+    text = ','.join(f'{a}-{a + b}' for a, b in pairs)
+    expected = [s for a, b in pairs for s in range(a, a + b + 1)]
+    assert util.parse_int_list(text) == expected
+
+
+@pytest.mark.reliability
+def test_huge_ranges_are_refused_not_expanded():
+    # A typo such as 0-99999999999 must give a clean error, not exhaust memory.
+    with pytest.raises(ValueError, match=r'^too many items in "0-99999999999" \(more than 10000000\)$'):
+        util.parse_int_list('0-99999999999')
+
+
+@pytest.mark.reliability
+def test_download_cache_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    """A download that fails to write (ENOSPC) leaves no partial file in the cache and ends at
+    once with DownloadError naming the URL, the cause and the cache path."""
+    import requests
+
+    class _Response:
+        headers = {'Content-Length': '8'}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def raise_for_status(self):
+            pass
+
+        def iter_content(self, _size):
+            yield b'12345678'
+
+    attempts = []
+    monkeypatch.setattr(requests.Session, 'get', lambda *a, **k: attempts.append(1) or _Response())
+    real_open = open
+
+    def full_open(path, mode='r', *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return faults.FullDiskFile(f, budget=0) if 'w' in mode and str(tmp_path) in str(path) else f
+    monkeypatch.setattr('builtins.open', full_open)
+    with pytest.raises(util.DownloadError) as info:
+        util.open_url('https://example.invalid/net.pkl', cache_dir=str(tmp_path), verbose=False)
+    assert 'https://example.invalid/net.pkl' in str(info.value) and str(tmp_path) in str(info.value)
+    assert 'No space left on device' in str(info.value)
+    assert len(attempts) == 1  # A full disk is not retried 10 times with back-off.
+    assert os.listdir(tmp_path) == []

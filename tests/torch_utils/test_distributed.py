@@ -16,6 +16,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
+from tests import faults
 from tests.procs import child_env
 
 from tests.procs import REPO as REPO_ROOT  # noqa: E402
@@ -415,3 +416,25 @@ def test_check_single_process(monkeypatch, value, message):
         with pytest.raises(ValueError, match=message) as info:
             dist.check_single_process('tool.py')
         assert 'tool.py runs as a single process' in str(info.value)
+
+#----------------------------------------------------------------------------
+# Injected faults (docs/reliability.md): a full disk under CheckpointIO.save, a bad collective timeout.
+
+
+@pytest.mark.reliability
+def test_training_checkpoint_full_disk(tmp_path, full_disk):
+    path = str(tmp_path / 'training-state-0000001.pt')
+    io = dist.CheckpointIO(net=torch.nn.Linear(2, 2), state=dnnlib.EasyDict(cur_nimg=5))
+    faults.check_previous_kept(path, lambda: io.save(path, verbose=False), full_disk)
+
+
+@pytest.mark.reliability
+def test_collective_timeout_from_env(monkeypatch):
+    monkeypatch.setenv('EDM2_DIST_TIMEOUT', '12.5')
+    assert dist.collective_timeout().total_seconds() == 12.5
+    for bad, problem in (('soon', 'expected a number of seconds'), ('0', 'must be positive'),
+                         ('-3', 'must be positive'), ('nan', 'must be positive')):
+        monkeypatch.setenv('EDM2_DIST_TIMEOUT', bad)
+        with pytest.raises(ValueError) as info:
+            dist.collective_timeout()
+        assert str(info.value) == f'EDM2_DIST_TIMEOUT={bad!r}: {problem}'

@@ -1,5 +1,6 @@
 """Tests for torch_utils.misc: constants, sampler, module helpers, summary, tiling, atomic writes."""
 
+import contextlib
 import errno
 import itertools
 import os
@@ -93,7 +94,7 @@ def test_profiled_function_keeps_behaviour():
 
 
 def _reference_stream(n, seed, shuffle=True):
-    """Global order per spec: epoch e uses arange(n) shuffled by RandomState(hash((seed, e)) % 2^31)."""
+    """Global order of the official InfiniteSampler: epoch e uses arange(n) shuffled by RandomState(hash((seed, e)) % 2^31)."""
     for epoch in itertools.count():
         order = np.arange(n)
         if shuffle:
@@ -101,7 +102,7 @@ def _reference_stream(n, seed, shuffle=True):
         yield from order.tolist()
 
 
-def test_infinite_sampler_matches_spec_order():
+def test_infinite_sampler_matches_official_order():
     stream = list(itertools.islice(_reference_stream(7, seed=5), 40))
     sampler = misc.InfiniteSampler(list(range(7)), seed=5)
     assert list(itertools.islice(iter(sampler), 40)) == stream
@@ -157,10 +158,36 @@ def test_params_and_buffers_and_copy():
 
 
 def test_ddp_sync_passthrough_for_plain_module():
+    # A plain module has no no_sync(): both settings run the block, and gradients accumulate as usual.
     net = _TinyNet()
+    x = torch.randn(2, 3, 8, 8)
+    net(x).sum().backward()
+    once = net.conv.weight.grad.clone()
+    net.zero_grad()
     for sync in (True, False):
         with misc.ddp_sync(net, sync):
-            net(torch.zeros(1, 3, 8, 8))
+            net(x).sum().backward()
+    torch.testing.assert_close(net.conv.weight.grad, 2 * once)
+
+
+def test_ddp_sync_uses_no_sync_only_when_told_not_to_sync(monkeypatch):
+    entered = []
+
+    class _FakeDDP(torch.nn.Module):  # Stands in for DistributedDataParallel (which needs a process group).
+        @contextlib.contextmanager
+        def no_sync(self):
+            entered.append('no_sync')
+            yield
+            entered.append('synced again')
+
+    monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel', _FakeDDP)
+    ddp = _FakeDDP()
+    with misc.ddp_sync(ddp, True):
+        entered.append('body')
+    assert entered == ['body']
+    with misc.ddp_sync(ddp, False):
+        entered.append('body')
+    assert entered == ['body', 'no_sync', 'body', 'synced again']
 
 
 def test_print_module_summary(capsys):

@@ -116,8 +116,16 @@ def test_init_multiprocessing_must_precede_first_sync():
         ts.init_multiprocessing(rank=0, sync_device=None)
 
 
-def test_default_collector_exists():
-    assert isinstance(ts.default_collector, ts.Collector)
+def test_default_collector_selects_every_name_and_only_the_last_interval():
+    ts.reset()
+    ts.report('Default/a', 1.0)
+    ts.report('Other/b', [2.0, 4.0])
+    collector = ts.default_collector
+    collector.update()
+    assert collector.names() == ['Default/a', 'Other/b']  # regex '.*'
+    assert collector.as_dict() == {'Default/a': dict(num=1, mean=1.0, std=0.0), 'Other/b': dict(num=2, mean=3.0, std=1.0)}
+    collector.update()  # keep_previous=False: an interval without reports has no data.
+    assert collector.num('Other/b') == 0 and math.isnan(collector.mean('Other/b'))
 
 
 def test_reset_forgets_everything():

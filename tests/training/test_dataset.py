@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import threading
 import zipfile
 
@@ -14,10 +15,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from tests import faults
+from tests.faults import png_bytes, write_files
 from training.data_tools import node_cache as data_cache
 from training.dataset import (CategoriesError, CenterCropImagenet, FilteredImageDataset, ImageFolderDataset,
-                              parse_int_list, select_filtered)
+                              parse_categories, parse_int_list, select_filtered)
 from training.data_tools.image_transforms import center_crop_dhariwal
 
 from tests.procs import REPO  # noqa: E402
@@ -151,7 +156,7 @@ def test_center_crop_resolution_forces_rgb(tmp_path):
     files = {'a.png': _pixels(0, (16, 16)), 'b.png': _pixels(1, (24, 32, 3))}
     ds = ImageFolderDataset(_write_tree(tmp_path / 'c', files), resolution=16, center_crop=True, use_labels=False)
     assert ds.image_shape == [3, 16, 16]
-    assert np.array_equal(ds[0][0], np.repeat(_pixels(0, (16, 16))[None], 3, axis=0))  # quirk F15 fixed
+    assert np.array_equal(ds[0][0], np.repeat(_pixels(0, (16, 16))[None], 3, axis=0))  # docs/differences.md#data-5
     assert np.array_equal(ds[1][0], center_crop_dhariwal(_pixels(1, (24, 32, 3)), 16).transpose(2, 0, 1))
     assert CenterCropImagenet(16)(ds[1][0]) is not None
 
@@ -339,7 +344,7 @@ def test_filter_nima_threshold(as_kind):
 def test_filter_categories(as_kind):
     ds = FilteredImageDataset(as_kind(_scored_files(with_labels=True)), categories='0,2')
     assert _kept(ds) == ['cat/0.png', 'cat/1.png', 'cat/2.png', 'cat/3.png', 'eel/0.png', 'eel/1.png']
-    assert ds.label_dim == 3  # full dataset's label dimension (quirk F12)
+    assert ds.label_dim == 3  # full dataset's label dimension (docs/differences.md#data-11)
     assert np.array_equal(ds[5][1], np.float32([0, 0, 1]))
     with pytest.raises(CategoriesError, match='category 3 is out of range: .* has 3 categories'):
         FilteredImageDataset(as_kind(_scored_files()), categories=[3])
@@ -347,7 +352,7 @@ def test_filter_categories(as_kind):
 
 def test_filter_top_percent_ranks_by_own_score(as_kind):
     ds = FilteredImageDataset(as_kind(_scored_files()), top_percent=34)  # int(9 * 0.34) = 3 best: 8, 7, 6
-    assert _kept(ds) == ['cat/2.png', 'dog/1.png', 'eel/0.png']  # quirk F8 fixed
+    assert _kept(ds) == ['cat/2.png', 'dog/1.png', 'eel/0.png']  # docs/differences.md#data-6
 
 
 def test_filter_top_per_category(as_kind):
@@ -364,13 +369,13 @@ def test_filter_combinations_and_max_size(as_kind):
     capped = FilteredImageDataset(path, categories='0-1', max_size=3.0, random_seed=1, xflip=True)
     assert len(capped) == 6 and len(set(_kept(capped))) == 3
     assert all(name.split('/')[0] in ('cat', 'dog') for name in _kept(capped))
-    no_filter = FilteredImageDataset(path, max_size=2)  # max_size applies without filters (quirk F7)
+    no_filter = FilteredImageDataset(path, max_size=2)  # max_size applies without filters (docs/differences.md#data-8)
     assert len(no_filter) == 2
 
 
 def test_filter_metadata_lookups(tmp_path):
     ds = FilteredImageDataset(_write_tree(tmp_path / 'd', _scored_files(with_labels=True)))
-    assert ds.get_metadata(1) == {'nima': 2.0, 'labels': 'cat'}  # quirk F13 fixed
+    assert ds.get_metadata(1) == {'nima': 2.0, 'labels': 'cat'}  # docs/differences.md#data-10
     assert ds.label_dim == 3 and len(ds) == 9
 
 
@@ -547,3 +552,250 @@ def test_two_processes_see_the_same_order(tmp_path):
 
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# Injected faults (docs/reliability.md): bad images, malformed dataset.json / metadata.json, empty datasets,
+# fuzzed files and category lists, a full disk under the node-local cache. Every malformed dataset gives one
+# clear error naming the file at fault, or a counted skip; never a silent wrong result.
+
+
+def _read_all(ds) -> list:
+    return [ds[i] for i in range(len(ds))]
+
+
+@pytest.fixture(params=[False, True], ids=['dir', 'zip'])
+def as_zip(request):
+    return request.param
+
+
+@pytest.mark.reliability
+def test_truncated_and_corrupt_images_are_counted_skips(tmp_path, as_zip, capsys):
+    good = png_bytes(value=7)
+    files = {'a.png': good, 'b.png': good[:len(good) // 2], 'c.jpg': b'\xff\xd8\xff garbage', 'd.png': good}
+    ds = ImageFolderDataset(write_files(tmp_path / 'ds', files, as_zip))
+    items = _read_all(ds)
+    assert sorted(ds.skipped) == ['b.png', 'c.jpg']
+    assert len(items) == 4 and all(image.shape == (3, 8, 8) and image.max() == 7 for image, _ in items)
+    assert capsys.readouterr().err.count('Skipping corrupted file') == 2
+
+
+@pytest.mark.reliability
+def test_first_file_corrupt_still_finds_the_shape(tmp_path, as_zip):
+    # docs/differences.md#data-3: the fork crashes when the first file is unreadable.
+    files = {'0.png': b'\x89PNG broken', '1.png': png_bytes(16)}
+    ds = ImageFolderDataset(write_files(tmp_path / 'ds', files, as_zip))
+    assert ds.image_shape == [3, 16, 16] and '0.png' in ds.skipped
+    assert _read_all(ds)[0][0].shape == (3, 16, 16)
+
+
+@pytest.mark.reliability
+def test_all_images_corrupt_is_an_error(tmp_path, as_zip):
+    with pytest.raises(OSError, match='No readable image files'):
+        ImageFolderDataset(write_files(tmp_path / 'ds', {'0.png': b'x', '1.png': b'y'}, as_zip))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize('odd', [png_bytes(16), png_bytes(8, channels=1)], ids=['size', 'channels'])
+def test_wrong_size_or_channels_is_an_error_naming_the_file(tmp_path, as_zip, odd):
+    ds = ImageFolderDataset(write_files(tmp_path / 'ds', {'a.png': png_bytes(8), 'b.png': odd}, as_zip))
+    assert ds[0][0].shape == (3, 8, 8)
+    with pytest.raises(OSError, match=r'b\.png: image shape \[[13], (8|16), (8|16)\] != dataset shape \[3, 8, 8\]'):
+        ds[1]
+
+
+@pytest.mark.reliability
+def test_resolution_mismatch_is_an_error(tmp_path):
+    with pytest.raises(OSError, match='do not match the specified resolution'):
+        ImageFolderDataset(write_files(tmp_path / 'ds', {'a.png': png_bytes(8)}), resolution=16)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize('files', [{}, {'readme.txt': b'no images here'}], ids=['empty', 'no-images'])
+def test_zero_image_dataset_is_an_error(tmp_path, as_zip, files):
+    with pytest.raises(OSError, match='No image files found'):
+        ImageFolderDataset(write_files(tmp_path / 'ds', files, as_zip))
+
+
+@pytest.mark.reliability
+def test_truncated_zip_is_an_error(tmp_path):
+    path = write_files(tmp_path / 'ds', {'a.png': png_bytes(), 'b.png': png_bytes()}, as_zip=True)
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:
+        f.write(data[:len(data) - 30])  # Central directory torn off.
+    with pytest.raises(OSError, match='Not a valid zip archive'):
+        ImageFolderDataset(path)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize('content, message', [
+    (b'{"labels": [["a.png", 0]', 'cannot read JSON'),
+    ([1, 2], 'malformed'),
+    ({'labels': 5}, 'malformed'),
+    ({'labels': [['a.png']]}, 'malformed'),
+    ({'labels': [['a.png', 'cat'], ['b.png', 'dog']]}, 'integer class indices'),
+    ({'labels': [['a.png', -1], ['b.png', 0]]}, 'negative class label'),
+    ({'labels': [['a.png', [1.0, 2.0]], ['b.png', [1.0]]]}, 'same length'),
+], ids=['truncated', 'list', 'int', 'pair', 'strings', 'negative', 'ragged'])
+def test_malformed_dataset_json_is_one_clear_error(tmp_path, as_zip, content, message):
+    files = {'a.png': png_bytes(), 'b.png': png_bytes(), 'dataset.json': content}
+    with pytest.raises(OSError, match=message) as info:
+        ds = ImageFolderDataset(write_files(tmp_path / 'ds', files, as_zip), use_labels=True)
+        ds[0]
+    assert 'dataset.json' in str(info.value) and '\n' not in str(info.value)
+
+
+@pytest.mark.reliability
+def test_dataset_json_missing_an_image_is_an_error(tmp_path):
+    files = {'a.png': png_bytes(), 'b.png': png_bytes(), 'dataset.json': {'labels': [['a.png', 0]]}}
+    with pytest.raises(KeyError, match=r'no label for b\.png \(1 images unlabeled\)'):
+        ImageFolderDataset(write_files(tmp_path / 'ds', files), use_labels=True)[0]
+
+
+@pytest.mark.reliability
+def test_dataset_json_naming_missing_files_is_counted(tmp_path, capsys):
+    files = {'a.png': png_bytes(), 'dataset.json': {'labels': [['a.png', 2], ['gone.png', 1], ['gone2.png', 0]]}}
+    ds = ImageFolderDataset(write_files(tmp_path / 'ds', files), use_labels=True)
+    assert ds[0][1].tolist() == [0, 0, 1]
+    assert 'labels 2 files that do not exist' in capsys.readouterr().err
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize('content, message', [
+    (b'{not json', 'cannot read JSON'),
+    ([], 'malformed'),
+    ({'metadata': [1, 2]}, 'malformed'),
+    ({'metadata': {'c/a': 5}}, 'malformed'),
+    ({'metadata': {'c/a': {'nima': 'high'}}}, 'is not a number'),
+], ids=['truncated', 'list', 'inner-list', 'entry-int', 'nima-str'])
+def test_malformed_metadata_json_is_one_clear_error(tmp_path, as_zip, content, message):
+    files = {'c/a.png': png_bytes(), 'c/b.png': png_bytes(), 'metadata.json': content}
+    with pytest.raises(OSError, match=message) as info:
+        FilteredImageDataset(write_files(tmp_path / 'ds', files, as_zip), nima_threshold=1.0)
+    assert 'metadata.json' in str(info.value)
+
+
+@pytest.mark.reliability
+def test_score_filter_without_metadata_is_an_error(tmp_path):
+    with pytest.raises(OSError, match='need metadata.json'):
+        FilteredImageDataset(write_files(tmp_path / 'ds', {'c/a.png': png_bytes()}), top_percent=50)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize('categories', ['3', '-1'])
+def test_out_of_range_category_is_an_error(tmp_path, categories):
+    with pytest.raises(CategoriesError, match=f'category {categories} is out of range'):
+        FilteredImageDataset(write_files(tmp_path / 'ds', {'c/a.png': png_bytes()}), categories=categories)
+
+
+@pytest.mark.reliability
+def test_node_cache_copy_full_disk(tmp_path, full_disk):
+    src = tmp_path / 'src.zip'
+    src.write_bytes(b'z' * 1000)
+    path = str(tmp_path / 'cache.zip')
+    faults.check_previous_kept(path, lambda: data_cache.copy_file(str(src), path, verbose=False), full_disk)
+
+# Fuzzing.
+
+
+FUZZ = settings(max_examples=60, deadline=500, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ_IO = settings(max_examples=25, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Text made of the characters the parsers care about, plus some noise.
+PARSER_ALPHABET = st.sampled_from(list('0123456789,-.eE+ KMGi') + ['...', 'inf', 'nan', 'x', '\n'])
+parser_text = st.lists(PARSER_ALPHABET, max_size=20).map(''.join) | st.text(max_size=20)
+
+
+@pytest.mark.reliability
+@FUZZ
+@given(parser_text)
+def test_category_lists_parse_or_raise_value_error(text):
+    # --categories: the seed-list syntax (dnnlib.util.parse_int_list), each index in range.
+    try:
+        values = parse_categories(text, num_categories=10)
+    except CategoriesError as err:
+        assert '\n' not in str(err).strip()
+        try:
+            values = parse_int_list(text)
+        except ValueError as parse_err:
+            assert str(err) == str(parse_err)  # The parser's own message.
+        else:
+            assert str(err).startswith(f'category {[v for v in values if not 0 <= v < 10][0]} is out of range')
+        return
+    assert values == parse_int_list(text) and all(0 <= v < 10 for v in values)
+
+
+@pytest.mark.reliability
+def test_huge_category_ranges_are_refused_not_expanded():
+    # A typo such as 0-99999999999 must give a clean error, not exhaust memory.
+    with pytest.raises(CategoriesError, match='too many items'):
+        parse_categories('0-99999999999', num_categories=10**12)
+
+
+GOOD_PNG = png_bytes()
+
+
+def _mutate(data: bytes, cut: int, flips: list) -> bytes:
+    data = bytearray(data[:max(cut, 1)])
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    return bytes(data)
+
+
+@pytest.mark.reliability
+@FUZZ_IO
+@given(st.sampled_from(['a.png', 'a.jpg', 'a.npy', 'a.bmp']), st.integers(0, len(GOOD_PNG)),
+       st.lists(st.tuples(st.integers(0, 10**4), st.integers(0, 255)), max_size=4), st.booleans())
+def test_dataset_with_corrupt_file_raises_ioerror_or_skips(name, cut, flips, as_zip):
+    """A folder/zip holding one good PNG and one mangled file: the mangled one is a counted skip (the good
+    image takes its place), or it decodes to an image of the dataset's shape, or the dataset raises one
+    OSError line (e.g. the decoded shape differs). Nothing else escapes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_files(os.path.join(tmp, 'ds'), {'good.png': GOOD_PNG, name: _mutate(GOOD_PNG, cut, flips)},
+                           as_zip)
+        try:
+            ds = ImageFolderDataset(path)
+            try:
+                items = _read_all(ds)
+            finally:
+                ds.close()
+        except OSError as err:  # Unreadable data set or shape mismatch: one clear line.
+            assert str(err).strip() and '\n' not in str(err).strip()
+            return
+    assert len(items) == 2 and all(image.shape == (3, 8, 8) for image, _label in items)
+    assert set(ds.skipped) <= {name}
+    if ds.skipped:
+        assert all(np.array_equal(image, np.zeros([3, 8, 8], np.uint8)) for image, _label in items)
+
+
+@pytest.mark.reliability
+@FUZZ_IO
+@given(st.binary(max_size=200))
+def test_zip_dataset_of_random_bytes_is_an_ioerror(data):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'ds.zip')
+        with open(path, 'wb') as f:
+            f.write(data)
+        with pytest.raises(OSError, match=r'^(Not a valid zip archive|No image files found in the specified path): '):
+            ImageFolderDataset(path)
+
+
+@pytest.mark.reliability
+@FUZZ_IO
+@given(st.binary(max_size=200), st.sampled_from(['dataset.json', 'metadata.json']))
+def test_random_json_sidecars_are_clean_errors(data, name):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_files(os.path.join(tmp, 'ds'), {'img.png': GOOD_PNG, name: data})
+        if name == 'metadata.json':  # A score filter needs a real entry for img.png: random bytes never are one.
+            with pytest.raises(OSError) as info:
+                FilteredImageDataset(root, use_labels=False, nima_threshold=0.5)[0]
+            assert str(info.value).strip() and '\n' not in str(info.value)
+            return
+        try:
+            label = ImageFolderDataset(root, use_labels=True)[0][1]
+        except OSError as err:
+            assert str(err).startswith(os.path.join(root, 'dataset.json') + ': ') and '\n' not in str(err)
+            return
+        except KeyError as err:  # Valid JSON labelling no file, e.g. [].
+            assert str(err) == f"'dataset.json of {root} has no label for img.png (1 images unlabeled)'"
+            return
+    assert label.dtype == np.float32

@@ -1,4 +1,4 @@
-"""Tests of training/encoders.py (spec data.md §5) with a tiny VAE built in the test (no download)."""
+"""Tests of training/encoders.py with a tiny VAE built in the test (no download)."""
 
 import inspect
 import io
@@ -47,7 +47,7 @@ def test_base_encoder_is_abstract():
 #----------------------------------------------------------------------------
 # StabilityVAEEncoder without a VAE: constants, latent sampling, pickling.
 
-def test_vae_encoder_constants_follow_spec():
+def test_vae_encoder_constants_match_official():
     enc = encoders.StabilityVAEEncoder()
     raw_mean, raw_std = [5.81, 3.25, 0.12, -2.15], [4.17, 4.62, 3.71, 3.28]
     assert enc.vae_name == VAE_NAME and enc.batch_size == 8 and enc._vae is None

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 matplotlib.use('Agg')
 
 import toy_example  # noqa: E402
+from tests import faults  # noqa: E402
 from torch_utils import persistence  # noqa: E402
 from training import toy  # noqa: E402
 
@@ -65,7 +66,7 @@ def test_gt_structure():
     # Component weights phi = dist * 0.5^depth: the 8 components of a branch share one weight.
     assert torch.allclose(a.phi[:8], a.phi[0].expand(8))
     x = ab.sample(200000, generator=torch.Generator().manual_seed(0))
-    assert x.mean(0).abs().max() < 0.02 and (x.std(0) - 0.5).abs().max() < 0.02   # spec: mean ~0, std ~0.5
+    assert x.mean(0).abs().max() < 0.02 and (x.std(0) - 0.5).abs().max() < 0.02   # the toy distribution: mean ~0, std ~0.5
     with pytest.raises(ValueError, match='classes'):
         toy.gt('C')
 
@@ -293,7 +294,14 @@ def test_cli_single_process_world_size_with_spaces_is_accepted(monkeypatch):
 def test_training_viz_without_display_warns_and_trains():
     with pytest.warns(UserWarning, match='visualisation disabled'):
         net = toy.do_train(num_layers=1, hidden_dim=8, batch_size=32, total_iter=2, viz_iter=1, device='cpu', progress=False)
-    assert isinstance(net, toy.ToyModel)
+    # The same training as without visualisation, and really trained (not the initial weights).
+    plain = toy.do_train(num_layers=1, hidden_dim=8, batch_size=32, total_iter=2, viz_iter=None, device='cpu',
+                         progress=False)
+    torch.manual_seed(0)
+    initial = toy.ToyModel(num_layers=1, hidden_dim=8)
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, plain.state_dict()[name]), name
+        assert not torch.equal(value, initial.state_dict()[name]), name
 
 @pytest.mark.parametrize('command', [['train', '--viz', 'False', '--iters', '1'], ['plot', '--save', 'x.png'], ['demo']])
 @pytest.mark.parametrize('device', ['bogus', 'cuda:99'])
@@ -312,3 +320,14 @@ def test_cli_plot_unsupported_save_format_fails_before_loading(tmp_path):
     assert '--save' in error[0] and '.xyz' in error[0] and 'png' in error[0] and 'Loading' not in result.output
     assert os.listdir(tmp_path) == []
     assert toy.figure_format('a/b.PDF') == 'pdf' and toy.figure_format('noext') == 'png'
+
+
+@pytest.mark.reliability
+def test_toy_figure_full_disk(tmp_path, full_disk):
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(1, 1))
+    path = str(tmp_path / 'toy.png')
+    try:
+        faults.check_previous_kept(path, lambda: toy.save_figure(fig, path), full_disk)
+    finally:
+        plt.close(fig)

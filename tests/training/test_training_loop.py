@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import sys
 import types
 
@@ -20,7 +21,9 @@ from training.loop import step as train_step
 from training.loop.train_edm2 import setup_training_config
 from training.training_loop import (EDM2Loss, ResumeMismatchError, TrainingDivergedError, learning_rate_schedule,
                                     training_loop)
+from tests import faults
 from tests.tiny import make_tiny_precond, write_tiny_snapshot
+from training.snapshots.loading import SnapshotError
 
 #----------------------------------------------------------------------------
 # Shared helpers (also used by test_train_edm2.py).
@@ -179,8 +182,22 @@ def test_load_finetune_source_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='missing.pkl'):  # the config step says which option
         finetune.load_finetune_source(str(tmp_path / 'missing.pkl'))
     persistence.save_pickle(dnnlib.EasyDict(foo=1), str(tmp_path / 'bad.pkl'))
-    with pytest.raises(ValueError, match='not a network snapshot'):
+    with pytest.raises(SnapshotError, match=f'^--model2finetune: {re.escape(str(tmp_path))}/bad.pkl: not a network snapshot'):
         finetune.load_finetune_source(str(tmp_path / 'bad.pkl'))
+
+
+@pytest.fixture(scope='module')
+def bad_pickles(tmp_path_factory):
+    return faults.write_bad_pickles(tmp_path_factory.mktemp('pickles'))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize('kind', ['hostile', 'truncated', 'wrong_type', 'no_ema', 'torch_save'])
+def test_finetune_source_refuses_bad_files(bad_pickles, kind):
+    with pytest.raises(SnapshotError) as info:
+        finetune.load_finetune_source(bad_pickles[kind])
+    assert str(info.value).startswith(f'--model2finetune: {bad_pickles[kind]}') and '\n' not in str(info.value)
+    assert not os.path.exists(bad_pickles['marker'])
 
 #----------------------------------------------------------------------------
 # Real (tiny) runs.

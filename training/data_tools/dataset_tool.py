@@ -73,11 +73,12 @@ def parse_size(s: Optional[str]) -> tuple:
     if s is None:
         return None, None
     parts = s.replace(',', 'x').split('x')
+    shown = s.encode('unicode_escape').decode('ascii')  # Keep the error message on one line.
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f'cannot parse tuple {s} (expected WxH, e.g. 512x512)')
+        raise ValueError(f'cannot parse tuple {shown} (expected WxH, e.g. 512x512)')
     width, height = int(parts[0]), int(parts[1])
     if width <= 0 or height <= 0:
-        raise ValueError(f'width and height must be positive, got {s}')
+        raise ValueError(f'width and height must be positive, got {shown}')
     return width, height
 
 

@@ -1,4 +1,4 @@
-"""Tests of training/loop/presets.py (spec network.md §7, training.md §2 and §10)."""
+"""Tests of training/loop/presets.py."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from training.loop import presets
 
 Mi = 1 << 20
 
-def test_all_spec_presets_present():
+def test_all_official_presets_present():
     expected = [f'edm2-img512-{s}' for s in ('xxs', 'xs', 's', 'm', 'l', 'xl', 'xxl')]
     expected += [f'edm2-img64-{s}' for s in ('xs', 's', 'm', 'l', 'xl')]
     expected += ['base-finetuning', 'edm2-cifar10-32x32-uncond', 'edm2-cifar10-32x32-cond']
@@ -69,14 +69,14 @@ def test_network_kwargs_layout():
     assert list(presets.network_kwargs_for_preset('edm2-img64-s', with_data_shape=False)) == \
         ['class_name', 'model_channels', 'dropout', 'use_fp16']
 
-# Parameter counts of network.md §6 (conditional, L=1000): exact where the spec gives them, else in millions.
+# Parameter counts of the published EDM2 models (conditional, L=1000): exact where published, else in millions.
 @pytest.mark.parametrize('name, params', [
     ('edm2-img512-xxs', '31.31'), ('edm2-img512-xs', 124_713_253), ('edm2-img64-xs', '124.71'),
     ('edm2-img512-s', '280.21'), ('edm2-img512-m', '497.81'), ('edm2-img64-m', '497.80'),
     ('edm2-img512-l', '777.50'), ('edm2-img64-l', '777.49'), ('edm2-img512-xl', '1119.28'),
     ('edm2-img512-xxl', 1_523_164_773),
 ])
-def test_networks_built_on_meta_have_spec_parameter_counts(name, params):
+def test_networks_built_on_meta_have_published_parameter_counts(name, params):
     net = presets.construct_network_for_preset(name)
     assert not net.training
     assert all(p.device.type == 'meta' and not p.requires_grad for p in net.parameters())

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dnnlib
+from tests import faults
 from tests.tiny import write_tiny_snapshot
 from torch_utils import distributed as dist
 from torch_utils import persistence
@@ -93,3 +94,22 @@ def test_edm1_snapshots_are_told_apart_from_power_function_ones(tmp_path):
     assert str(info.value) == (f'--indir: {tmp_path / "edm1.pkl"} holds an EDM v1 network (EDMPrecond) with a classic '
                                'EMA, not a power-function EMA profile; post-hoc EMA reconstruction needs EDM2 snapshots '
                                '(network-snapshot-<kimg>-<std>.pkl)')
+
+
+#----------------------------------------------------------------------------
+# Injected faults (docs/reliability.md): every bad file gives the one loader error, and hostile code never runs.
+
+
+@pytest.fixture(scope='module')
+def bad_pickles(tmp_path_factory):
+    return faults.write_bad_pickles(tmp_path_factory.mktemp('pickles'))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize('kind', ['hostile', 'truncated', 'empty', 'wrong_type', 'no_ema', 'torch_save', 'text'])
+def test_snapshot_loader_refuses_bad_files(bad_pickles, kind):
+    with pytest.raises(SnapshotError) as info:
+        load_snapshot(bad_pickles[kind], '--net')
+    message = str(info.value)
+    assert message.startswith(f'--net: {bad_pickles[kind]}') and '\n' not in message
+    assert not os.path.exists(bad_pickles['marker'])

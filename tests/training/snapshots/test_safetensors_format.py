@@ -68,7 +68,10 @@ def test_loading_never_unpickles(exported, monkeypatch):
         monkeypatch.setattr(pickle, name, refuse)
     monkeypatch.setattr(torch, 'load', refuse)
     monkeypatch.setattr(persistence, 'load_pickle', refuse)
-    assert isinstance(sf.load_snapshot_safetensors(exported[2]).ema, torch.nn.Module)
+    ema = sf.load_snapshot_safetensors(exported[2]).ema
+    expected = exported[1].ema.state_dict()
+    assert type(ema).__name__ == 'Precond' and list(ema.state_dict()) == list(expected)
+    assert all(torch.equal(value, expected[name]) for name, value in ema.state_dict().items())
 
 
 def test_encoder_constants_and_rng_are_preserved(tmp_path):
