@@ -7,7 +7,9 @@ training.phema.solve_posthoc_coefficients.
 
 Streaming: outputs are reconstructed in batches; each batch reads every input
 pickle exactly once and keeps one input network plus one float32 accumulator
-per output in memory, whatever the number of snapshots.
+per output in memory, whatever the number of snapshots. The stream yields the
+reconstructed networks in memory (used as they are by `calculate_metrics.py
+sweep`); writing them as pickles (`reconstruct_phema.py`) is one consumer of it.
 """
 
 from __future__ import annotations
@@ -81,19 +83,26 @@ def _expand_ellipsis(raw: list[str], i: int) -> list[float]:
     return [round(b + step * (j + 1), 12) for j in range(num)]
 
 
-def parse_std_list(s: str | Sequence[float]) -> list[float]:
-    """Parse a comma-separated std list where '...' continues an arithmetic
-    progression; returns sorted unique values in (0, MAX_STD). Lists pass
-    through unchanged. Raises ValueError with a one-line message."""
-    if isinstance(s, (list, tuple)):
-        return list(s)
+def parse_float_list(s: str) -> list[float]:
+    """Parse a comma-separated float list where '...' continues an arithmetic progression
+    ('1,1.5,...,3' -> 1, 1.5, 2, 2.5, 3); returns sorted unique values. Raises ValueError with a
+    one-line message."""
     raw = [token.strip() for token in str(s).split(',')]
     if raw == ['']:
         raise ValueError('empty list')
     values = []
     for i, token in enumerate(raw):
         values += _expand_ellipsis(raw, i) if token == '...' else [_parse_float(token)]
-    values = sorted(set(values))
+    return sorted(set(values))
+
+
+def parse_std_list(s: str | Sequence[float]) -> list[float]:
+    """Parse a comma-separated std list where '...' continues an arithmetic
+    progression; returns sorted unique values in (0, MAX_STD). Lists pass
+    through unchanged. Raises ValueError with a one-line message."""
+    if isinstance(s, (list, tuple)):
+        return list(s)
+    values = parse_float_list(s)
     for v in values:
         if not 0 < v < phema.MAX_STD:
             raise ValueError(f'Relative standard deviation must be positive and less than {phema.MAX_STD} (got {v})')
@@ -252,8 +261,9 @@ def _finish_output(first: dict, data: dict, acc: list[torch.Tensor], reuse_net: 
     return type(first)((key, net if key == 'ema' else copy.deepcopy(value)) for key, value in first.items())
 
 
-def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, out_dir, out_prefix, step0, num_steps):
-    """One pass over the inputs for one batch of outputs; yields progress records."""
+def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, step0, num_steps):
+    """One pass over the inputs for one batch of outputs; yields progress records, the last one
+    carrying the reconstructed outputs (in memory; `_save_outputs` writes them)."""
     accs, data, first, reference = None, None, None, {}
     for i, pkl in enumerate(in_pkls):
         data = None  # drop the previous input before loading the next one
@@ -267,16 +277,22 @@ def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, out_dir, out_prefix
     for j, std in enumerate(batch_stds):
         pkl_data = _finish_output(first, data, accs[j], reuse_net=(j == len(batch_stds) - 1))
         accs[j] = None
-        pkl_path = None
-        if out_dir is not None:
-            pkl_path = pickle_path(out_dir, out_prefix, out_nimg, std)
+        out.append(dnnlib.EasyDict(net=pkl_data['ema'], nimg=out_nimg, std=std, pkl_data=pkl_data, pkl_path=None))
+    yield dnnlib.EasyDict(step_idx=step0 + len(in_pkls) - 1, num_steps=num_steps, out=out)
+
+
+def _save_outputs(records: Iterator[dnnlib.EasyDict], out_dir: str, out_prefix: str) -> Iterator[dnnlib.EasyDict]:
+    """Consumer of the reconstruction stream: write every output as <out_dir>/<prefix>-<kimg>-<std>.pkl
+    and fill in its `pkl_path`; the records are passed on."""
+    for r in records:
+        for out in r.out:
+            out.pkl_path = pickle_path(out_dir, out_prefix, out.nimg, out.std)
             try:
                 os.makedirs(out_dir, exist_ok=True)
             except OSError as err:  # checked up front; this covers a directory changed during the pass
                 raise PhemaError(f'Cannot create output directory {out_dir}: {err.strerror}') from None
-            persistence.save_pickle(pkl_data, pkl_path)
-        out.append(dnnlib.EasyDict(net=pkl_data['ema'], nimg=out_nimg, std=std, pkl_data=pkl_data, pkl_path=pkl_path))
-    yield dnnlib.EasyDict(step_idx=step0 + len(in_pkls) - 1, num_steps=num_steps, out=out)
+            persistence.save_pickle(out.pkl_data, out.pkl_path)
+        yield r
 
 
 def _print_plan(in_pkls, out_stds, batches, fit_errors, out_dir, out_prefix, out_nimg) -> None:
@@ -335,28 +351,42 @@ def _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_exis
     fit_errors = phema.posthoc_fit_error(in_nimg, in_std, out_nimg, out_stds, coefs=coefs)
     if verbose:
         _print_plan(in_pkls, out_stds, batches, fit_errors, out_dir, out_prefix, out_nimg)
-    return _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg, out_dir, out_prefix)
+    records = _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg)
+    return records if out_dir is None else _save_outputs(records, out_dir, out_prefix)
 
 
-def _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg, out_dir, out_prefix):
+def _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg):
     num_steps = len(batches) * len(in_pkls)
     for batch_idx, batch in enumerate(batches):
         yield from _reconstruct_batch(in_pkls, coefs[:, batch], [out_stds[j] for j in batch], out_nimg,
-                                      out_dir, out_prefix, batch_idx * len(in_pkls), num_steps)
+                                      batch_idx * len(in_pkls), num_steps)
 
 
 #----------------------------------------------------------------------------
 # Command-line driver used by reconstruct_phema.py.
 
 
-def _check_single_prefix(in_pkls: Sequence[Any], indir: str) -> None:
+def _check_single_prefix(in_pkls: Sequence[Any], indir: str, option: str = '--inprefix') -> None:
     """Refuse a mix such as network-snapshot-* and phema-*: earlier reconstructions are only
     approximations of power-function EMAs, and entering them as exact ones distorts the fit."""
     prefixes = sorted({pkl.prefix for pkl in in_pkls})
     if len(prefixes) > 1:
         raise PhemaError(f'{indir} holds input pickles with {len(prefixes)} prefixes ({", ".join(prefixes)}); '
-                         'choose one with --inprefix (usually network-snapshot; reconstructions are not '
+                         f'choose one with {option} (usually network-snapshot; reconstructions are not '
                          'power-function EMAs and would distort the fit)')
+
+
+def find_snapshots(indir: str, inprefix: str | None = None, instd: Sequence[float] | None = None,
+                   option: str = '--inprefix') -> list[dnnlib.EasyDict]:
+    """The power-function EMA snapshots of `indir` (list_input_pickles), refusing an empty selection
+    and a mix of prefixes (`option` is the option that selects one)."""
+    in_pkls = list_input_pickles(indir, in_std=instd, in_prefix=inprefix)
+    if len(in_pkls) == 0:
+        filters = ''.join([f' with prefix "{inprefix}"' if inprefix is not None else '',
+                           f' with std in {list(instd)}' if instd is not None else ''])
+        raise PhemaError(f'No input pickles named <prefix>-<kimg>-<std>.pkl found in {indir}{filters}')
+    _check_single_prefix(in_pkls, indir, option)
+    return in_pkls
 
 
 def reconstruct_from_dir(indir: str, outdir: str, outstd: Sequence[float], inprefix: str | None = None,
@@ -368,12 +398,7 @@ def reconstruct_from_dir(indir: str, outdir: str, outstd: Sequence[float], inpre
         dist.check_single_process('reconstruct_phema.py')
     except ValueError as err:
         raise PhemaError(str(err)) from None
-    in_pkls = list_input_pickles(indir, in_std=instd, in_prefix=inprefix)
-    if len(in_pkls) == 0:
-        filters = ''.join([f' with prefix "{inprefix}"' if inprefix is not None else '',
-                           f' with std in {list(instd)}' if instd is not None else ''])
-        raise PhemaError(f'No input pickles named <prefix>-<kimg>-<std>.pkl found in {indir}{filters}')
-    _check_single_prefix(in_pkls, indir)
+    in_pkls = find_snapshots(indir, inprefix, instd)
     _check_out_dir(outdir, '--outdir')  # before the first pass over the inputs, which can take hours
     out_nimg = None if outkimg is None else kimg_to_nimg(outkimg)
     records = _plan_and_iterate(in_pkls, outstd, out_nimg, outdir, outprefix, skip, batch, verbose=True)
