@@ -155,7 +155,8 @@ def list_input_pickles(in_dir: str, in_std: Sequence[float] | None = None,
 # Planning: which inputs, which outputs, in which batches.
 
 
-def _select_inputs(in_pkls: Sequence[Any], out_nimg: int | None) -> tuple[list[Any], int]:
+def select_inputs(in_pkls: Sequence[Any], out_nimg: int | None) -> tuple[list[Any], int]:
+    """The inputs a reconstruction at `out_nimg` (None: the latest input) uses, and that time."""
     if len(in_pkls) == 0:
         raise PhemaError('No input pickles found')
     all_nimg = sorted({pkl.nimg for pkl in in_pkls})
@@ -337,7 +338,7 @@ def _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_exis
     """reconstruct_phema after its out_dir check (which reconstruct_from_dir makes itself, naming --outdir)."""
     if max_batch_size < 1:
         raise PhemaError(f'Batch size must be at least 1 (got {max_batch_size})')
-    in_pkls, out_nimg = _select_inputs(in_pkls, out_nimg)
+    in_pkls, out_nimg = select_inputs(in_pkls, out_nimg)
     out_stds = _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing)
     if len(out_stds) == 0:
         if verbose:
