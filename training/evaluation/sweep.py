@@ -386,21 +386,22 @@ def run_sweep(cfg: SweepConfig, refs: dict, device: Any, verbose: bool = True) -
 # Report.
 
 
-def net_label(entry: Optional[dict]) -> str:
-    if entry is None:
-        return 'none'
+def net_label(entry: dict) -> str:
+    """'ema 0.100' for a reconstructed profile, the file name for a pickle."""
     if 'ema' in entry:
         return f'ema {entry["ema"]:.3f}'
     return os.path.basename(entry['pkl'])
 
 
 NOT_APPLICABLE = '-'  # guide and interval of an unguided point
+LABEL_FREE_GUIDE = 'main (no labels)'  # guidance without a guide network
 
 
 def _axis_values(point: dict) -> dict:
     """Axis name -> display label of one point, in table order."""
     interval, guided = point['guidance_interval'], point['guidance'] != 1
-    labels = dict(net=net_label(point['net']), guide=net_label(point['guide']) if guided else NOT_APPLICABLE,
+    guide = NOT_APPLICABLE if not guided else LABEL_FREE_GUIDE if point['guide'] is None else net_label(point['guide'])
+    labels = dict(net=net_label(point['net']), guide=guide,
                   guidance=f'{point["guidance"]:g}', interval=NOT_APPLICABLE if not guided else
                   'all' if interval is None else f'{interval[0]:g}-{interval[1]:g}')
     labels.update({name: str(value) for name, value in point['sampler'].items()})
