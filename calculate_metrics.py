@@ -178,6 +178,15 @@ def cmdline():
     # Several references at once, results saved as results.json/.pkl, NIMA histogram
     python calculate_metrics.py calc --images=out --ref=a.pkl --ref=b.npz \\
         --metrics=fid,nima --out=results --hist
+
+    \b
+    # Sweep EMA lengths x guidance weights from raw snapshots (resumable),
+    # 3 seed sets of 10000 images per point; results in sweeps/s.jsonl
+    torchrun --standalone --nproc_per_node=8 -- calculate_metrics.py sweep \\
+        --indir=raw-snapshots/edm2-img512-s --ema=0.050,0.075,...,0.200 \\
+        --gnet=https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-xs-0134217-0.125.pkl \\
+        --guidance=1,1.5,...,3 --num=10000 --repeats=3 --out=sweeps/s \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl
     """
 
 #----------------------------------------------------------------------------

@@ -219,3 +219,23 @@ def test_bad_input(cache, data, tmp_path):
     line = error_line(run(cli, *sweep_args(data, data['full'], '--num', 6)))  # same file, other setup
     assert 'full.jsonl holds results computed with num=8, this run has 6' in line
     assert not os.path.exists(f'{base}.jsonl')
+
+
+def test_sweep_under_torchrun_matches_single_process(cache, data, tmp_path):
+    import subprocess
+    import sys
+    from tests.procs import REPO, child_env
+    base = tmp_path / 'two-ranks'
+    args = [str(a) for a in sweep_args(data, base)]
+    args[args.index('--ema') + 1], args[args.index('--guidance') + 1] = '0.05,0.15', '1,2.5'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--', 'calculate_metrics.py',
+           *args]
+    result = subprocess.run(cmd, cwd=REPO, env=child_env(DNNLIB_CACHE_DIR=cache), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    two, one = by_key(read_lines(base)), by_key(read_lines(data['full']))
+    assert len(two) == 4 and result.stdout.count('Best point per metric') == 1  # rank 0 writes and reports
+    for key, line in two.items():
+        assert line['num_images'] == NUM
+        columns, expected = sweep.flatten_results(line['results']), sweep.flatten_results(one[key]['results'])
+        assert columns == pytest.approx(expected, rel=1e-4, abs=1e-6)
