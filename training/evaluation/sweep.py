@@ -109,11 +109,11 @@ class SweepConfig:
 
     def main_axis(self) -> list:
         emas = [dict(ema=std, kimg=self.ema_source.kimg) for std in self.main_ema]
-        return emas + [dict(pkl=path) for path in self.main_nets]
+        return emas + [_pickle_entry(path) for path in self.main_nets]
 
     def guide_axis(self) -> list:
         emas = [dict(ema=std, kimg=self.guide_source.kimg) for std in self.guide_ema]
-        return (emas + [dict(pkl=path) for path in self.guide_nets]) or [None]
+        return (emas + [_pickle_entry(path) for path in self.guide_nets]) or [None]
 
     def points(self) -> list:
         return expand_grid(self.main_axis(), self.guide_axis(), self.guidance, self.intervals, self.sampler_axes,
@@ -128,6 +128,11 @@ class SweepConfig:
     def seeds(self, repeat: int) -> range:
         first = self.seed + repeat * self.num
         return range(first, first + self.num)
+
+
+def _pickle_entry(path: str) -> dict:
+    """{'pkl': absolute path or URL}: the same pickle gives the same key from any working directory."""
+    return dict(pkl=path if dnnlib.util.is_url(path) else os.path.abspath(path))
 
 
 def check_config(cfg: SweepConfig, refs: dict) -> None:
