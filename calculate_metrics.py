@@ -59,7 +59,8 @@ def _parse_features(ctx: click.Context, param: click.Parameter, value: Optional[
     try:
         num = int(value)
     except ValueError:
-        raise click.BadParameter(f'expected an integer > {pr_lib.DEFAULT_K} or "all", got "{value}"', ctx, param) from None
+        message = f'expected an integer > {pr_lib.DEFAULT_K} or "all", got "{value}"'
+        raise click.BadParameter(message, ctx, param) from None
     if num <= pr_lib.DEFAULT_K:
         raise click.BadParameter(f'precision/recall needs more than {pr_lib.DEFAULT_K} images, got {num}', ctx, param)
     return num

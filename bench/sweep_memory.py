@@ -102,7 +102,8 @@ def run_worker(kind: str, indir: str, num: int, batch: int) -> dict:
 @click.option('--snapshots', help='Number of synthetic snapshots (even)', type=click.IntRange(min=2), default=6,
               show_default=True)
 @click.option('--channels', help='model_channels (128 = edm2-img512-xs)', type=int, default=128, show_default=True)
-@click.option('--worker', help='Internal: run one measurement', type=click.Choice(['reconstruct', 'sweep']), default=None)
+@click.option('--worker', help='Internal: run one measurement', type=click.Choice(['reconstruct', 'sweep']),
+              default=None)
 @click.option('--indir', help='Internal: snapshot directory of the worker', type=str, default=None)
 def main(emas, batch, snapshots, channels, worker, indir):
     """Peak RSS of a sweep over N EMA lengths vs reconstruct_phema with the same batch size."""

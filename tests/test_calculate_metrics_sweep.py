@@ -180,7 +180,8 @@ def test_ref_features(cache, data, tmp_path):
     np.testing.assert_allclose(stats['fid']['features'].mean(0), stats['fid']['mu'], rtol=1e-5, atol=1e-6)
     # The images' own features: precision = recall = 1.
     own = metrics.run_with_progress(metrics.calculate_stats_for_files(
-        data['images'], num_workers=0, metrics=['fid'], keep_features=['fid'], verbose=False, device='cpu'), verbose=False)
+        data['images'], num_workers=0, metrics=['fid'], keep_features=['fid'], verbose=False, device='cpu'),
+        verbose=False)
     assert pr.calculate_pr_results(own, dict(ref=stats), ['fid', 'pr']) == dict(
         precision_inception=dict(ref=1.0), recall_inception=dict(ref=1.0))
     # A random subset of 5: mean/covariance of all images, features of 5 of them.
@@ -228,8 +229,8 @@ def test_sweep_under_torchrun_matches_single_process(cache, data, tmp_path):
     base = tmp_path / 'two-ranks'
     args = [str(a) for a in sweep_args(data, base)]
     args[args.index('--ema') + 1], args[args.index('--guidance') + 1] = '0.05,0.15', '1,2.5'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--', 'calculate_metrics.py',
-           *args]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--',
+           'calculate_metrics.py', *args]
     result = subprocess.run(cmd, cwd=REPO, env=child_env(DNNLIB_CACHE_DIR=cache), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

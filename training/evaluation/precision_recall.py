@@ -30,7 +30,8 @@ PR_METRIC = 'pr'  # in a --metrics list: precision and recall in every listed fe
 
 
 def pr_result_names(metrics: Sequence[str]) -> list:
-    """['fid', 'fd_dinov2', 'pr'] -> ['precision_inception', 'recall_inception', 'precision_dinov2', 'recall_dinov2']."""
+    """['fid', 'fd_dinov2', 'pr'] ->
+    ['precision_inception', 'recall_inception', 'precision_dinov2', 'recall_dinov2']."""
     if PR_METRIC not in metrics:
         return []
     return [f'{kind}_{FEATURE_SPACES[m]}' for m in metrics if m in FEATURE_SPACES for kind in ('precision', 'recall')]
@@ -70,7 +71,8 @@ def precision_recall(real: Union[np.ndarray, torch.Tensor], gen: Union[np.ndarra
         if feats.ndim != 2 or feats.shape[0] <= k:
             raise MetricsError(f'precision/recall needs at least {k + 1} {name} feature vectors, got {feats.shape[0]}')
     if real.shape[1] != gen.shape[1]:
-        raise MetricsError(f'feature dimensions differ: {gen.shape[1]} vs {real.shape[1]} (reference from another detector?)')
+        raise MetricsError(f'feature dimensions differ: {gen.shape[1]} vs {real.shape[1]} '
+                           '(reference from another detector?)')
     real_radii, gen_radii = knn_radii(real, k, max_block_bytes), knn_radii(gen, k, max_block_bytes)
     gen_in_real = torch.zeros(gen.shape[0], dtype=torch.bool, device=device)
     real_in_gen = torch.zeros(real.shape[0], dtype=torch.bool, device=device)
@@ -90,8 +92,9 @@ def check_references(refs: dict, metrics: Sequence[str]) -> None:
     for name, ref in refs.items():
         for metric in feature_metrics(metrics):
             if 'features' not in ref.get(metric, {}):
-                raise MetricsError(f'--ref {name}: no {metric} features stored for precision/recall; recompute it with '
-                                   f'"calculate_metrics.py ref --metrics={metric} --features=50000" (or drop pr from --metrics)')
+                raise MetricsError(f'--ref {name}: no {metric} features stored for precision/recall; recompute it '
+                                   f'with "calculate_metrics.py ref --metrics={metric} --features=50000" '
+                                   '(or drop pr from --metrics)')
 
 
 def calculate_pr_results(stats: dict, refs: dict, metrics: Sequence[str], k: int = DEFAULT_K,
@@ -101,7 +104,8 @@ def calculate_pr_results(stats: dict, refs: dict, metrics: Sequence[str], k: int
     results = dict()
     for metric in feature_metrics(metrics):
         space = FEATURE_SPACES[metric]
-        precision, recall = results.setdefault(f'precision_{space}', dict()), results.setdefault(f'recall_{space}', dict())
+        precision = results.setdefault(f'precision_{space}', dict())
+        recall = results.setdefault(f'recall_{space}', dict())
         for name, ref in refs.items():
             precision[name], recall[name] = precision_recall(ref[metric]['features'], stats[metric]['features'], k,
                                                              device=device)

@@ -13,8 +13,9 @@ The grid (`SweepConfig.points`, `expand_grid`) has the axes
 
 The EMA profiles come from `training.snapshots.reconstruct_phema`'s stream, `ema_batch` profiles per pass
 over the snapshots, and each batch is evaluated and dropped before the next pass; memory holds one
-snapshot, one batch of profiles and the guides (all kept, they are few), as `reconstruct_phema.py --batch`
-does. Images are generated on the fly (split across ranks under torchrun) and scored with
+snapshot, one batch of profiles and the reconstructed guides (kept, they are few), as
+`reconstruct_phema.py --batch` does. Pickles (`--net`, `--gnet`) are loaded by `generate_images` as for
+`gen`. Images are generated on the fly (split across ranks under torchrun) and scored with
 `calculate_stats_for_network`, `calculate_results` and `precision_recall.calculate_pr_results`.
 
 Results file BASE.jsonl (`ResultsFile`): one JSON object per line and per finished evaluation, appended
@@ -143,6 +144,10 @@ def check_config(cfg: SweepConfig, refs: dict) -> None:
     if fd_metrics and not refs:
         raise SweepError(f'--ref: give at least one reference for {", ".join(fd_metrics)}')
     pr_lib.check_references(refs, cfg.metrics)
+    for option, paths in (('--net', cfg.main_nets), ('--gnet', cfg.guide_nets)):
+        missing = [path for path in paths if not dnnlib.util.is_url(path) and not os.path.isfile(path)]
+        if missing:
+            raise SweepError(f'{option}: {missing[0]} does not exist')
     if cfg.save_nets is not None:
         try:
             misc.check_output_path(cfg.save_nets, '--save-nets', is_dir=True)
@@ -283,22 +288,14 @@ def _reconstruct(source: EmaSource, stds: list, batch: int, out_dir: Optional[st
         raise SweepError(str(err)) from None
 
 
-def _load_network(path: str, what: str, verbose: bool) -> tuple:
-    """(snapshot dict, network) of a pickle; not a network snapshot is a SweepError."""
-    from training.sampling.generate_images import load_network
-    try:
-        return load_network(path, what, verbose)
-    except ValueError as err:
-        raise SweepError(dnnlib.util.first_line(err)) from None
-
-
 def _unique(entries: Iterator) -> list:
     return list({point_key(e): e for e in entries if e is not None}.values())
 
 
 def main_networks(cfg: SweepConfig, points: Sequence[dict], verbose: bool = True) -> Iterator[tuple]:
     """(net entry, network, encoder) for every main network the points use: EMA profiles from the
-    streaming reconstruction, `cfg.ema_batch` per pass, then pickles; each is dropped before the next pass."""
+    streaming reconstruction, `cfg.ema_batch` per pass, each dropped before the next pass; then pickles,
+    as (entry, path, None): `generate_images` loads them (with their encoder) as for `gen --net`."""
     needed = _unique(point['net'] for point in points)
     by_std = {entry['ema']: entry for entry in needed if 'ema' in entry}
     if by_std:
@@ -309,13 +306,12 @@ def main_networks(cfg: SweepConfig, points: Sequence[dict], verbose: bool = True
             del net, encoder
     for entry in needed:
         if 'pkl' in entry:
-            data, net = _load_network(entry['pkl'], 'main network', verbose)
-            yield entry, net, data.get('encoder')
-            del data, net
+            yield entry, entry['pkl'], None
 
 
 def guide_networks(cfg: SweepConfig, points: Sequence[dict], verbose: bool = True) -> dict:
-    """{point_key(guide entry): network} for every guide the points use, EMA profiles in one pass."""
+    """{point_key(guide entry): network} for every guide the points use: EMA profiles reconstructed in one
+    pass and kept; pickles as their paths, loaded by `generate_images` as for `gen --gnet`."""
     needed = _unique(point['guide'] for point in points)
     stds = sorted(entry['ema'] for entry in needed if 'ema' in entry)
     guides = dict()
@@ -324,7 +320,7 @@ def guide_networks(cfg: SweepConfig, points: Sequence[dict], verbose: bool = Tru
             guides[point_key(dict(ema=out.std, kimg=cfg.guide_source.kimg))] = out.net
     for entry in needed:
         if 'pkl' in entry:
-            guides[point_key(entry)] = _load_network(entry['pkl'], 'guiding network', verbose)[1]
+            guides[point_key(entry)] = entry['pkl']
     return guides
 
 #----------------------------------------------------------------------------
@@ -334,7 +330,8 @@ def guide_networks(cfg: SweepConfig, points: Sequence[dict], verbose: bool = Tru
 def evaluate_point(net: Any, encoder: Any, gnet: Any, point: dict, cfg: SweepConfig, refs: dict, device: Any,
                    verbose: bool = True) -> Optional[dict]:
     """Collective: generate the point's images on all ranks and score them; rank 0 returns the results
-    line (the others None). Guide None with guidance != 1: the main network without labels guides."""
+    line (the others None). `net`/`gnet`: modules or pickle paths; guide None with guidance != 1: the main
+    network without labels guides."""
     seeds = cfg.seeds(point['repeat'])
     detector_metrics = [m for m in cfg.metrics if m != pr_lib.PR_METRIC]
     interval = point['guidance_interval']
@@ -478,7 +475,8 @@ def _cell(stats: dict, column: str) -> str:
     """'mean' for one seed set; 'mean ±std (min best)' for several (max where higher is better)."""
     if stats['count'] == 1:
         return f'{stats["mean"]:.4g}'
-    return f'{stats["mean"]:.4g} ±{stats["std"]:.2g} ({"min" if lower_is_better(column) else "max"} {stats["best"]:.4g})'
+    extreme = 'min' if lower_is_better(column) else 'max'
+    return f'{stats["mean"]:.4g} ±{stats["std"]:.2g} ({extreme} {stats["best"]:.4g})'
 
 
 def _table(rows: Sequence[dict], axes: list, columns: list) -> list:
@@ -527,9 +525,9 @@ def format_report(records: Sequence[dict], path: str = '') -> str:
 def _notes(setup: dict, repeats: int) -> list:
     notes = []
     if repeats > 1:
-        notes.append(f'Cells: mean ±standard deviation over {repeats} disjoint seed sets, then the best of them (min for '
-                     'FID/FD_DINOv2). The EDM2 and Autoguidance papers report the minimum over their evaluations; '
-                     'the standard deviation is the seed noise to compare differences against.')
+        notes.append(f'Cells: mean ±standard deviation over {repeats} disjoint seed sets, then the best of them '
+                     '(min for FID/FD_DINOv2). The EDM2 and Autoguidance papers report the minimum over their '
+                     'evaluations; the standard deviation is the seed noise to compare differences against.')
     num = setup.get('num')
     if num is not None and num < PUBLISHED_NUM_IMAGES:
         notes.append(f'{num} images per evaluation (fewer than {PUBLISHED_NUM_IMAGES:,}): the values are proxies, '

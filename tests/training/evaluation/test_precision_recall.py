@@ -37,8 +37,9 @@ def test_matches_the_direct_definition(seed):
 def test_other_k_and_float32_input():
     real, gen = random_sets(3)
     expected = direct_precision_recall(real, gen, k=5)
-    assert pr.precision_recall(real.astype(np.float32), gen.astype(np.float32), k=5) == pytest.approx(
-        direct_precision_recall(real.astype(np.float32).astype(np.float64), gen.astype(np.float32).astype(np.float64), k=5))
+    real32, gen32 = real.astype(np.float32), gen.astype(np.float32)
+    assert pr.precision_recall(real32, gen32, k=5) == pytest.approx(
+        direct_precision_recall(real32.astype(np.float64), gen32.astype(np.float64), k=5))
     assert pr.precision_recall(real, gen, k=5) == pytest.approx(expected)
 
 
