@@ -284,19 +284,11 @@ def ref(image_path: str, dest_path: str, metrics: list, max_batch_size: int, num
     if features is not None and not feature_metrics:
         raise click.BadParameter('needs fid and/or fd_dinov2 in --metrics', param_hint='--features')
     _collective(lambda: metrics_lib.check_stats_dest(dest_path, metrics, features=bool(feature_metrics)))
-    loader_kwargs = dict(max_batch_size=max_batch_size, num_workers=num_workers, resolution=resolution,
-                         filter_kwargs=dict(nima_threshold=nima_threshold, top_percent=top_percent,
-                                            top_per_category=top_per_category), device=device)
-    subset = isinstance(features, int)
-    stats = _collective(lambda: metrics_lib.run_with_progress(metrics_lib.calculate_stats_for_files(
-        image_path, num_images=None, metrics=metrics, keep_features=([] if subset else feature_metrics),
-        dest_path=(None if subset else dest_path), **loader_kwargs)), rank0_only=False)
-    if subset:  # the features of a random subset: a second, shorter pass
-        sample = _collective(lambda: metrics_lib.run_with_progress(metrics_lib.calculate_stats_for_files(
-            image_path, num_images=(features if features < stats['num_images'] else None), metrics=feature_metrics,
-            keep_features=feature_metrics, **loader_kwargs)),
-            rank0_only=False)
-        _collective(lambda: metrics_lib.save_stats(metrics_lib.with_features(stats, sample), dest_path))
+    filters = dict(nima_threshold=nima_threshold, top_percent=top_percent, top_per_category=top_per_category)
+    _collective(lambda: metrics_lib.calculate_reference_stats(
+        image_path, dest_path, metrics, keep_features=feature_metrics, features_num=None if features == 'all' else features,
+        max_batch_size=max_batch_size, num_workers=num_workers, resolution=resolution, filter_kwargs=filters,
+        device=device), rank0_only=False)
     dist.print0(f'Saved {dest_path}')
     dist.barrier()
 

@@ -678,6 +678,27 @@ def check_stats_dest(path: str, metrics: Sequence[str], features: bool = False) 
         raise MetricsError(f'--dest: {path}: the EDM v1 .npz format holds no features; use a .pkl with --features')
 
 
+def calculate_reference_stats(image_path: str, dest_path: str, metrics: Sequence[str], keep_features: Sequence[str] = (),
+                              features_num: Optional[int] = None, **kwargs: Any) -> dict:
+    """Collective: the statistics of a dataset, saved to `dest_path` by rank 0 (`ref`). The metrics in
+    `keep_features` also store per-image features: of every image (`features_num` None, in the same pass), or of
+    a random subset of `features_num` images (seed 0, in a second pass over them). `kwargs`: as for
+    `calculate_stats_for_files`."""
+    subset = bool(keep_features) and features_num is not None
+    stats = run_with_progress(calculate_stats_for_files(
+        image_path, metrics=metrics, keep_features=() if subset else keep_features,
+        dest_path=None if subset else dest_path, **kwargs))
+    if not subset:
+        return stats
+    sample_num = features_num if features_num < stats['num_images'] else None
+    sample = run_with_progress(calculate_stats_for_files(
+        image_path, num_images=sample_num, metrics=keep_features, keep_features=keep_features, **kwargs))
+    stats = with_features(stats, sample)
+    if dist.get_rank() == 0:
+        save_stats(stats, dest_path)
+    return stats
+
+
 def with_features(stats: dict, subset_stats: dict) -> dict:
     """`stats` with the per-image features of `subset_stats` (a second pass over a random subset of the
     same images) added to the entries of the metrics that have them: {metric: {'mu', 'sigma', 'features'}}."""

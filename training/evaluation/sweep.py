@@ -223,7 +223,8 @@ class ResultsFile:
         return True
 
     def append(self, record: dict) -> None:
-        """One line, written by one system call and flushed to disk before the next evaluation starts."""
+        """One line, appended and flushed to disk before the next evaluation starts (a line cut short by a
+        kill is dropped by `repair`)."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, 'ab') as f:
             f.write((json.dumps(record) + '\n').encode('utf-8'))
