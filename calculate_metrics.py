@@ -15,7 +15,10 @@ from torch_utils import distributed as dist
 from torch_utils import persistence
 from training.evaluation import detectors
 from training.evaluation import calculate_metrics as metrics_lib
-from training.sampling.presets import ignored_gnet_warning
+from training.evaluation import precision_recall as pr_lib
+from training.evaluation import sweep as sweep_lib
+from training.sampling.presets import ignored_gnet_warning, parse_interval
+from training.snapshots.reconstruct_phema import parse_float_list, parse_std_list
 
 #----------------------------------------------------------------------------
 # Option parsing and error reporting.
@@ -40,6 +43,54 @@ def _parse_num(ctx: click.Context, param: click.Parameter, value: str) -> Option
     if num < 2:
         raise click.BadParameter(f'need at least 2 images, got {num}', ctx, param)
     return num
+
+
+def _parse_sweep_metrics(ctx: click.Context, param: click.Parameter, value: str) -> list:
+    try:
+        return pr_lib.parse_metrics_with_pr(value)
+    except metrics_lib.MetricsError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
+
+
+def _parse_features(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:
+    if value is None:
+        return None
+    if value.strip().lower() == 'all':
+        return 'all'
+    try:
+        num = int(value)
+    except ValueError:
+        message = f'expected an integer > {pr_lib.DEFAULT_K} or "all", got "{value}"'
+        raise click.BadParameter(message, ctx, param) from None
+    if num <= pr_lib.DEFAULT_K:
+        raise click.BadParameter(f'precision/recall needs more than {pr_lib.DEFAULT_K} images, got {num}', ctx, param)
+    return num
+
+
+def _parse_list(parse: Callable[[str], list]) -> Callable:
+    """Click callback: a comma-separated list read by `parse` (None stays None); errors name the option."""
+    def callback(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list]:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err), ctx, param) from None
+    return callback
+
+
+def _parse_int_list(value: str) -> list:
+    values = parse_float_list(value)
+    if any(v != int(v) or v < 1 for v in values):
+        raise ValueError(f'expected positive integers, got "{value}"')
+    return [int(v) for v in values]
+
+
+def _parse_intervals(ctx: click.Context, param: click.Parameter, value: tuple) -> list:
+    try:
+        return [None if v.strip().lower() == 'none' else parse_interval(v) for v in value] or [None]
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
 
 
 def _collective(fn: Callable[[], Any], rank0_only: bool = True) -> Any:
@@ -138,6 +189,15 @@ def cmdline():
     # Several references at once, results saved as results.json/.pkl, NIMA histogram
     python calculate_metrics.py calc --images=out --ref=a.pkl --ref=b.npz \\
         --metrics=fid,nima --out=results --hist
+
+    \b
+    # Sweep EMA lengths x guidance weights from raw snapshots (resumable),
+    # 3 seed sets of 10000 images per point; results in sweeps/s.jsonl
+    torchrun --standalone --nproc_per_node=8 -- calculate_metrics.py sweep \\
+        --indir=raw-snapshots/edm2-img512-s --ema=0.050,0.075,...,0.200 \\
+        --gnet=https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-xs-0134217-0.125.pkl \\
+        --guidance=1,1.5,...,3 --num=10000 --repeats=3 --out=sweeps/s \\
+        --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl
     """
 
 #----------------------------------------------------------------------------
@@ -230,17 +290,95 @@ def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: i
 @click.option('--nima-threshold', help='[fork] Keep images with a metadata.json NIMA score >= this', metavar='FLOAT', type=float, default=None)
 @click.option('--top-percent', help='[fork] Keep the top X % of images by NIMA score (with --top-per-category: must pass both)', metavar='FLOAT', type=float, default=None)
 @click.option('--top-per-category', help='[fork] Keep the top X % of each category by NIMA score (with --top-percent: must pass both)', metavar='FLOAT', type=float, default=None)
+@click.option('--features', help='Also store the fid/fd_dinov2 features of this many randomly chosen images (seed 0; a second pass) or of all, for precision/recall (sweep --metrics=...,pr)', metavar='INT|all', type=str, default=None, callback=_parse_features)
 def ref(image_path: str, dest_path: str, metrics: list, max_batch_size: int, num_workers: int,
         resolution: Optional[int], nima_threshold: Optional[float], top_percent: Optional[float],
-        top_per_category: Optional[float]) -> None:
-    """Calculate dataset reference statistics for 'calc' and 'gen'."""
+        top_per_category: Optional[float], features: Any) -> None:
+    """Calculate dataset reference statistics for 'calc', 'gen' and 'sweep'."""
     device = _setup()
-    _collective(lambda: metrics_lib.check_stats_dest(dest_path, metrics))
+    feature_metrics = pr_lib.feature_metrics(metrics + [pr_lib.PR_METRIC]) if features is not None else []
+    if features is not None and not feature_metrics:
+        raise click.BadParameter('needs fid and/or fd_dinov2 in --metrics', param_hint='--features')
+    _collective(lambda: metrics_lib.check_stats_dest(dest_path, metrics, features=bool(feature_metrics)))
     filters = dict(nima_threshold=nima_threshold, top_percent=top_percent, top_per_category=top_per_category)
-    _collective(lambda: metrics_lib.run_with_progress(metrics_lib.calculate_stats_for_files(
-        image_path, num_images=None, max_batch_size=max_batch_size, num_workers=num_workers, resolution=resolution,
-        filter_kwargs=filters, metrics=metrics, device=device, dest_path=dest_path)), rank0_only=False)
+    _collective(lambda: metrics_lib.calculate_reference_stats(
+        image_path, dest_path, metrics, keep_features=feature_metrics, features_num=None if features == 'all' else features,
+        max_batch_size=max_batch_size, num_workers=num_workers, resolution=resolution, filter_kwargs=filters,
+        device=device), rank0_only=False)
     dist.print0(f'Saved {dest_path}')
+    dist.barrier()
+
+#----------------------------------------------------------------------------
+
+
+def _sweep_config(out: str, metrics: list, indir: Optional[str], inprefix: Optional[str], instd: Optional[list],
+                  kimg: Optional[int], guide_indir: Optional[str], guide_inprefix: Optional[str],
+                  guide_kimg: Optional[int], **options: Any) -> sweep_lib.SweepConfig:
+    """The sweep's configuration; the snapshot directories are listed (not read) here."""
+    if options['main_ema'] and indir is None:
+        raise metrics_lib.MetricsError('--ema: give --indir, the snapshots to reconstruct the EMA profiles from')
+    if options['guide_ema'] and indir is None and guide_indir is None:
+        raise metrics_lib.MetricsError('--guide-ema: give --guide-indir (or --indir), the snapshots of the guide')
+    ema_source = guide_source = None
+    if options['main_ema']:
+        ema_source = sweep_lib.open_ema_source(indir, inprefix, instd, kimg, '--indir')
+    if options['guide_ema']:
+        same = guide_indir is None
+        guide_source = sweep_lib.open_ema_source(indir if same else guide_indir, inprefix if same else guide_inprefix,
+                                                 instd if same else None, guide_kimg, '--guide-indir')
+    options = {name: value for name, value in options.items() if value is not None}
+    return sweep_lib.SweepConfig(out=out, metrics=metrics, ema_source=ema_source, guide_source=guide_source, **options)
+
+
+def _start_sweep(cfg: sweep_lib.SweepConfig, refs: tuple) -> dict:
+    """Rank 0: references loaded, configuration and results file checked; returns the references."""
+    loaded = metrics_lib.load_references(refs)
+    sweep_lib.check_config(cfg, loaded)
+    sweep_lib.prepare_results(cfg, loaded)
+    return loaded
+
+
+@cmdline.command()
+@click.option('--indir', help='Power-function EMA snapshots to reconstruct the --ema profiles from (as for reconstruct_phema.py)', metavar='DIR', type=str, default=None)
+@click.option('--inprefix', help='Use only snapshots whose file-name prefix equals this', metavar='STR', type=str, default=None)
+@click.option('--instd', help='Use only snapshots with these stds', metavar='LIST', type=str, default=None, callback=_parse_list(parse_std_list))
+@click.option('--kimg', help='Training time of the reconstructions  [default: latest snapshot]', metavar='KIMG', type=click.IntRange(min=1), default=None)
+@click.option('--ema', 'main_ema', help='Main EMA lengths (stds) to reconstruct in memory: a,b,c or a,b,...,z', metavar='LIST', type=str, default=None, callback=_parse_list(parse_std_list))
+@click.option('--net', 'main_nets', help='Main network pickle (with or instead of --ema); repeatable', metavar='PATH|URL', type=str, multiple=True)
+@click.option('--guide-indir', help='Snapshots for --guide-ema  [default: --indir with its --inprefix/--instd]', metavar='DIR', type=str, default=None)
+@click.option('--guide-inprefix', help='Use only --guide-indir snapshots with this prefix', metavar='STR', type=str, default=None)
+@click.option('--guide-kimg', help='Training time of the guide reconstructions  [default: latest guide snapshot]', metavar='KIMG', type=click.IntRange(min=1), default=None)
+@click.option('--guide-ema', help='Guide EMA lengths (stds) to reconstruct in memory', metavar='LIST', type=str, default=None, callback=_parse_list(parse_std_list))
+@click.option('--gnet', 'guide_nets', help='Guiding network pickle; repeatable  [default without guides: the main network called without labels]', metavar='PATH|URL', type=str, multiple=True)
+@click.option('--guidance', help='Guidance weights (1 = no guidance): a,b,c or a,b,...,z', metavar='LIST', type=str, default='1', show_default=True, callback=_parse_list(parse_float_list))
+@click.option('--guidance-interval', 'intervals', help='Guide only for sigma in [LO,HI] ("none": every sigma); repeatable, each one more grid value', metavar='LO,HI|none', type=str, multiple=True, callback=_parse_intervals)
+@click.option('--steps', 'num_steps', help='Numbers of sampling steps', metavar='LIST', type=str, default='32', show_default=True, callback=_parse_list(_parse_int_list))
+@_ref_option
+@click.option('--metrics', help='Metrics: fid, fd_dinov2, nima, ascore, and pr (precision/recall in the fid/fd_dinov2 feature spaces; needs references made with ref --features)', metavar='LIST', type=str, default='fid,fd_dinov2', show_default=True, callback=_parse_sweep_metrics)
+@click.option('--num', help='Images per evaluation', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--seed', help='First random seed', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--repeats', help='Evaluate every point on this many disjoint seed sets (mean, std, min)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--batch', 'max_batch_size', help='Maximum generation batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--ema-batch', help='EMA profiles reconstructed per pass over the snapshots (memory: this many networks)', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--save-nets', help='Also save the reconstructed networks here as pickles', metavar='DIR', type=str, default=None)
+@click.option('--out', help='Results: BASE.jsonl (one line per finished evaluation; a rerun resumes) and plots BASE-<metric>-*.png', metavar='BASE', type=str, required=True)
+@click.option('--report', 'report_only', help='Only print the table of the results so far and write the plots (safe while a sweep runs)', is_flag=True)
+def sweep(out: str, refs: tuple, report_only: bool, num_steps: list, **options: Any) -> None:
+    """Evaluate every combination of EMA lengths, guides, guidance and sampler settings.
+
+    \b
+    Every point is appended to OUT.jsonl when finished; a rerun skips the
+    finished points. At the end (or with --report) it prints the table, the
+    best point per metric, and plots metric vs EMA length and heatmaps.
+    """
+    if report_only:
+        _collective(lambda: sweep_lib.report(out))
+        return
+    device = _setup()
+    cfg = _collective(lambda: _sweep_config(out, sampler_axes=dict(num_steps=num_steps), **options), rank0_only=False)
+    ref_stats = _collective(lambda: _start_sweep(cfg, refs))
+    _collective(lambda: sweep_lib.run_sweep(cfg, ref_stats, device), rank0_only=False)
+    _collective(lambda: sweep_lib.report(out))
     dist.barrier()
 
 #----------------------------------------------------------------------------

@@ -14,46 +14,24 @@ import torch
 from click.testing import CliRunner
 
 import reconstruct_phema
-from tests.tiny import make_tiny_precond, write_tiny_snapshot
+from tests.tiny import SIMULATED_STDS, make_tiny_precond, simulate_ema_run, write_tiny_snapshot
 from torch_utils import persistence
 from training import phema
 from training.snapshots import reconstruct_phema as pr
 from training.snapshots import safetensors_format as sf
 from training.sampling import generate_images as sampling
 
-STDS = [0.050, 0.100, 0.150]
-BATCH = 512
-STEPS = 16  # 8192 images; a snapshot every 1024 images -> kimg 1, 2, ..., 8
+STDS = list(SIMULATED_STDS)
 
 
 def _flat(net):
     return torch.cat([p.detach().double().flatten() for p in net.parameters()])
 
 
-def _simulate_run(run_dir, net=None, steps=STEPS, stds=STDS):
-    """Move the parameters along a smooth random trajectory, track the EMAs, and write snapshots."""
-    net = make_tiny_precond() if net is None else net
-    ema = phema.PowerFunctionEMA(net, stds=stds)
-    theta0 = [p.detach().clone() for p in net.parameters()]
-    gen = torch.Generator().manual_seed(1)
-    dirs = [[torch.randn(p.shape, generator=gen) for p in theta0] for _ in range(2)]
-    for step in range(1, steps + 1):
-        nimg = step * BATCH
-        t = nimg / (steps * BATCH)
-        with torch.no_grad():
-            for p, p0, a, b in zip(net.parameters(), theta0, *dirs):
-                p.copy_(p0 + a * np.sin(3 * t) + b * t * t)
-            net.unet.emb_fourier.freqs.fill_(step)  # a buffer: outputs take the last input's
-        ema.update(cur_nimg=nimg, batch_size=BATCH)
-        if step % 2 == 0:
-            for ema_net, suffix in ema.get():
-                write_tiny_snapshot(os.path.join(run_dir, f'network-snapshot-{nimg // 1000:07d}{suffix}.pkl'), net=ema_net)
-
-
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('run'))
-    _simulate_run(path)
+    simulate_ema_run(path)
     return path
 
 

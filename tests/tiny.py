@@ -82,3 +82,31 @@ def write_tiny_snapshot(path: str, net: Optional[torch.nn.Module] = None, encode
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     persistence.save_pickle(data, path)
     return data
+
+
+SIMULATED_STDS = (0.050, 0.100, 0.150)
+
+
+def simulate_ema_run(run_dir: str, net: Optional[torch.nn.Module] = None, steps: int = 16,
+                     stds: tuple = SIMULATED_STDS, batch: int = 512) -> None:
+    """A simulated training run: move the parameters of a tiny Precond along a smooth random trajectory,
+    track power-function EMAs with `stds`, and write official-layout snapshots every second step
+    (network-snapshot-<kimg>-<std>.pkl; with the defaults kimg 1, 2, ..., 8)."""
+    import numpy as np
+    from training import phema
+    net = make_tiny_precond() if net is None else net
+    ema = phema.PowerFunctionEMA(net, stds=list(stds))
+    theta0 = [p.detach().clone() for p in net.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    dirs = [[torch.randn(p.shape, generator=gen) for p in theta0] for _ in range(2)]
+    for step in range(1, steps + 1):
+        nimg = step * batch
+        t = nimg / (steps * batch)
+        with torch.no_grad():
+            for p, p0, a, b in zip(net.parameters(), theta0, *dirs):
+                p.copy_(p0 + a * np.sin(3 * t) + b * t * t)
+            net.unet.emb_fourier.freqs.fill_(step)  # a buffer: outputs take the last input's
+        ema.update(cur_nimg=nimg, batch_size=batch)
+        if step % 2 == 0:
+            for ema_net, suffix in ema.get():
+                write_tiny_snapshot(os.path.join(run_dir, f'network-snapshot-{nimg // 1000:07d}{suffix}.pkl'), net=ema_net)

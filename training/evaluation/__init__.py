@@ -1,1 +1,1 @@
-"""The library behind `calculate_metrics.py`, `score_dataset.py` and `count_flops.py`: feature detectors, statistics, Frechet distances, per-image scores and FLOP counts."""
+"""The library behind `calculate_metrics.py`, `score_dataset.py` and `count_flops.py`: feature detectors, statistics, Frechet distances, precision/recall, EMA-length x guidance sweeps (`sweep`), per-image scores and FLOP counts."""

@@ -6,7 +6,10 @@
 * `calculate_stats_for_files()` / `calculate_stats_for_network()` -- the dataset and
   generate-on-the-fly sources used by `calculate_metrics.py calc`/`ref` and `gen`; they return the
   progress records too. `run_with_progress()` drains records into the statistics dict.
-* `load_stats()` / `save_stats()` -- EDM2 `.pkl` and EDM v1 `.npz` reference statistics.
+* `load_stats()` / `save_stats()` -- EDM2 `.pkl` and EDM v1 `.npz` reference statistics. A `.pkl`
+  may also hold per-image features, `{metric: {'mu', 'sigma', 'features': float32 [N, D]}}` (written by
+  `ref --features`, read by precision/recall in `precision_recall.py`); tools that read only `mu` and
+  `sigma`, the official ones included, are not affected.
 * `frechet_distance()` -- FD in float64 with a stable fallback for singular/complex cases.
 * `calculate_metrics_from_stats()` (official, one reference) and `calculate_results()` (fork:
   several named references, scorer summaries), `save_results()` (JSON/PKL/histogram PNGs).
@@ -91,14 +94,17 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
 
 
 class StatsAccumulator:
-    """Float64 running sums per metric: S1 = sum f, S2 = sum f f^T, count; scorer histograms."""
+    """Float64 running sums per metric: S1 = sum f, S2 = sum f f^T, count; scorer histograms; and, for
+    the metrics in `keep_features`, the per-image features themselves (float32, for precision/recall)."""
 
-    def __init__(self, metrics: Sequence[str], device: torch.device, verbose: bool = True):
+    def __init__(self, metrics: Sequence[str], device: torch.device, verbose: bool = True,
+                 keep_features: Sequence[str] = ()):
         self.metrics = list(metrics)
         self.device = device  # checked by the caller (check_device)
         self.detectors = {m: detectors.get_detector(m, verbose=verbose) for m in self.metrics}
         self.num_images = torch.zeros([], dtype=torch.int64, device=self.device)
         self.sums = dict()
+        self.features = {m: [] for m in keep_features if m in self.detectors}
 
     def _init_sums(self, metric: str, dim: int) -> None:
         sums = dict(s1=torch.zeros([dim], dtype=torch.float64, device=self.device),
@@ -117,6 +123,8 @@ class StatsAccumulator:
             sums = self.sums[metric]
             sums['s1'] += features.sum(dim=0)
             sums['s2'] += features.T @ features
+            if metric in self.features:
+                self.features[metric].append(features.to(torch.float32).cpu())
             if 'hist' in sums:
                 # Bin index clamp(round(10 * score), 1, 10 * max_score) - 1.
                 bins = (features[:, 0] * HIST_BINS_PER_UNIT).round().clamp(1, sums['hist'].numel()).to(torch.int64) - 1
@@ -145,7 +153,19 @@ class StatsAccumulator:
                                  detector=detectors.detector_marker(self.detectors[metric], self.device))
             if 'hist' in sums:
                 stats[metric]['histogram'] = _all_reduce(sums['hist'].clone()).cpu().numpy()
+            if metric in self.features:
+                stats[metric]['features'] = self._gathered_features(metric, mu.shape[0])
         return stats
+
+    def _gathered_features(self, metric: str, dim: int) -> np.ndarray:
+        """Collective: this metric's features of all ranks, [n, D] float32, rank by rank."""
+        kept = self.features[metric]
+        mine = torch.cat(kept).numpy() if kept else np.zeros([0, dim], np.float32)
+        if dist.get_world_size() == 1:
+            return mine
+        parts = [None] * dist.get_world_size()
+        torch.distributed.all_gather_object(parts, mine)
+        return np.concatenate(parts)
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -181,6 +201,7 @@ def calculate_stats_for_iterable(
     dest_path: Optional[str] = None,        # Rank 0 saves the statistics here.
     device: Union[str, torch.device] = 'cuda',
     num_batches: Optional[int] = None,      # For progress records; default len(image_iter) when defined.
+    keep_features: Sequence[str] = (),      # Also return these metrics' per-image features (stats[m]['features']).
 ) -> ProgressRecords:
     """Iterator of progress records {stats, images, batch_idx, num_batches, num_images}, one per batch
     (metrics.md §2.1). `stats` is None except in the record of the last batch, which carries the
@@ -190,7 +211,7 @@ def calculate_stats_for_iterable(
     number of batches, as `generate_images` and `calculate_stats_for_files` do). An empty iterable
     counts as one batch without images (then too few images: MetricsError). The device and the
     detectors are checked and set up before this returns, so missing weights fail before any work."""
-    acc = StatsAccumulator(parse_metric_list(metrics), check_device(device), verbose=verbose)
+    acc = StatsAccumulator(parse_metric_list(metrics), check_device(device), verbose=verbose, keep_features=keep_features)
     if num_batches is None:
         num_batches = len(image_iter) if hasattr(image_iter, '__len__') else None
     return ProgressRecords(_accumulate(acc, image_iter, dest_path, num_batches), num_batches)
@@ -399,7 +420,8 @@ def calculate_stats_for_network(
     metrics: Sequence[str] = ('fid', 'fd_dinov2'),
     device: Union[str, torch.device] = 'cuda',
     dest_path: Optional[str] = None,
-    **sampler_kwargs: Any,                  # guidance, num_steps, ...
+    keep_features: Sequence[str] = (),      # Also return these metrics' per-image features.
+    **sampler_kwargs: Any,                  # guidance, num_steps, ... (and encoder= for a network given as a module)
 ) -> ProgressRecords:
     """Progress records (see `calculate_stats_for_iterable`) for images generated on the fly by
     `training.sampling.generate_images.generate_images`; the networks are loaded before this returns."""
@@ -418,7 +440,7 @@ def calculate_stats_for_network(
     except ValueError as err:  # bad network pickles, mismatched guide, bad --class: one line
         raise MetricsError(dnnlib.util.first_line(err)) from err
     return calculate_stats_for_iterable(image_iter, metrics=metrics, verbose=verbose, dest_path=dest_path,
-                                        device=device)
+                                        device=device, keep_features=keep_features)
 
 #----------------------------------------------------------------------------
 # Statistics files (metrics.md §2.2).
@@ -437,6 +459,10 @@ def _check_stats(stats: Any, path: str) -> dict:
         if not isinstance(mu, np.ndarray) or not isinstance(sigma, np.ndarray) \
                 or mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise MetricsError(f'{path}: entry "{metric}" is not a pair of mu [D] / sigma [D, D] arrays')
+        features = entry.get('features', None)
+        if features is not None and (not isinstance(features, np.ndarray) or features.ndim != 2
+                                     or features.shape[1] != mu.shape[0]):
+            raise MetricsError(f'{path}: entry "{metric}" has features that are not an [N, {mu.shape[0]}] array')
     return stats
 
 
@@ -460,7 +486,8 @@ def load_stats(path: str, verbose: bool = True) -> dict:
 
 
 def save_stats(stats: dict, path: str) -> None:
-    """Write statistics atomically: `.npz` = EDM v1 format (fid only), else an EDM2 pickle."""
+    """Write statistics atomically: `.npz` = EDM v1 format (fid mu/sigma only), else an EDM2 pickle
+    (with the optional per-image `features` of each metric, see `with_features`)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.lower().endswith('.npz'):
         if 'fid' not in stats:
@@ -642,11 +669,45 @@ def check_output_base(base: str, metrics: Sequence[str] = (), hist: bool = False
             raise MetricsError(f'--out: {path} exists (results of an earlier run); choose another --out or move it away')
 
 
-def check_stats_dest(path: str, metrics: Sequence[str]) -> None:
-    """Fail early: `ref --dest` must be a creatable file, and `.npz` needs fid (see `save_stats`)."""
+def check_stats_dest(path: str, metrics: Sequence[str], features: bool = False) -> None:
+    """Fail early: `ref --dest` must be a creatable file, and `.npz` needs fid and holds no features
+    (see `save_stats`)."""
     _check_path(path, '--dest')
     if path.lower().endswith('.npz') and 'fid' not in metrics:
         raise MetricsError(f'--dest: {path}: the EDM v1 .npz format holds fid statistics only; add fid to --metrics')
+    if path.lower().endswith('.npz') and features:
+        raise MetricsError(f'--dest: {path}: the EDM v1 .npz format holds no features; use a .pkl with --features')
+
+
+def calculate_reference_stats(image_path: str, dest_path: str, metrics: Sequence[str], keep_features: Sequence[str] = (),
+                              features_num: Optional[int] = None, **kwargs: Any) -> dict:
+    """Collective: the statistics of a dataset, saved to `dest_path` by rank 0 (`ref`). The metrics in
+    `keep_features` also store per-image features: of every image (`features_num` None, in the same pass), or of
+    a random subset of `features_num` images (seed 0, in a second pass over them). `kwargs`: as for
+    `calculate_stats_for_files`."""
+    subset = bool(keep_features) and features_num is not None
+    stats = run_with_progress(calculate_stats_for_files(
+        image_path, metrics=metrics, keep_features=() if subset else keep_features,
+        dest_path=None if subset else dest_path, **kwargs))
+    if not subset:
+        return stats
+    sample_num = features_num if features_num < stats['num_images'] else None
+    sample = run_with_progress(calculate_stats_for_files(
+        image_path, num_images=sample_num, metrics=keep_features, keep_features=keep_features, **kwargs))
+    stats = with_features(stats, sample)
+    if dist.get_rank() == 0:
+        save_stats(stats, dest_path)
+    return stats
+
+
+def with_features(stats: dict, subset_stats: dict) -> dict:
+    """`stats` with the per-image features of `subset_stats` (a second pass over a random subset of the
+    same images) added to the entries of the metrics that have them: {metric: {'mu', 'sigma', 'features'}}."""
+    merged = dict(stats)
+    for metric, entry in subset_stats.items():
+        if isinstance(entry, dict) and 'features' in entry and metric in stats:
+            merged[metric] = dict(stats[metric], features=entry['features'])
+    return merged
 
 #----------------------------------------------------------------------------
 # Provenance of a results file.

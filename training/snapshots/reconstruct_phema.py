@@ -10,7 +10,9 @@ training/snapshots/safetensors_format.py (`convert_from_dir` writes existing sna
 
 Streaming: outputs are reconstructed in batches; each batch reads every input
 pickle exactly once and keeps one input network plus one float32 accumulator
-per output in memory, whatever the number of snapshots.
+per output in memory, whatever the number of snapshots. The stream yields the
+reconstructed networks in memory (used as they are by `calculate_metrics.py
+sweep`); writing them as pickles (`reconstruct_phema.py`) is one consumer of it.
 """
 
 from __future__ import annotations
@@ -86,19 +88,26 @@ def _expand_ellipsis(raw: list[str], i: int) -> list[float]:
     return [round(b + step * (j + 1), 12) for j in range(num)]
 
 
-def parse_std_list(s: str | Sequence[float]) -> list[float]:
-    """Parse a comma-separated std list where '...' continues an arithmetic
-    progression; returns sorted unique values in (0, MAX_STD). Lists pass
-    through unchanged. Raises ValueError with a one-line message."""
-    if isinstance(s, (list, tuple)):
-        return list(s)
+def parse_float_list(s: str) -> list[float]:
+    """Parse a comma-separated float list where '...' continues an arithmetic progression
+    ('1,1.5,...,3' -> 1, 1.5, 2, 2.5, 3); returns sorted unique values. Raises ValueError with a
+    one-line message."""
     raw = [token.strip() for token in str(s).split(',')]
     if raw == ['']:
         raise ValueError('empty list')
     values = []
     for i, token in enumerate(raw):
         values += _expand_ellipsis(raw, i) if token == '...' else [_parse_float(token)]
-    values = sorted(set(values))
+    return sorted(set(values))
+
+
+def parse_std_list(s: str | Sequence[float]) -> list[float]:
+    """Parse a comma-separated std list where '...' continues an arithmetic
+    progression; returns sorted unique values in (0, MAX_STD). Lists pass
+    through unchanged. Raises ValueError with a one-line message."""
+    if isinstance(s, (list, tuple)):
+        return list(s)
+    values = parse_float_list(s)
     for v in values:
         if not 0 < v < phema.MAX_STD:
             raise ValueError(f'Relative standard deviation must be positive and less than {phema.MAX_STD} (got {v})')
@@ -177,7 +186,8 @@ def list_input_pickles(in_dir: str, in_std: Sequence[float] | None = None,
 # Planning: which inputs, which outputs, in which batches.
 
 
-def _select_inputs(in_pkls: Sequence[Any], out_nimg: int | None) -> tuple[list[Any], int]:
+def select_inputs(in_pkls: Sequence[Any], out_nimg: int | None) -> tuple[list[Any], int]:
+    """The inputs a reconstruction at `out_nimg` (None: the latest input) uses, and that time."""
     if len(in_pkls) == 0:
         raise PhemaError('No input pickles found')
     all_nimg = sorted({pkl.nimg for pkl in in_pkls})
@@ -285,9 +295,9 @@ def _finish_output(first: dict, data: dict, acc: list[torch.Tensor], reuse_net: 
     return type(first)((key, net if key == 'ema' else copy.deepcopy(value)) for key, value in first.items())
 
 
-def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, out_dir, out_prefix, step0, num_steps, out_format,
-                       license):
-    """One pass over the inputs for one batch of outputs; yields progress records."""
+def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, step0, num_steps):
+    """One pass over the inputs for one batch of outputs; yields progress records, the last one
+    carrying the reconstructed outputs (in memory; `_save_outputs` writes them)."""
     accs, data, first, reference = None, None, None, {}
     for i, pkl in enumerate(in_pkls):
         data = None  # drop the previous input before loading the next one
@@ -301,16 +311,23 @@ def _reconstruct_batch(in_pkls, coefs, batch_stds, out_nimg, out_dir, out_prefix
     for j, std in enumerate(batch_stds):
         pkl_data = _finish_output(first, data, accs[j], reuse_net=(j == len(batch_stds) - 1))
         accs[j] = None
-        pkl_path = None
-        if out_dir is not None:
-            pkl_path = output_path(out_dir, out_prefix, out_nimg, std, out_format)
+        out.append(dnnlib.EasyDict(net=pkl_data['ema'], nimg=out_nimg, std=std, pkl_data=pkl_data, pkl_path=None))
+    yield dnnlib.EasyDict(step_idx=step0 + len(in_pkls) - 1, num_steps=num_steps, out=out)
+
+
+def _save_outputs(records: Iterator[dnnlib.EasyDict], out_dir: str, out_prefix: str, out_format: str,
+                  license: str) -> Iterator[dnnlib.EasyDict]:
+    """Consumer of the reconstruction stream: write every output as <out_dir>/<prefix>-<kimg>-<std>.pkl (or
+    .safetensors + .json) and fill in its `pkl_path`; the records are passed on."""
+    for r in records:
+        for out in r.out:
+            out.pkl_path = output_path(out_dir, out_prefix, out.nimg, out.std, out_format)
             try:
                 os.makedirs(out_dir, exist_ok=True)
             except OSError as err:  # checked up front; this covers a directory changed during the pass
                 raise PhemaError(f'Cannot create output directory {out_dir}: {err.strerror}') from None
-            _write_output(pkl_data, pkl_path, out_nimg, std, license)
-        out.append(dnnlib.EasyDict(net=pkl_data['ema'], nimg=out_nimg, std=std, pkl_data=pkl_data, pkl_path=pkl_path))
-    yield dnnlib.EasyDict(step_idx=step0 + len(in_pkls) - 1, num_steps=num_steps, out=out)
+            _write_output(out.pkl_data, out.pkl_path, out.nimg, out.std, license)
+        yield r
 
 
 def _print_plan(in_pkls, out_stds, batches, fit_errors, out_dir, out_prefix, out_nimg, out_format) -> None:
@@ -362,7 +379,7 @@ def _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_exis
     """reconstruct_phema after its out_dir check (which reconstruct_from_dir makes itself, naming --outdir)."""
     if max_batch_size < 1:
         raise PhemaError(f'Batch size must be at least 1 (got {max_batch_size})')
-    in_pkls, out_nimg = _select_inputs(in_pkls, out_nimg)
+    in_pkls, out_nimg = select_inputs(in_pkls, out_nimg)
     out_stds = _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing, out_format)
     if len(out_stds) == 0:
         if verbose:
@@ -376,42 +393,51 @@ def _plan_and_iterate(in_pkls, out_std, out_nimg, out_dir, out_prefix, skip_exis
     fit_errors = phema.posthoc_fit_error(in_nimg, in_std, out_nimg, out_stds, coefs=coefs)
     if verbose:
         _print_plan(in_pkls, out_stds, batches, fit_errors, out_dir, out_prefix, out_nimg, out_format)
-    return _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg, out_dir, out_prefix, out_format, license)
+    records = _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg)
+    return records if out_dir is None else _save_outputs(records, out_dir, out_prefix, out_format, license)
 
 
-def _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg, out_dir, out_prefix, out_format, license):
+def _iterate_batches(in_pkls, coefs, out_stds, batches, out_nimg):
     num_steps = len(batches) * len(in_pkls)
     for batch_idx, batch in enumerate(batches):
         yield from _reconstruct_batch(in_pkls, coefs[:, batch], [out_stds[j] for j in batch], out_nimg,
-                                      out_dir, out_prefix, batch_idx * len(in_pkls), num_steps, out_format, license)
+                                      batch_idx * len(in_pkls), num_steps)
 
 
 #----------------------------------------------------------------------------
 # Command-line driver used by reconstruct_phema.py.
 
 
-def _check_single_prefix(in_pkls: Sequence[Any], indir: str) -> None:
+def _check_single_prefix(in_pkls: Sequence[Any], indir: str, option: str = '--inprefix') -> None:
     """Refuse a mix such as network-snapshot-* and phema-*: earlier reconstructions are only
     approximations of power-function EMAs, and entering them as exact ones distorts the fit."""
     prefixes = sorted({pkl.prefix for pkl in in_pkls})
     if len(prefixes) > 1:
         raise PhemaError(f'{indir} holds input pickles with {len(prefixes)} prefixes ({", ".join(prefixes)}); '
-                         'choose one with --inprefix (usually network-snapshot; reconstructions are not '
+                         f'choose one with {option} (usually network-snapshot; reconstructions are not '
                          'power-function EMAs and would distort the fit)')
 
 
-def _find_inputs(indir: str, inprefix: str | None, instd: Sequence[float] | None) -> list[dnnlib.EasyDict]:
-    """list_input_pickles for a command line run: single process, at least one input."""
-    try:
-        dist.check_single_process('reconstruct_phema.py')
-    except ValueError as err:
-        raise PhemaError(str(err)) from None
+def find_snapshots(indir: str, inprefix: str | None = None, instd: Sequence[float] | None = None,
+                   option: str = '--inprefix') -> list[dnnlib.EasyDict]:
+    """The power-function EMA snapshots of `indir` (list_input_pickles), refusing an empty selection
+    and a mix of prefixes (`option` is the option that selects one)."""
     in_pkls = list_input_pickles(indir, in_std=instd, in_prefix=inprefix)
     if len(in_pkls) == 0:
         filters = ''.join([f' with prefix "{inprefix}"' if inprefix is not None else '',
                            f' with std in {list(instd)}' if instd is not None else ''])
         raise PhemaError(f'No input pickles named <prefix>-<kimg>-<std>.pkl found in {indir}{filters}')
+    _check_single_prefix(in_pkls, indir, option)
     return in_pkls
+
+
+def _find_inputs(indir: str, inprefix: str | None, instd: Sequence[float] | None) -> list[dnnlib.EasyDict]:
+    """find_snapshots for a command line run, which is a single process."""
+    try:
+        dist.check_single_process('reconstruct_phema.py')
+    except ValueError as err:
+        raise PhemaError(str(err)) from None
+    return find_snapshots(indir, inprefix, instd)
 
 
 def _with_progress(records: Iterator[dnnlib.EasyDict], desc: str) -> list[str]:
@@ -436,7 +462,6 @@ def reconstruct_from_dir(indir: str, outdir: str, outstd: Sequence[float], inpre
     """Discover snapshots in `indir`, reconstruct `outstd` at `outkimg` into
     `outdir` (as `out_format`) with a progress bar; returns the written paths."""
     in_pkls = _find_inputs(indir, inprefix, instd)
-    _check_single_prefix(in_pkls, indir)
     # Before the first pass over the inputs, which can take hours.
     _check_out_dir(outdir, '--outdir', out_format, license)
     out_nimg = None if outkimg is None else kimg_to_nimg(outkimg)
