@@ -160,11 +160,11 @@ def test_repeats_use_disjoint_seed_sets(cache, data, tmp_path):
     assert result.exit_code == 0, result.output
     lines = read_lines(base)
     assert [line['seeds'] for line in lines] == [[10, 13], [14, 17]]
-    for line in lines:
+    for i, line in enumerate(lines):
         result = run(calculate_metrics.cmdline, 'gen', '--net', snapshot, '--seed', line['seeds'][0], '--out',
-                     tmp_path / 'gen', *common)
+                     tmp_path / f'gen{i}', *common)
         assert result.exit_code == 0, result.output
-        with open(tmp_path / 'gen.json') as f:
+        with open(tmp_path / f'gen{i}.json') as f:
             assert json.load(f)['fid'] == line['results']['fid']
     values = [line['results']['fid']['ref'] for line in lines]
     report = run(calculate_metrics.cmdline, 'sweep', '--out', base, '--report').output
