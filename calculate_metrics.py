@@ -265,7 +265,7 @@ def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: i
         _warn(warning)
         gnet = None
     ref_stats = _collective(lambda: _prepare_outputs(refs, metrics, out, hist))
-    # Without --gnet the guide is the main network called without labels (the fork, quirk F19).
+    # Without --gnet the guide is the main network called without labels (the fork; docs/differences.md#metrics-7).
     stats = _collective(lambda: metrics_lib.run_with_progress(metrics_lib.calculate_stats_for_network(
         net, seeds=range(seed, seed + num_images), gnet=gnet, max_batch_size=max_batch_size, out_images=out_images,
         metrics=metrics, device=device, guidance=guidance, num_steps=num_steps, guide_labels=(gnet is not None))),

@@ -1,5 +1,5 @@
 """Reconstruct post-hoc EMA profiles from saved power-function EMA snapshots
-(EDM2, spec phema.md section 3). Logic: training/snapshots/reconstruct_phema.py."""
+(EDM2 paper, Sec. 3). Logic: training/snapshots/reconstruct_phema.py."""
 
 import click
 

@@ -56,7 +56,7 @@ def make_batch(net, batch, device, seed=1):
 
 
 def train_step(net, opt, images, labels, P_mean=-0.4, P_std=1.0):
-    """One EDM2 loss step (training.md §5.1) + Adam."""
+    """One EDM2 loss step (EDM2 paper eq. 21) + Adam."""
     sigma = (torch.randn([images.shape[0], 1, 1, 1], device=images.device) * P_std + P_mean).exp()
     weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
     noisy = images + torch.randn_like(images) * sigma
@@ -68,7 +68,7 @@ def train_step(net, opt, images, labels, P_mean=-0.4, P_std=1.0):
 
 
 def heun_sample(net, noise, labels, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7):
-    """Deterministic EDM Heun sampler (sampling.md §3): 2 * num_steps - 1 network calls."""
+    """Deterministic EDM Heun sampler (Karras et al. 2022 (EDM), Alg. 1): 2 * num_steps - 1 network calls."""
     i = torch.arange(num_steps, dtype=torch.float64, device=noise.device)
     t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     t = torch.cat([t, torch.zeros_like(t[:1])])

@@ -53,7 +53,7 @@ def _cli(*args, env=None):
 
 def test_parse_std_list_ranges():
     values = pr.parse_std_list('0.010,0.015,...,0.250')
-    assert len(values) == 49  # quirk E3: not 31
+    assert len(values) == 49  # docs/differences.md#phema-1: not 31
     np.testing.assert_allclose(values, np.arange(49) * 0.005 + 0.010, atol=1e-12)
     assert values[4] == 0.030  # rounded, so names and --instd matching are exact
     assert pr.parse_std_list('0.2, 0.05,0.1,0.05') == [0.05, 0.1, 0.2]
@@ -185,7 +185,7 @@ def test_cli_end_to_end(run_dir, tmp_path):
     [batch] = list(sampling.generate_images(os.path.join(out_dir, names[-1]), seeds=[3], device='cpu',
                                             num_steps=2, verbose=False))
     assert batch.images.shape == (1, 3, 16, 16) and batch.images.dtype == torch.uint8
-    # --skip: only the missing output is computed; nothing left is a clean no-op (quirk E4).
+    # --skip: only the missing output is computed; nothing left is a clean no-op (docs/differences.md#phema-2).
     res = _cli(f'--indir={run_dir}', f'--outdir={out_dir}', '--outstd=0.070,0.200', '--outprefix=phema', '--skip')
     assert res.exit_code == 0, res.output
     assert 'Reconstructing 1 output pickles in 1 batches' in res.output
@@ -281,7 +281,7 @@ def test_cli_refuses_mixed_prefixes_without_inprefix(run_dir, tmp_path):
 
 
 def test_output_keeps_the_first_inputs_entries_and_the_last_inputs_buffers(tmp_path):
-    """phema.md §3.4: the output inherits the first input's encoder/dataset_kwargs/loss_fn."""
+    """docs/formats.md#post-hoc-ema-reconstructions: the output inherits the first input's encoder/dataset_kwargs/loss_fn."""
     indir = tmp_path / 'in'
     indir.mkdir()
     for kimg in (1, 2, 3):

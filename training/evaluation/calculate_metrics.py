@@ -1,4 +1,4 @@
-"""Evaluation metrics: feature statistics, Fréchet distances, scorer histograms (spec metrics.md §2-4).
+"""Evaluation metrics: feature statistics, Fréchet distances, scorer histograms.
 
 * `calculate_stats_for_iterable()` -- accumulate per-metric feature sums in float64 over any
   iterable of image batches, reduce across ranks; yields one progress record per batch, the last
@@ -14,9 +14,9 @@
 * `calculate_metrics_from_stats()` (official, one reference) and `calculate_results()` (fork:
   several named references, scorer summaries), `save_results()` (JSON/PKL/histogram PNGs).
 
-Fixes over the originals: scorer `sigma` is the standard deviation (quirk F20; the variance is
-stored as `variance`), one histogram figure per metric (F21), images keep their own resolution
-unless `resolution` is given (F17), result files are written atomically, checked before the
+Fixes over the originals: scorer `sigma` is the standard deviation (docs/differences.md#metrics-1; the variance is
+stored as `variance`), one histogram figure per metric (docs/differences.md#metrics-2), images keep their own resolution
+unless `resolution` is given (docs/differences.md#metrics-3), result files are written atomically, checked before the
 (long) computation starts, never overwritten, and carry the provenance of their run; statistics
 carry a marker of the detector weights that made them (`detectors.detector_marker`).
 """
@@ -60,7 +60,7 @@ def parse_metric_list(metrics: Union[str, Sequence[str]]) -> list:
     return list(dict.fromkeys(names))
 
 #----------------------------------------------------------------------------
-# Accumulation (metrics.md §2.1).
+# Accumulation.
 
 
 def _images_of(batch: Any) -> Optional[torch.Tensor]:
@@ -204,7 +204,7 @@ def calculate_stats_for_iterable(
     keep_features: Sequence[str] = (),      # Also return these metrics' per-image features (stats[m]['features']).
 ) -> ProgressRecords:
     """Iterator of progress records {stats, images, batch_idx, num_batches, num_images}, one per batch
-    (metrics.md §2.1). `stats` is None except in the record of the last batch, which carries the
+    (as in the official API). `stats` is None except in the record of the last batch, which carries the
     reduced statistics on every rank, so `r.stats` of the final record (batch_idx == num_batches - 1)
     is the result; `run_with_progress()` drains the records into that dict. `num_images` is the
     running total over all ranks (all-reduced at every batch, so every rank must yield the same
@@ -226,7 +226,7 @@ def _accumulate(acc: StatsAccumulator, image_iter: Iterable, dest_path: Optional
     batch, batch_idx = next(batches, _END), 0
     while True:
         images = None if batch is _END else _images_of(batch)
-        if images is not None and images.shape[0] > 0:  # empty generation chunks carry no images (E7)
+        if images is not None and images.shape[0] > 0:  # empty generation chunks carry no images (docs/differences.md#metrics-8)
             acc.add(images)
         r = dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=num_batches,
                             num_images=acc.total_images())
@@ -262,7 +262,7 @@ def run_with_progress(records: Iterable[dnnlib.EasyDict], total: Optional[int] =
     return stats
 
 #----------------------------------------------------------------------------
-# Image sources (metrics.md §3, §4.2).
+# Image sources.
 
 
 def open_image_dataset(image_path: str, num_images: Optional[int] = None, seed: int = 0,
@@ -350,7 +350,7 @@ def report_skipped(skipped: list, max_names: int = 5) -> int:
 
 
 def rank_batches(num_items: int, max_batch_size: int) -> list:
-    """This rank's index chunks, split like image generation (sampling.md §2 step 5). Empty chunks
+    """This rank's index chunks, split like image generation (`split_seeds` of training/sampling/generate_images.py). Empty chunks
     (fewer items than ranks) are kept: every rank needs the same number of batches, because the
     image count is all-reduced at every batch."""
     from training.sampling.generate_images import split_seeds
@@ -443,7 +443,7 @@ def calculate_stats_for_network(
                                         device=device, keep_features=keep_features)
 
 #----------------------------------------------------------------------------
-# Statistics files (metrics.md §2.2).
+# Statistics files (docs/formats.md#reference-statistics).
 
 
 def _check_stats(stats: Any, path: str) -> dict:
@@ -499,7 +499,7 @@ def save_stats(stats: dict, path: str) -> None:
         persistence.dump_portable(stats, f)  # readable by the official tools, also under numpy < 1.26
 
 #----------------------------------------------------------------------------
-# Fréchet distance (metrics.md §2.3).
+# Fréchet distance (Heusel et al. 2017; singular covariances: docs/differences.md#metrics-9).
 
 
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
@@ -554,7 +554,7 @@ def frechet_distance(mu: np.ndarray, sigma: np.ndarray, mu_ref: np.ndarray, sigm
     return float(np.square(mu - mu_ref).sum() + np.trace(sigma) + np.trace(sigma_ref) - 2 * trace_sqrt)
 
 #----------------------------------------------------------------------------
-# Metrics from statistics (metrics.md §2.3, §4.4).
+# Metrics from statistics.
 
 
 def calculate_metrics_from_stats(stats: dict, ref: Union[str, dict], metrics: Sequence[str] = ('fid', 'fd_dinov2'),
@@ -642,7 +642,7 @@ def calculate_results(stats: dict, refs: dict, metrics: Sequence[str], verbose: 
     return results
 
 #----------------------------------------------------------------------------
-# Result files (metrics.md §4.4).
+# Result files (docs/user-files.md#metric-results-outjson-outpkl).
 
 
 def result_paths(base: str, metrics: Sequence[str] = (), hist: bool = False) -> dict:

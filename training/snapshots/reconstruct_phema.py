@@ -1,4 +1,4 @@
-"""Post-hoc EMA reconstruction from saved snapshots (spec phema.md section 3).
+"""Post-hoc EMA reconstruction from saved snapshots (EDM2 paper, Sec. 3).
 
 Given snapshots of power-function EMAs taken at several training times, any
 other power-function EMA profile (std, time) is approximated by a linear
@@ -44,7 +44,7 @@ class PhemaError(ValueError):
 
 
 #----------------------------------------------------------------------------
-# Std lists: "0.050,0.100" or "0.010,0.015,...,0.250" (phema.md 3.2).
+# Std lists: "0.050,0.100" or "0.010,0.015,...,0.250" (docs/differences.md#phema-1).
 
 
 def _parse_float(token: str) -> float:
@@ -115,7 +115,7 @@ def parse_std_list(s: str | Sequence[float]) -> list[float]:
 
 
 #----------------------------------------------------------------------------
-# File names and discovery (phema.md 3.3).
+# File names and discovery (docs/formats.md#file-names).
 
 _PICKLE_NAME = re.compile(r'(.*)-(\d+)-(\d+\.\d+)\.pkl')
 
@@ -224,7 +224,7 @@ def _select_outputs(out_std, out_nimg, out_dir, out_prefix, skip_existing, out_f
             raise PhemaError(f'Output std {std} must be positive and less than {phema.MAX_STD}')
     if skip_existing and out_dir is not None:
         todo = [std for std in stds if not _output_done(output_path(out_dir, out_prefix, out_nimg, std, out_format))]
-        stds = todo # may be empty: a finished job re-run with --skip has nothing to do (quirk E4)
+        stds = todo # may be empty: a finished job re-run with --skip has nothing to do (docs/differences.md#phema-2)
     return stds
 
 
@@ -286,7 +286,7 @@ def _accumulate(accs: list | None, net: torch.nn.Module, coefs_row: np.ndarray) 
 
 @torch.no_grad()
 def _finish_output(first: dict, data: dict, acc: list[torch.Tensor], reuse_net: bool) -> dict:
-    """Snapshot dict for one output (phema.md §3.4): the first input's entries (`encoder`,
+    """Snapshot dict for one output (docs/formats.md#post-hoc-ema-reconstructions): the first input's entries (`encoder`,
     `dataset_kwargs`, `loss_fn`, ...), with an `ema` built from the last input's network
     (so the last input's buffers win) carrying the accumulated parameters in float16."""
     net = data['ema'] if reuse_net else copy.deepcopy(data['ema'])

@@ -201,7 +201,7 @@ def test_results_multiple_refs_and_scorer_summary(tmp_path):
     refs = dict(a=dict(fid=dict(mu=mu, sigma=sigma)), b=dict(fid=dict(mu=mu + 1, sigma=sigma)), c=dict())
     results = metrics.calculate_results(stats, refs, ['fid', 'nima'], verbose=False)
     assert results['metrics']['fid'] == {'a': pytest.approx(0, abs=1e-6), 'b': pytest.approx(6)}
-    assert results['metrics']['nima']['sigma'] == 0.5 and results['metrics']['nima']['variance'] == 0.25  # F20 fixed
+    assert results['metrics']['nima']['sigma'] == 0.5 and results['metrics']['nima']['variance'] == 0.25  # docs/differences.md#metrics-1
     base = str(tmp_path / 'out' / 'results')
     written = metrics.save_results(results, base, ['fid', 'nima'], hist=True, provenance=dict(command='calc'),
                                    num_images=20)
