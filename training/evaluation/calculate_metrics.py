@@ -395,7 +395,7 @@ def calculate_stats_for_network(
     metrics: Sequence[str] = ('fid', 'fd_dinov2'),
     device: Union[str, torch.device] = 'cuda',
     dest_path: Optional[str] = None,
-    **sampler_kwargs: Any,                  # guidance, num_steps, ...
+    **sampler_kwargs: Any,                  # solver, num_steps, discretization, guidance, ...
 ) -> ProgressRecords:
     """Progress records (see `calculate_stats_for_iterable`) for images generated on the fly by
     `training.sampling.generate_images.generate_images`; the networks are loaded before this returns."""
