@@ -64,42 +64,42 @@ def euler(denoise: Callable, x: torch.Tensor, t_steps: torch.Tensor, **churn) ->
 
 def _exponential_integrals(h: float) -> tuple:
     """I_k(h) = int_0^h exp(u - h) u^k / k! du for k = 0, 1, 2: the weights of D and of its first two
-    lambda-derivatives in the exact solution of the data-prediction ODE (Lu et al. 2022, "DPM-Solver++", eq. 8
-    with alpha = 1, sigma_lambda = exp(-lambda), expanded in a Taylor series of D around lambda_i)."""
+    lambda-derivatives in the exact solution x_t = (sigma_t / sigma_s) x_s + sigma_t int e^lambda D dlambda of
+    the data-prediction ODE (Lu et al. 2022, "DPM-Solver++", with alpha = 1), D expanded around lambda_s."""
     i0 = -math.expm1(-h)
     return i0, h - i0, h * h / 2 - h + i0
 
 
-def _dpmpp_step(x: torch.Tensor, sigma: float, sigma_next: float, outputs: list, lambdas: list,
-                order: int) -> torch.Tensor:
-    """One DPM-Solver++ step from sigma to sigma_next > 0 with the newest-first outputs D_i, D_{i-1}, ... at
-    lambdas lambda_i, lambda_{i-1}, ..., of order min(order, len(outputs))."""
+def _dpmpp_step(x: torch.Tensor, sigma: float, sigma_next: float, outputs: list, lambdas: list) -> torch.Tensor:
+    """One DPM-Solver++ step from sigma to sigma_next > 0, of order len(outputs), with the newest-first
+    outputs D_i, D_{i-1}, ... of the denoiser at lambda_i, lambda_{i-1}, ..."""
     h = math.log(sigma / sigma_next)
     i0, i1, i2 = _exponential_integrals(h)
-    x = (sigma_next / sigma) * x + i0 * outputs[0]  # 1st order (DDIM): eq. 9 with a constant D
-    if order >= 2 and len(outputs) >= 2:  # Alg. 2: D' ~ (D_i - D_{i-1}) / h_{i-1}, weighted i0 h / 2
-        h1 = lambdas[0] - lambdas[1]
-        if order == 2 or len(outputs) == 2:
-            return x + (i0 * h / (2 * h1)) * (outputs[0] - outputs[1])
-        # 3rd order: D' and D'' from the quadratic through the last three outputs (Newton divided differences).
-        h2 = lambdas[1] - lambdas[2]
-        d01 = (outputs[0] - outputs[1]) / h1
-        d012 = (d01 - (outputs[1] - outputs[2]) / h2) / (h1 + h2)
-        x = x + i1 * (d01 + h1 * d012) + (2 * i2) * d012
-    return x
+    x = (sigma_next / sigma) * x + i0 * outputs[0]  # 1st order (DDIM): D constant over the step
+    if len(outputs) == 1:
+        return x
+    h1 = lambdas[0] - lambdas[1]
+    if len(outputs) == 2:  # Alg. 2: D' ~ (D_i - D_{i-1}) / h_{i-1}, weighted (1 - exp(-h)) h / 2
+        return x + (i0 * h / (2 * h1)) * (outputs[0] - outputs[1])
+    # 3rd order: D' and D'' at lambda_i of the quadratic through the last three outputs (Newton's divided
+    # differences d01 = D[lambda_i, lambda_{i-1}], d012 = D[lambda_i, lambda_{i-1}, lambda_{i-2}]).
+    h2 = lambdas[1] - lambdas[2]
+    d01 = (outputs[0] - outputs[1]) / h1
+    d012 = (d01 - (outputs[1] - outputs[2]) / h2) / (h1 + h2)
+    return x + i1 * (d01 + h1 * d012) + (2 * i2) * d012
 
 
 def dpmpp_multistep(denoise: Callable, x: torch.Tensor, t_steps: torch.Tensor, order: int = 2) -> torch.Tensor:
     """DPM-Solver++(2M) / (3M) (Lu et al. 2022, "DPM-Solver++", Alg. 2 and its 3rd-order extension), in the
     EDM parametrisation alpha = 1, lambda = -log(sigma). The first steps use the lower orders that the
-    available outputs allow; the step into sigma = 0 is the 1st-order one, x = D (eq. 9 with h = infinity)."""
+    available outputs allow; the step into sigma = 0 is the 1st-order one, which gives x = D there."""
     outputs, lambdas = [], []
     for sigma, sigma_next in zip(t_steps[:-1], t_steps[1:]):
         D = denoise(x, sigma)
         if sigma_next == 0:
             return D
         outputs, lambdas = [D, *outputs[:order - 1]], [-math.log(sigma), *lambdas[:order - 1]]
-        x = _dpmpp_step(x, float(sigma), float(sigma_next), outputs, lambdas, order)
+        x = _dpmpp_step(x, float(sigma), float(sigma_next), outputs, lambdas)
     return x
 
 
@@ -116,7 +116,7 @@ ADAMS_BASHFORTH = ((1,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24,
 
 
 def ipndm(denoise: Callable, x: torch.Tensor, t_steps: torch.Tensor) -> torch.Tensor:
-    """Improved PNDM (Zhang & Chen 2023, "DEIS", Sec. 4 / App.): for EDM's alpha = 1 the exponential
+    """Improved PNDM (iPNDM, Zhang & Chen 2023, "DEIS"): for EDM's alpha = 1 the exponential
     integrator with noise prediction is Euler in sigma, and iPNDM replaces its slope with the Adams-Bashforth
     combination of the last four slopes d_j = (x_j - D(x_j, t_j)) / t_j, warming up with orders 1-3:
     x_{i+1} = x_i + (t_{i+1} - t_i) sum_j c_j d_{i-j}."""
