@@ -295,6 +295,33 @@ def format_targets(results: list) -> str:
     return '\n'.join(lines)
 
 
+def format_matrix(rows: list) -> str:
+    """FD (mean +- std over the seed sets) per line and NFE, one block per guidance weight, as markdown;
+    heun's odd NFE (7, 11, ...) go in the column just above."""
+    columns = sorted({row['nfe'] for row in rows if row['solver'] != 'heun'} | {63})
+    blocks = []
+    for guidance in sorted({row['guidance'] for row in rows}):
+        group = [row for row in rows if row['guidance'] == guidance]
+        title = 'no guidance' if guidance == 1 else f'autoguidance w={guidance:g}'
+        lines = [f'| {title} | ' + ' | '.join(f'{nfe} NFE' for nfe in columns) + ' |',
+                 '|---|' + '---:|' * len(columns)]
+        for name in dict.fromkeys(label(row) for row in group):
+            cells = {min(c for c in columns if c >= row['nfe']): f'{row["fd_mean"]:.1f} ± {row["fd_std"]:.1f}'
+                     for row in group if label(row) == name}
+            lines.append(f'| {name} | ' + ' | '.join(cells.get(nfe, '') for nfe in columns) + ' |')
+        blocks.append('\n'.join(lines))
+    return '\n\n'.join(blocks)
+
+
+def report(rows: list, out: str) -> list:
+    """Sort the rows, print the table, the per-NFE matrix and the targets, plot; return the targets."""
+    rows.sort(key=lambda row: (row['guidance'], row['solver'], row['discretization'], row['nfe']))
+    results = targets(rows)
+    plot(rows, f'{out}.png')
+    print(f'\n{format_table(rows)}\n\n{format_matrix(rows)}\n\n{format_targets(results)}')
+    return results
+
+
 def plot(rows: list, path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -343,11 +370,16 @@ def plot(rows: list, path: str) -> None:
 @click.option('--num', help='Images per seed set  [default: 250 on CPU, 5000 on CUDA]', metavar='INT', type=int)
 @click.option('--sets', help='Disjoint seed sets', metavar='INT', type=click.IntRange(min=1), default=3,
               show_default=True)
+@click.option('--report', 'report_json', help='Only print and plot the rows of an earlier (or unfinished) run', metavar='JSON')
 @click.option('--kimg', help='Training duration of the digits model in Ki images  [default: 96 on CPU, 1024 on CUDA]',
               metavar='INT', type=int)
 def main(cache: str, out: str, device: str, unguided: str, guided: str, guidances: str, nfe: str, num: int, sets: int,
-         kimg: int) -> None:
+         report_json: Optional[str], kimg: int) -> None:
     """Measure FD against network evaluations for every solver on a small digits model."""
+    if report_json is not None:
+        with open(report_json) as f:
+            report(json.load(f)['rows'], out or os.path.splitext(report_json)[0])
+        return
     sizes = dict(DEFAULTS[device], **{k: v for k, v in dict(num=num, kimg=kimg).items() if v is not None})
     os.makedirs(cache, exist_ok=True)
     out = out or os.path.join(cache, f'solver-quality-{device}')
@@ -376,11 +408,7 @@ def main(cache: str, out: str, device: str, unguided: str, guided: str, guidance
         print(format_table([row]).splitlines()[1], flush=True)
         save_json(f'{out}.json', settings, rows, start)
 
-    rows.sort(key=lambda row: (row['guidance'], row['solver'], row['discretization'], row['nfe']))
-    results = targets(rows)
-    save_json(f'{out}.json', settings, rows, start, results)
-    plot(rows, f'{out}.png')
-    print(f'\n{format_table(rows)}\n\n{format_targets(results)}')
+    save_json(f'{out}.json', settings, rows, start, report(rows, out))
     print(f'\nWrote {out}.json and {out}.png in {(time.time() - start) / 60:.0f} min')
 
 

@@ -11,7 +11,8 @@ through the noise levels t_steps[1:] (the last one 0), calling the (guided) deno
            ODE in lambda = -log(sigma); 2nd order, 1 evaluation per step;
   dpm++3m  the same with a 3rd-order Taylor term from the last three outputs;
   ipndm    Zhang & Chen 2023, "DEIS", improved PNDM: Adams-Bashforth in sigma on the slopes
-           (x - D) / sigma, up to 4th order, 1 evaluation per step.
+           (x - D) / sigma with the equal-step coefficients of orders 1-4, 1 evaluation per step; with
+           its lower-order start and on unequal steps its global order is 2, but its error constant is small.
 
 Time steps (`discretization`): 'edm' (Karras et al. 2022, eq. 5: rho-spaced, the default) or 'logsnr'
 (uniform in lambda = -log(sigma), i.e. in log-SNR, as in Lu et al. 2022, "DPM-Solver").

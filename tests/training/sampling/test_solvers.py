@@ -57,8 +57,8 @@ def solve(solver, num_steps, discretization='edm', guidance=1.0, **kwargs):
 #----------------------------------------------------------------------------
 # Convergence at the theoretical order.
 
-# iPNDM's Adams-Bashforth coefficients assume equal steps; on the non-uniform EDM and log-SNR steps (and with
-# its lower-order start) its global order is 2. DPM-Solver++(3M) converges faster than 3 on log-SNR steps here.
+# iPNDM's Adams-Bashforth coefficients assume equal steps; on the unequal EDM and log-SNR steps, and with its
+# lower-order start, its global order is 2. DPM-Solver++(3M) converges faster than 3 on log-SNR steps here.
 ORDERS = {'euler': 1, 'heun': 2, 'dpm++2m': 2, 'dpm++3m': 3, 'ipndm': 2}
 
 
