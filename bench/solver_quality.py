@@ -330,8 +330,8 @@ def format_targets(results: list) -> str:
 
 
 def format_matrix(rows: list) -> str:
-    """FD (mean +- std over the seed sets) per line and NFE, one block per guidance weight, as markdown;
-    heun's odd NFE (7, 11, ...) go in the column just above."""
+    """FD (mean +- std over the seed sets) and, in brackets, the RMSE against Heun-63 per line and NFE, one block
+    per guidance weight, as markdown; heun's odd NFE (7, 11, ...) go in the column just above."""
     columns = sorted({row['nfe'] for row in rows if row['solver'] != 'heun'} | {63})
     blocks = []
     for guidance in sorted({row['guidance'] for row in rows}):
@@ -341,7 +341,7 @@ def format_matrix(rows: list) -> str:
                  '|---|' + '---:|' * len(columns)]
         for name in dict.fromkeys(label(row) for row in group):
             cells = {min(c for c in columns if c >= row['nfe']): f'{row["fd_mean"]:.1f} ± {row["fd_std"]:.1f}'
-                     for row in group if label(row) == name}
+                     + ('' if row['rmse'] is None else f' ({row["rmse"]:.1f})') for row in group if label(row) == name}
             lines.append(f'| {name} | ' + ' | '.join(cells.get(nfe, '') for nfe in columns) + ' |')
         blocks.append('\n'.join(lines))
     return '\n\n'.join(blocks)
