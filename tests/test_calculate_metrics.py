@@ -200,6 +200,20 @@ def test_gen_guidance_without_gnet_guides_with_the_unlabeled_main_net(cache, tmp
     assert (tmp_path / 'w1' / name).read_bytes() == (tmp_path / 'plain' / name).read_bytes()
 
 
+def test_gen_takes_the_solver_options_of_generate_images(cache, tmp_path):
+    from training.sampling.generate_images import generate_images
+    snapshot = str(tmp_path / 'cnet.pkl')
+    write_tiny_snapshot(snapshot, net=make_tiny_precond(label_dim=5))
+    result = run('gen', '--net', snapshot, '--num', 2, '--steps', 3, '--metrics', 'nima', '--solver', 'ipndm',
+                 '--disc', 'logsnr', '--out-images', tmp_path / 'gen')
+    assert result.exit_code == 0, result.output
+    assert 'Sampler: ipndm, 3 steps, logsnr time steps; network evaluations per image: 3 main' in result.output
+    list(generate_images(snapshot, seeds=range(2), num_steps=3, solver='ipndm', discretization='logsnr',
+                         outdir=str(tmp_path / 'lib'), device='cpu', verbose=False))
+    for name in ('000000.png', '000001.png'):
+        assert (tmp_path / 'gen' / name).read_bytes() == (tmp_path / 'lib' / name).read_bytes()
+
+
 def test_output_paths_checked_before_computing(cache, image_dir, tmp_path):
     blocker = tmp_path / 'garbage.pkl'
     blocker.write_bytes(b'x')

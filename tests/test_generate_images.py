@@ -161,6 +161,23 @@ def test_cli_guidance_options(pkls, tmp_path):
     assert files['w2'] != files['plain'] and files['w2_cfg'] != files['w2'] and files['w2_unlabeled'] != files['w2']
 
 
+def test_solver_options_reach_the_sampler_and_stay_batch_independent(pkls, tmp_path):
+    kwargs = dict(seeds=range(5), net_batch_size=2, num_steps=4, solver='dpm++3m', discretization='logsnr',
+                  gnet=pkls['gnet'], guidance=2.0, guidance_interval=(0.05, 20.0))
+    _run_lib(pkls['net'], tmp_path / 'b5', max_batch_size=5, **kwargs)
+    _run_lib(pkls['net'], tmp_path / 'b2', max_batch_size=2, **kwargs)
+    assert _read_pngs(tmp_path / 'b5') == _read_pngs(tmp_path / 'b2')
+    args = ['--net', pkls['net'], '--seeds=0-4', '--steps=4', '--device=cpu', '--net-batch=2', '--gnet', pkls['gnet'],
+            '--guidance=2', '--guidance-interval=0.05,20']
+    result = _invoke(*args, '--outdir', tmp_path / 'cli', '--solver=dpm++3m', '--disc=logsnr')
+    assert result.exit_code == 0, result.output
+    assert 'Sampler: dpm++3m, 4 steps, logsnr time steps; network evaluations per image: 4 main + 2 guide' in result.output
+    assert _read_pngs(tmp_path / 'cli') == _read_pngs(tmp_path / 'b5')
+    result = _invoke(*args, '--outdir', tmp_path / 'heun')
+    assert result.exit_code == 0 and 'Sampler: heun, 4 steps, edm time steps' in result.output
+    assert _read_pngs(tmp_path / 'heun') != _read_pngs(tmp_path / 'cli')
+
+
 def test_cli_grid_and_skip_existing(pkls, tmp_path):
     out, grid = tmp_path / 'out', tmp_path / 'grid.png'
     result = _invoke('--net', pkls['net'], '--outdir', out, '--seeds=0-4', '--steps=2', '--device=cpu', '--grid', grid)
@@ -213,6 +230,8 @@ def test_latent_model_decodes_through_pickle_encoder(tmp_path, monkeypatch):
     (['--class=9'], '--class=9 is out of range'),
     (['--guidance-interval=3'], 'expected two numbers'),
     (['--plain', '--dtype=bf16'], '--dtype cannot be combined with --plain'),
+    (['--solver=dpm++2m', '--S_churn=5'], '--S_churn is only defined for --solver=heun or euler, not dpm++2m'),
+    (['--solver=rk4'], "Invalid value for '--solver'"),
 ])
 def test_cli_rejects_bad_input(pkls, tmp_path, args, message):
     out = tmp_path / 'out'

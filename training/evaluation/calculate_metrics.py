@@ -421,7 +421,7 @@ def calculate_stats_for_network(
     device: Union[str, torch.device] = 'cuda',
     dest_path: Optional[str] = None,
     keep_features: Sequence[str] = (),      # Also return these metrics' per-image features.
-    **sampler_kwargs: Any,                  # guidance, num_steps, ... (and encoder= for a network given as a module)
+    **sampler_kwargs: Any,                  # solver, num_steps, discretization, guidance, ... (and encoder= for a network given as a module)
 ) -> ProgressRecords:
     """Progress records (see `calculate_stats_for_iterable`) for images generated on the fly by
     `training.sampling.generate_images.generate_images`; the networks are loaded before this returns."""

@@ -1,10 +1,10 @@
 """`generate_images()`: the library function behind `generate_images.py`, also used by the metrics code
 (sampling.md §2, §6, §7).
 
-It loads the networks, splits the seeds over ranks and batches, samples with a sampler of
-`training.sampling.sampler`, decodes, and (optionally) writes PNGs atomically. The official script's
-names (`config_presets`, `edm_sampler`, `StackedRandomGenerator`, ...) are re-exported by the root
-`generate_images.py`.
+It loads the networks, splits the seeds over ranks and batches, samples (by default with
+`training.sampling.solvers.sample`: the official Heun sampler or another ODE solver), decodes, and
+(optionally) writes PNGs atomically. The official script's names (`config_presets`, `edm_sampler`,
+`StackedRandomGenerator`, ...) are re-exported by the root `generate_images.py`.
 """
 
 import math
@@ -18,7 +18,8 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training.sampling.sampler import FixedBatchNet, StackedRandomGenerator, edm_sampler
+from training.sampling.sampler import FixedBatchNet, StackedRandomGenerator
+from training.sampling.solvers import describe_sampler, sample
 from training.snapshots.loading import load_snapshot
 
 #----------------------------------------------------------------------------
@@ -183,10 +184,10 @@ def generate_images(
     encoder_batch_size: Optional[int] = 4,  # VAE decode chunk; None keeps the encoder's own.
     verbose: bool = True,
     device: Union[str, torch.device] = 'cuda',
-    sampler_fn: Union[str, Callable] = edm_sampler,
+    sampler_fn: Union[str, Callable] = sample,
     fast_path: Optional[dict] = None,   # Network fast-path switches (set_fast kwargs); None keeps the network's.
     net_batch_size: Optional[int] = None,   # Evaluate the nets on fixed-size groups (FixedBatchNet); None = whole batch.
-    **sampler_kwargs,                   # num_steps, sigma_min, sigma_max, rho, guidance, S_*, guidance_interval, ...
+    **sampler_kwargs,                   # solver, num_steps, discretization, sigma_*, rho, guidance, S_*, guidance_interval, ...
 ) -> ImageIterable:
     """Load the networks and return an iterable over this rank's batches of generated images.
 
@@ -196,6 +197,7 @@ def generate_images(
     """
     device = torch.device(device)
     seeds = list(seeds)
+    sampler_line = describe_sampler(**sampler_kwargs) if sampler_fn is sample else None  # validates the options
     if net_batch_size is not None and net_batch_size < 1:
         raise ValueError(f'net_batch_size must be >= 1, got {net_batch_size}')
     if dist.get_rank() != 0:
@@ -217,6 +219,8 @@ def generate_images(
     world_size = dist.get_world_size()
     all_chunks = [split_seeds(len(seeds), max_batch_size, rank, world_size) for rank in range(world_size)]
     chunks = all_chunks[dist.get_rank()]
+    if verbose and sampler_line is not None:
+        dist.print0(sampler_line)
     if verbose:
         dist.print0(f'Generating {len(seeds)} images...')
     run = dnnlib.EasyDict(net=net, gnet=gnet, encoder=encoder, outdir=outdir, subdirs=subdirs, seeds=seeds,

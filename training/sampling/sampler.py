@@ -67,22 +67,15 @@ def _guided_denoiser(net: Callable, gnet: Optional[Callable], labels: Optional[t
     return denoise
 
 
-def edm_sampler(net: Callable, noise: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                gnet: Optional[Callable] = None, num_steps: int = 32, sigma_min: float = 0.002,
-                sigma_max: float = 80, rho: float = 7, guidance: float = 1, S_churn: float = 0, S_min: float = 0,
-                S_max: float = float('inf'), S_noise: float = 1, dtype: torch.dtype = torch.float32,
-                randn_like: Callable = torch.randn_like, guidance_interval: Optional[tuple] = None,
-                guide_labels: bool = True) -> torch.Tensor:
-    """EDM 2nd-order Heun sampler with optional churn and guidance (sampling.md §3.4).
-
-    Extensions (defaults reproduce the official sampler bit for bit):
-      guidance_interval -- (lo, hi): guide only where lo <= sigma <= hi, else use D_m alone.
-      guide_labels      -- False calls the guide without labels (the fork's sampler, quirk F1).
-    Returns the final latents x_N in `dtype`.
-    """
-    denoise = _guided_denoiser(net, gnet, labels, guidance, guidance_interval, guide_labels, dtype)
-    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=noise.device)
-    x_next = noise.to(dtype) * t_steps[0]  # x_0 = noise * t_0
+def heun_solve(denoise: Callable, x: torch.Tensor, t_steps: torch.Tensor, second_order: bool = True,
+               S_churn: float = 0, S_min: float = 0, S_max: float = float('inf'), S_noise: float = 1,
+               randn_like: Callable = torch.randn_like) -> torch.Tensor:
+    """Integrate dx/dsigma = (x - D(x, sigma)) / sigma from x at t_steps[0] through t_steps[1:]
+    (Karras et al. 2022, Alg. 2): Heun's 2nd-order method, its correction skipped on the last step;
+    Euler's method with `second_order=False`. Churn raises the noise level before each step where
+    S_min <= t_i <= S_max, drawing fresh noise with `randn_like` there only."""
+    num_steps = len(t_steps) - 1
+    x_next = x
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
 
@@ -100,10 +93,31 @@ def edm_sampler(net: Callable, noise: torch.Tensor, labels: Optional[torch.Tenso
         x_next = x_hat + (t_next - t_hat) * d_cur
 
         # Heun correction, all steps but the last: average the slopes at both ends.
-        if i < num_steps - 1:
+        if second_order and i < num_steps - 1:
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
+
+
+def edm_sampler(net: Callable, noise: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                gnet: Optional[Callable] = None, num_steps: int = 32, sigma_min: float = 0.002,
+                sigma_max: float = 80, rho: float = 7, guidance: float = 1, S_churn: float = 0, S_min: float = 0,
+                S_max: float = float('inf'), S_noise: float = 1, dtype: torch.dtype = torch.float32,
+                randn_like: Callable = torch.randn_like, guidance_interval: Optional[tuple] = None,
+                guide_labels: bool = True) -> torch.Tensor:
+    """EDM 2nd-order Heun sampler with optional churn and guidance (sampling.md §3.4).
+
+    Extensions (defaults reproduce the official sampler bit for bit):
+      guidance_interval -- (lo, hi): guide only where lo <= sigma <= hi, else use D_m alone.
+      guide_labels      -- False calls the guide without labels (the fork's sampler, quirk F1).
+    Returns the final latents x_N in `dtype`. `training.sampling.solvers.sample` adds other solvers
+    and time steps.
+    """
+    denoise = _guided_denoiser(net, gnet, labels, guidance, guidance_interval, guide_labels, dtype)
+    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=noise.device)
+    x = noise.to(dtype) * t_steps[0]  # x_0 = noise * t_0
+    return heun_solve(denoise, x, t_steps, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                      randn_like=randn_like)
 
 #----------------------------------------------------------------------------
 # Batch-size-independent network evaluation (extension).
