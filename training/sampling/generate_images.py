@@ -1,5 +1,5 @@
 """`generate_images()`: the library function behind `generate_images.py`, also used by the metrics code
-(sampling.md §2, §6, §7).
+(output files: docs/formats.md#generated-images).
 
 It loads the networks, splits the seeds over ranks and batches, samples (by default with
 `training.sampling.solvers.sample`: the official Heun sampler or another ODE solver), decodes, and
@@ -56,7 +56,7 @@ def _default_encoder() -> Any:
     return dnnlib.util.construct_class_by_name(class_name='training.encoders.StandardRGBEncoder')
 
 #----------------------------------------------------------------------------
-# Output files (sampling.md §6).
+# Output files (docs/formats.md#generated-images).
 
 
 def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
@@ -84,7 +84,7 @@ def save_image_grid(images: torch.Tensor, path: str) -> None:
     save_png(grid.numpy(), path)
 
 #----------------------------------------------------------------------------
-# Seed splitting (sampling.md §2 step 5).
+# Seed splitting.
 
 
 def split_seeds(num_seeds: int, max_batch_size: int, rank: int = 0, world_size: int = 1) -> list:
@@ -94,7 +94,7 @@ def split_seeds(num_seeds: int, max_batch_size: int, rank: int = 0, world_size: 
     return np.array_split(np.arange(num_seeds), num_batches)[rank::world_size]
 
 #----------------------------------------------------------------------------
-# generate_images() (sampling.md §2).
+# generate_images().
 
 
 def _draw_noise_and_labels(net: torch.nn.Module, seeds: list, class_idx: Optional[int],
@@ -154,7 +154,7 @@ class ImageIterable:
 
 def _load_networks(net: Any, gnet: Any, encoder: Any, device: torch.device, verbose: bool,
                    fast_path: Optional[dict]) -> tuple:
-    """Steps 2-4 of sampling.md §2: main net (+ its encoder), guide, encoder."""
+    """Main net (+ its encoder), guide, encoder."""
     if isinstance(net, (str, os.PathLike)):
         data = _load_snapshot(net, 'main network', '--net', verbose)
         net = data['ema']

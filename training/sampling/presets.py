@@ -1,10 +1,10 @@
-"""Sampling presets of the published EDM2 models (sampling.md §5) and the rules for combining a preset
-with explicit `--net`/`--gnet`/`--guidance`/`--guidance-interval` options (sampling.md §1)."""
+"""Sampling presets of the published EDM2 models and the rules for combining a preset
+with explicit `--net`/`--gnet`/`--guidance`/`--guidance-interval` options."""
 
 from typing import Any, Optional, Sequence, Union
 
 #----------------------------------------------------------------------------
-# Presets (sampling.md §5). Keys filled from a preset: net, gnet, guidance.
+# Presets. Keys filled from a preset: net, gnet, guidance.
 
 model_root = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
 
@@ -62,7 +62,7 @@ config_presets = {
 
 def resolve_options(preset: Optional[str] = None, net: Optional[str] = None, gnet: Optional[str] = None,
                     guidance: Optional[float] = None) -> dict:
-    """Combine `--preset` with explicit options (sampling.md §1); returns dict(net, gnet, guidance).
+    """Combine `--preset` with explicit options; returns dict(net, gnet, guidance).
 
     Explicit values win over the preset; guidance None or 1 disables the guide.
     Raises ValueError with a one-line message on inconsistent input.

@@ -1,5 +1,6 @@
 """The EDM sampler and what it needs: per-seed random numbers, the time-step schedule, the guided
-denoiser, and batch-size-independent network evaluation (sampling.md §3-§4)."""
+denoiser, and batch-size-independent network evaluation (Karras et al. 2022 (EDM), Alg. 2; guidance:
+Karras et al. 2024, autoguidance)."""
 
 import math
 from typing import Any, Callable, Optional, Sequence, Union
@@ -7,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 #----------------------------------------------------------------------------
-# Per-seed random numbers (sampling.md §4).
+# Per-seed random numbers (docs/differences.md#keep-5).
 
 
 class StackedRandomGenerator:
@@ -29,15 +30,15 @@ class StackedRandomGenerator:
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
 
 #----------------------------------------------------------------------------
-# EDM sampler (sampling.md §3).
+# EDM sampler (Karras et al. 2022 (EDM), Alg. 2).
 
 
 def edm_time_steps(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7,
                    dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
-    """Noise levels t_0 > ... > t_{N-1}, followed by t_N = 0 (sampling.md §3.3):
+    """Noise levels t_0 > ... > t_{N-1}, followed by t_N = 0 (Karras et al. 2022 (EDM), eq. 5):
     t_i = (sigma_max^(1/rho) + i/(N-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
 
-    Deviation (quirk E6): for N = 1 the original divides by zero; here the single step
+    Deviation (docs/differences.md#sample-2): for N = 1 the original divides by zero; here the single step
     starts at sigma_max.
     """
     step_indices = torch.arange(num_steps, dtype=dtype, device=device)
@@ -49,7 +50,8 @@ def edm_time_steps(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: flo
 
 def _guided_denoiser(net: Callable, gnet: Optional[Callable], labels: Optional[torch.Tensor], guidance: float,
                      guidance_interval: Optional[tuple], guide_labels: bool, dtype: torch.dtype) -> Callable:
-    """D(x, t) of sampling.md §3.1: D_m if no guidance at t, else lerp(D_g, D_m, w) = D_g + w (D_m - D_g)."""
+    """Guided denoiser D(x, t) (Karras et al. 2024, autoguidance): D_m if no guidance at t, else
+    lerp(D_g, D_m, w) = D_g + w (D_m - D_g)."""
     gnet = net if gnet is None else gnet
 
     def guidance_active(t: torch.Tensor) -> bool:
@@ -105,11 +107,11 @@ def edm_sampler(net: Callable, noise: torch.Tensor, labels: Optional[torch.Tenso
                 S_max: float = float('inf'), S_noise: float = 1, dtype: torch.dtype = torch.float32,
                 randn_like: Callable = torch.randn_like, guidance_interval: Optional[tuple] = None,
                 guide_labels: bool = True) -> torch.Tensor:
-    """EDM 2nd-order Heun sampler with optional churn and guidance (sampling.md §3.4).
+    """EDM 2nd-order Heun sampler with optional churn and guidance (Karras et al. 2022 (EDM), Alg. 2).
 
     Extensions (defaults reproduce the official sampler bit for bit):
       guidance_interval -- (lo, hi): guide only where lo <= sigma <= hi, else use D_m alone.
-      guide_labels      -- False calls the guide without labels (the fork's sampler, quirk F1).
+      guide_labels      -- False calls the guide without labels (the fork's sampler, docs/differences.md#sample-1).
     Returns the final latents x_N in `dtype`. `training.sampling.solvers.sample` adds other solvers
     and time steps.
     """
