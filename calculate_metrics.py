@@ -252,14 +252,12 @@ def calc(image_path: str, refs: tuple, metrics: list, num_images: Optional[int],
 @click.option('--seed', help='First random seed (seeds seed..seed+num-1)', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--guidance', help='Guidance strength (1 = no guidance)', metavar='FLOAT', type=float, default=1.0, show_default=True)
-@click.option('--steps', 'num_steps', help='Number of solver steps', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @solver_options
 @click.option('--out-images', help='Also save the generated images here as PNG (flat)', metavar='DIR', type=str, default=None)
 @_out_option
 @_hist_option
 def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: int, seed: int, max_batch_size: int,
-        guidance: float, num_steps: int, solver: str, discretization: str, out_images: Optional[str], out: Optional[str],
-        hist: bool) -> None:
+        guidance: float, out_images: Optional[str], out: Optional[str], hist: bool, **sampler_options: Any) -> None:
     """Calculate metrics for a given model, generating the images on the fly."""
     device = _setup()
     _check_ignored(out, hist, refs, metrics)
@@ -271,13 +269,12 @@ def gen(net: str, gnet: Optional[str], refs: tuple, metrics: list, num_images: i
     # Without --gnet the guide is the main network called without labels (the fork; docs/differences.md#metrics-7).
     stats = _collective(lambda: metrics_lib.run_with_progress(metrics_lib.calculate_stats_for_network(
         net, seeds=range(seed, seed + num_images), gnet=gnet, max_batch_size=max_batch_size, out_images=out_images,
-        metrics=metrics, device=device, guidance=guidance, num_steps=num_steps, solver=solver,
-        discretization=discretization, guide_labels=(gnet is not None))),
+        metrics=metrics, device=device, guidance=guidance, guide_labels=(gnet is not None), **sampler_options)),
         rank0_only=False)
     guide = 'none' if guidance == 1 else ('gnet, with labels' if gnet is not None else 'net, without labels')
     source = lambda: dict(net=metrics_lib.file_record(net), gnet=(gnet and metrics_lib.file_record(gnet)), guide=guide,
-                          guidance=guidance, num_steps=num_steps, solver=solver, discretization=discretization,
-                          seeds=f'{seed}-{seed + num_images - 1}',
+                          guidance=guidance, seeds=f'{seed}-{seed + num_images - 1}',
+                          **{key: value for key, value in sampler_options.items() if value is not None},
                           out_images=out_images)
     _collective(lambda: _report(stats, ref_stats, metrics, out, hist, 'gen', source, refs))
     dist.barrier()

@@ -14,9 +14,10 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from training.cli.options import DEVICE, solver_options
 from dnnlib.util import count_of, parse_int_list
+from training.sampling.edm1_presets import edm1_presets
 from training.sampling.generate_images import generate_images, missing_seeds, save_image_grid
 from training.sampling.presets import (  # noqa: F401 -- re-exported for compatibility
-    config_presets, ignored_gnet_warning, model_root, parse_interval, resolve_options)
+    config_presets, ignored_gnet_warning, model_root, parse_interval, preset_sampler_options, resolve_options)
 from training.sampling.sampler import StackedRandomGenerator, edm_sampler  # noqa: F401 -- re-exported for compatibility
 
 
@@ -46,6 +47,14 @@ def _fast_path(plain: bool, compute_dtype: str) -> dict:
     return None if compute_dtype is None else dict(dtype=compute_dtype)
 
 
+def _apply_preset_sampler_options(preset: str, opts: dict) -> None:
+    """An EDM v1 preset's steps and churn, where the command line does not set them."""
+    ctx = click.get_current_context()
+    for key, value in preset_sampler_options(preset).items():
+        if ctx.get_parameter_source(key) in (None, click.core.ParameterSource.DEFAULT):
+            opts[key] = value
+
+
 def _run(opts: dict, grid: str, skip_existing: bool) -> None:
     """Generate every batch with a progress bar (rank 0); keep the first batch for --grid."""
     if skip_existing:
@@ -71,7 +80,7 @@ def _run(opts: dict, grid: str, skip_existing: bool) -> None:
 
 @click.command(context_settings=dict(show_default=True))
 # Main options.
-@click.option('--preset', help=f'Configuration preset, e.g. edm2-img512-s-guid-dino ({len(config_presets)} presets; an unknown name lists them)', metavar='STR', type=str, default=None)
+@click.option('--preset', help=f'Configuration preset, e.g. edm2-img512-s-guid-dino, or for EDM v1 edm-cifar10-32x32-cond-vp ({len(config_presets) + len(edm1_presets)} presets; an unknown name lists them)', metavar='STR', type=str, default=None)
 @click.option('--net', help='Network pickle filename or URL', metavar='PATH|URL', type=str, default=None)
 @click.option('--gnet', help='Reference network for guidance', metavar='PATH|URL', type=str, default=None)
 @click.option('--outdir', help='Where to save the output images', metavar='DIR', type=str, required=True)
@@ -82,9 +91,8 @@ def _run(opts: dict, grid: str, skip_existing: bool) -> None:
 @click.option('--net-batch', 'net_batch_size', help='Evaluate the networks on groups of exactly INT images (last one padded) so that images are bit-identical for any --batch and process count  [default: whole batch]', metavar='INT', type=click.IntRange(min=1), default=None)
 # Sampler options.
 @solver_options
-@click.option('--steps', 'num_steps', help='Number of solver steps', metavar='INT', type=click.IntRange(min=1), default=32)
-@click.option('--sigma_min', help='Lowest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=0.002)
-@click.option('--sigma_max', help='Highest noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80)
+@click.option('--sigma_min', help='Lowest noise level  [default: 0.002; EDM v1 ablation sampler: per --disc; EDM v1 networks: at least theirs]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--sigma_max', help='Highest noise level  [default: 80; EDM v1 ablation sampler: per --disc; EDM v1 networks: at most theirs]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option('--rho', help='Time step exponent of --disc=edm', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7)
 @click.option('--guidance', help='Guidance strength  [default: 1; no guidance]', metavar='FLOAT', type=float, default=None)
 @click.option('--S_churn', 'S_churn', help='Stochasticity strength (heun and euler only)', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
@@ -117,12 +125,19 @@ def cmdline(preset, net, gnet, guidance, grid, skip_existing, unlabeled_guide, d
     # Fewer network evaluations: DPM-Solver++(3M), 16 steps (16 evaluations per image instead of 63)
     python generate_images.py --preset=edm2-img64-s-fid --outdir=out --solver=dpm++3m --steps=16
 
+    \b
+    # EDM v1: the published conditional CIFAR-10 model (18 steps), then an ablation of its sampler
+    python generate_images.py --preset=edm-cifar10-32x32-cond-vp --outdir=out --seeds=0-63
+    python generate_images.py --net=edm-cifar10-32x32-cond-vp.pkl --outdir=out \\
+        --solver=euler --disc=vp --schedule=vp --scaling=vp --steps=64
+
     The random numbers of an image depend only on its seed; add --net-batch=8 to make
     the images bit-identical for any --batch and number of processes (math kernels
     are chosen by batch size). PNGs are written atomically; --skip-existing resumes.
     """
     try:
         opts.update(resolve_options(preset, net, gnet, guidance))
+        _apply_preset_sampler_options(preset, opts)
         opts.update(guide_labels=not unlabeled_guide, fast_path=_fast_path(plain, compute_dtype))
         misc.check_output_path(opts['outdir'], '--outdir', is_dir=True)
         if grid is not None:

@@ -45,7 +45,8 @@ from training.data_tools import demo_digits  # noqa: E402
 from training.dataset import ImageFolderDataset  # noqa: E402
 from training.evaluation.calculate_metrics import frechet_distance  # noqa: E402
 from training.sampling.generate_images import generate_images  # noqa: E402
-from training.sampling.solvers import check_sampler_options, count_evaluations  # noqa: E402
+from training.sampling.families import count_evaluations  # noqa: E402
+from training.sampling.solvers import check_sampler_options  # noqa: E402
 
 # Model and measurement sizes per device: the CPU ones finish in about 30 minutes on 2 idle cores.
 DEFAULTS = {

@@ -214,6 +214,25 @@ def test_gen_takes_the_solver_options_of_generate_images(cache, tmp_path):
         assert (tmp_path / 'gen' / name).read_bytes() == (tmp_path / 'lib' / name).read_bytes()
 
 
+def test_gen_samples_edm1_networks_with_their_samplers(cache, tmp_path):
+    from tests.tiny_edm1 import make_tiny_edm1, write_edm1_snapshot
+    from training.sampling.generate_images import generate_images
+    snapshot = str(tmp_path / 'v1.pkl')
+    write_edm1_snapshot(snapshot, make_tiny_edm1('VEPrecond', label_dim=0))
+    options = dict(num_steps=4, solver='euler', discretization='ve', schedule='ve', scaling='none', alpha=None)
+    result = run('gen', '--net', snapshot, '--num', 2, '--metrics', 'nima', '--steps', 4, '--solver', 'euler',
+                 '--disc', 've', '--schedule', 've', '--scaling', 'none', '--out-images', tmp_path / 'gen',
+                 '--out', tmp_path / 'res')
+    assert result.exit_code == 0, result.output
+    assert 'EDM v1 ablation sampler: euler (alpha 1), 4 steps, ve time steps, schedule ve, scaling none' in result.output
+    with open(tmp_path / 'res.json') as f:
+        provenance = json.load(f)['provenance']
+    assert (provenance['solver'], provenance['discretization'], provenance['schedule']) == ('euler', 've', 've')
+    list(generate_images(snapshot, seeds=range(2), outdir=str(tmp_path / 'lib'), device='cpu', verbose=False, **options))
+    for name in ('000000.png', '000001.png'):
+        assert (tmp_path / 'gen' / name).read_bytes() == (tmp_path / 'lib' / name).read_bytes()
+
+
 def test_output_paths_checked_before_computing(cache, image_dir, tmp_path):
     blocker = tmp_path / 'garbage.pkl'
     blocker.write_bytes(b'x')

@@ -286,3 +286,88 @@ def test_progress_counts_the_images_of_all_ranks(pkls, monkeypatch):
     image_iter = sampling.generate_images(pkls['net'], seeds=range(5), max_batch_size=2, **FAST)
     assert image_iter.num_images == 3 and image_iter.total_images == 5 and sum(image_iter.batch_totals) == 5
     assert len(image_iter.batch_totals) == len(image_iter)
+
+#----------------------------------------------------------------------------
+# EDM v1 networks (docs/edm1.md#sampling-from-the-command-line).
+
+
+def _edm1_pickle(tmp_path, precond='EDMPrecond', **overrides):
+    from tests.tiny_edm1 import make_tiny_edm1, write_edm1_snapshot
+    path = str(tmp_path / f'{precond}.pkl')
+    write_edm1_snapshot(path, make_tiny_edm1(precond, **overrides))
+    return path
+
+
+def _edm1_by_hand(path, seeds, sampler, **options):
+    """EDM v1 generate.py's computation for one batch: per-seed latents, then one label draw, float64 result."""
+    from training.sampling import edm1_sampler
+    from training.snapshots.loading import load_snapshot
+    net = load_snapshot(path, '--net')['ema'].eval()
+    net.set_fast(False)
+    rnd = sampling.StackedRandomGenerator('cpu', seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
+    labels = torch.eye(net.label_dim)[rnd.randint(net.label_dim, size=[len(seeds)])]
+    with torch.no_grad():
+        x = sampler(net, latents, labels, randn_like=rnd.randn_like, **options)
+    return edm1_sampler.to_uint8(x).permute(0, 2, 3, 1).numpy()
+
+
+def _png_array(path):
+    return np.array(PIL.Image.open(path))
+
+
+def test_edm1_pickle_samples_like_edm1_generate(tmp_path):
+    from training.sampling import edm1_sampler
+    pkl = _edm1_pickle(tmp_path, 'VPPrecond')
+    common = ['--net', pkl, '--seeds=3-5', '--device=cpu', '--plain']
+    result = _invoke(*common, '--outdir', tmp_path / 'edm', '--S_churn=5')
+    assert result.exit_code == 0, result.output
+    assert 'Sampler: EDM v1 EDM sampler (Alg. 2), 18 steps; network evaluations per image: 35 main' in result.output
+    expected = _edm1_by_hand(pkl, [3, 4, 5], edm1_sampler.edm1_sampler, num_steps=18, S_churn=5)
+    for i, seed in enumerate([3, 4, 5]):
+        assert np.array_equal(_png_array(tmp_path / 'edm' / f'{seed:06d}.png'), expected[i])
+    ablation = dict(solver='euler', discretization='vp', schedule='vp', scaling='vp', num_steps=6)
+    result = _invoke(*common, '--outdir', tmp_path / 'abl', '--solver=euler', '--disc=vp', '--schedule=vp',
+                     '--scaling=vp', '--steps=6')
+    assert result.exit_code == 0, result.output
+    assert 'EDM v1 ablation sampler: euler (alpha 1), 6 steps, vp time steps, schedule vp, scaling vp' in result.output
+    expected = _edm1_by_hand(pkl, [3, 4, 5], edm1_sampler.ablation_sampler, **ablation)
+    for i, seed in enumerate([3, 4, 5]):
+        assert np.array_equal(_png_array(tmp_path / 'abl' / f'{seed:06d}.png'), expected[i])
+
+
+def test_edm1_networks_guide_and_take_the_ode_solvers(tmp_path):
+    main, guide = _edm1_pickle(tmp_path, 'EDMPrecond'), _edm1_pickle(tmp_path, 'VEPrecond', label_dim=0, seed=3)
+    args = ['--net', main, '--seeds=0-3', '--device=cpu', '--steps=3', '--gnet', guide, '--guidance=1.5']
+    result = _invoke(*args, '--outdir', tmp_path / 'b4', '--solver=dpm++2m')
+    assert result.exit_code == 0, result.output
+    assert 'Sampler: dpm++2m, 3 steps, edm time steps; network evaluations per image: 3 main + 3 guide' in result.output
+    result = _invoke(*args, '--outdir', tmp_path / 'b1', '--solver=dpm++2m', '--batch=1', '--net-batch=4')
+    assert result.exit_code == 0, result.output
+    assert sorted(_read_pngs(tmp_path / 'b1')) == sorted(_read_pngs(tmp_path / 'b4'))
+    result = _invoke(*args, '--outdir', tmp_path / 'heun')
+    assert result.exit_code == 0 and '5 main + 5 guide' in result.output
+    assert _read_pngs(tmp_path / 'heun') != _read_pngs(tmp_path / 'b4')
+
+
+def test_edm1_preset_sets_steps_and_churn_unless_given(tmp_path):
+    pkl = _edm1_pickle(tmp_path, 'EDMPrecond', label_dim=0)
+    result = _invoke('--preset=edm-cifar10-32x32-uncond-vp', '--net', pkl, '--seeds=0', '--device=cpu',
+                     '--outdir', tmp_path / 'out')
+    assert result.exit_code == 0 and 'EDM v1 EDM sampler (Alg. 2), 18 steps' in result.output, result.output
+    assert cli.preset_sampler_options('edm-imagenet-64x64-cond-adm') == \
+        dict(num_steps=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+    assert cli.preset_sampler_options('edm2-img64-s-fid') == {} and cli.preset_sampler_options(None) == {}
+    result = _invoke('--preset=edm-ffhq-64x64-uncond-vp', '--net', pkl, '--seeds=0', '--device=cpu', '--steps=2',
+                     '--outdir', tmp_path / 'steps')
+    assert result.exit_code == 0 and 'EDM v1 EDM sampler (Alg. 2), 2 steps' in result.output, result.output
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--disc=iddpm'], '--disc=iddpm belongs to the EDM v1 ablation sampler'),
+    (['--scaling=vp'], '--scaling belongs to the EDM v1 ablation sampler'),
+])
+def test_edm2_networks_refuse_the_edm1_ablation_options(pkls, tmp_path, args, message):
+    result = _invoke('--net', pkls['net'], '--outdir', tmp_path / 'out', '--steps=2', '--device=cpu', *args)
+    assert result.exit_code != 0 and message in result.output and 'Traceback' not in result.output, result.output
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')

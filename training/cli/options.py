@@ -7,7 +7,9 @@ from typing import Callable, Optional
 import click
 
 from torch_utils.misc import check_device
-from training.sampling.solvers import DISCRETIZATIONS, SOLVERS
+from training.sampling.edm1_sampler import SCALING_CHOICES, SCHEDULE_CHOICES
+from training.sampling.families import ALL_DISCRETIZATIONS
+from training.sampling.solvers import SOLVERS
 
 
 class DeviceType(click.ParamType):
@@ -33,12 +35,27 @@ DEVICE = DeviceType()
 
 
 def solver_options(command: Callable) -> Callable:
-    """--solver and --disc, the ODE solver options that generate_images.py and calculate_metrics.py gen share
-    (validated together with --steps and --S_churn by training.sampling.solvers.check_sampler_options)."""
-    command = click.option('--disc', 'discretization', help='Time steps: edm (the EDM schedule, Karras et al. 2022) or logsnr (uniform '
-                           'in log-SNR)', metavar='NAME', type=click.Choice(DISCRETIZATIONS), default='edm',
-                           show_default=True)(command)
-    return click.option('--solver', help='ODE solver: heun (2 network evaluations per step, the last step 1; with '
-                        '32 steps the official sampler), euler, dpm++2m, dpm++3m (DPM-Solver++ multistep) or ipndm '
-                        '(improved PNDM), 1 evaluation per step', metavar='NAME', type=click.Choice(list(SOLVERS)),
-                        default='heun', show_default=True)(command)
+    """--solver, --disc, --steps and the EDM v1 ablation options, which generate_images.py and calculate_metrics.py
+    gen share. Left unset they mean the default of the network's family (training.sampling.families, which also
+    checks the combination)."""
+    options = [
+        click.option('--solver', help='ODE solver: heun (2 network evaluations per step, the last step 1; with 32 steps the '
+                     'official EDM2 sampler), euler, dpm++2m, dpm++3m (DPM-Solver++ multistep) or ipndm (improved PNDM), '
+                     "1 evaluation per step. EDM v1 networks: euler or heun select EDM v1's ablation sampler  "
+                     "[default: heun; EDM v1 networks: EDM v1's EDM sampler]", metavar='NAME',
+                     type=click.Choice(list(SOLVERS)), default=None),
+        click.option('--disc', 'discretization', help='Time steps: edm (the EDM schedule, Karras et al. 2022) or logsnr '
+                     '(uniform in log-SNR); EDM v1 networks also vp, ve, iddpm (the ablation sampler)  [default: edm]',
+                     metavar='NAME', type=click.Choice(list(ALL_DISCRETIZATIONS)), default=None),
+        click.option('--steps', 'num_steps', help='Number of solver steps  [default: 32; EDM v1 networks 18]', metavar='INT',
+                     type=click.IntRange(min=1), default=None),
+        click.option('--schedule', help='EDM v1 ablation sampler: noise schedule sigma(t)  [default: linear]',
+                     metavar='NAME', type=click.Choice(list(SCHEDULE_CHOICES)), default=None),
+        click.option('--scaling', help='EDM v1 ablation sampler: signal scaling s(t)  [default: none]', metavar='NAME',
+                     type=click.Choice(list(SCALING_CHOICES)), default=None),
+        click.option('--alpha', help='EDM v1 ablation sampler: where heun evaluates its second slope, t + alpha h  '
+                     '[default: 1]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

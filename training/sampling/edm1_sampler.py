@@ -59,6 +59,17 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
+class PixelDecoder:
+    """The decoder of EDM v1 networks (pixel space; their snapshots hold no encoder): `to_uint8`, an encoder's
+    interface for `generate_images`."""
+
+    def init(self, device: torch.device) -> None:
+        pass
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return to_uint8(x)
+
+
 def _churn_gamma(sigma_cur, num_steps: int, S_churn: float, S_min: float, S_max: float) -> float:
     """gamma_i of Algorithm 2: min(S_churn / N, sqrt(2) - 1) inside [S_min, S_max], else 0."""
     return min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= sigma_cur <= S_max else 0
@@ -119,7 +130,7 @@ SOLVER_CHOICES = ('euler', 'heun')
 DISCRETIZATION_CHOICES = ('vp', 've', 'iddpm', 'edm')
 SCHEDULE_CHOICES = ('vp', 've', 'linear')
 SCALING_CHOICES = ('vp', 'none')
-ABLATION_KEYS = ('solver', 'discretization', 'schedule', 'scaling')
+ABLATION_KEYS = ('solver', 'discretization', 'schedule', 'scaling', 'alpha')  # alpha: ours, not in EDM v1's CLI
 
 
 class Schedule(NamedTuple):
@@ -272,7 +283,8 @@ def ablation_sampler(net: Callable, latents: torch.Tensor, class_labels: Optiona
 
 def choose_sampler(**sampler_kwargs) -> Tuple[Callable, dict]:
     """EDM v1 generate.py's rule: options left at None are dropped; the ablation sampler is used if any of
-    solver/discretization/schedule/scaling remains, else the EDM sampler. Returns (sampler, kwargs)."""
+    solver/discretization/schedule/scaling (or alpha, which only it has) remains, else the EDM sampler.
+    Returns (sampler, kwargs)."""
     kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
     sampler = ablation_sampler if any(key in kwargs for key in ABLATION_KEYS) else edm1_sampler
     return sampler, kwargs

@@ -18,9 +18,11 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from training.sampling.edm1_sampler import PixelDecoder
+from training.sampling.families import check_option_names, describe_sampler, resolve_sampler
 from training.sampling.sampler import FixedBatchNet, StackedRandomGenerator
-from training.sampling.solvers import describe_sampler, sample
-from training.snapshots.loading import load_snapshot
+from training.sampling.solvers import sample
+from training.snapshots.loading import is_edm1_network, load_snapshot
 
 #----------------------------------------------------------------------------
 # Network loading and checks.
@@ -52,7 +54,10 @@ def _prepare(module: torch.nn.Module, device: torch.device, fast_path: Optional[
     return module
 
 
-def _default_encoder() -> Any:
+def _default_encoder(net: torch.nn.Module) -> Any:
+    """EDM v1 networks work in pixels and their snapshots hold no encoder; EDM2 pixel-space pickles neither."""
+    if is_edm1_network(net):
+        return PixelDecoder()
     return dnnlib.util.construct_class_by_name(class_name='training.encoders.StandardRGBEncoder')
 
 #----------------------------------------------------------------------------
@@ -168,7 +173,7 @@ def _load_networks(net: Any, gnet: Any, encoder: Any, device: torch.device, verb
     gnet = net if gnet is None else _prepare(gnet, device, fast_path)
     if gnet is not net:
         check_guide_compatible(net, gnet)
-    encoder = _default_encoder() if encoder is None else encoder
+    encoder = _default_encoder(net) if encoder is None else encoder
     return net, gnet, encoder
 
 
@@ -184,12 +189,16 @@ def generate_images(
     encoder_batch_size: Optional[int] = 4,  # VAE decode chunk; None keeps the encoder's own.
     verbose: bool = True,
     device: Union[str, torch.device] = 'cuda',
-    sampler_fn: Union[str, Callable] = sample,
+    sampler_fn: Union[str, Callable] = sample,  # The default: the sampler of the network's family (families.py).
     fast_path: Optional[dict] = None,   # Network fast-path switches (set_fast kwargs); None keeps the network's.
     net_batch_size: Optional[int] = None,   # Evaluate the nets on fixed-size groups (FixedBatchNet); None = whole batch.
-    **sampler_kwargs,                   # solver, num_steps, discretization, sigma_*, rho, guidance, S_*, guidance_interval, ...
+    **sampler_kwargs,                   # solver, num_steps, discretization, sigma_*, rho, guidance, S_*, guidance_interval,
+                                        # schedule, scaling, alpha (EDM v1 networks), ...; None = the family's default.
 ) -> ImageIterable:
     """Load the networks and return an iterable over this rank's batches of generated images.
+
+    With the default `sampler_fn`, `families.resolve_sampler` picks the sampler from the main network: the
+    ODE solvers of `solvers.sample` for EDM2 networks, EDM v1's samplers and defaults for EDM v1 networks.
 
     All loading and validation happens before the iterable is returned, so bad input never
     leaves partial output; `outdir` is checked by the callers (misc.check_output_path), which name
@@ -197,7 +206,9 @@ def generate_images(
     """
     device = torch.device(device)
     seeds = list(seeds)
-    sampler_line = describe_sampler(**sampler_kwargs) if sampler_fn is sample else None  # validates the options
+    family_sampler = sampler_fn is sample
+    if family_sampler:
+        check_option_names(**sampler_kwargs)  # what can be checked before the networks load
     if net_batch_size is not None and net_batch_size < 1:
         raise ValueError(f'net_batch_size must be >= 1, got {net_batch_size}')
     if dist.get_rank() != 0:
@@ -214,6 +225,10 @@ def generate_images(
     finally:
         if dist.get_rank() == 0:
             dist.barrier()  # the other ranks follow
+    sampler_line = None
+    if family_sampler:
+        sampler_fn, sampler_kwargs = resolve_sampler(net, **sampler_kwargs)
+        sampler_line = describe_sampler(sampler_fn, **sampler_kwargs)
     if isinstance(sampler_fn, str):
         sampler_fn = dnnlib.util.get_obj_by_name(sampler_fn)
     world_size = dist.get_world_size()

@@ -1,10 +1,12 @@
-"""Sampling presets of the published EDM2 models and the rules for combining a preset
-with explicit `--net`/`--gnet`/`--guidance`/`--guidance-interval` options."""
+"""Sampling presets of the published EDM2 models and the rules for combining a preset (EDM2 or EDM v1,
+`edm1_presets`) with explicit `--net`/`--gnet`/`--guidance`/`--guidance-interval` and sampler options."""
 
 from typing import Any, Optional, Sequence, Union
 
+from training.sampling.edm1_presets import edm1_presets
+
 #----------------------------------------------------------------------------
-# Presets. Keys filled from a preset: net, gnet, guidance.
+# Presets. Keys filled from an EDM2 preset: net, gnet, guidance.
 
 model_root = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
 
@@ -68,9 +70,7 @@ def resolve_options(preset: Optional[str] = None, net: Optional[str] = None, gne
     Raises ValueError with a one-line message on inconsistent input.
     """
     if preset is not None:
-        if preset not in config_presets:
-            raise ValueError(f'Invalid configuration preset "{preset}"; valid presets: {", ".join(config_presets)}')
-        defaults = config_presets[preset]
+        defaults = _lookup(preset)
         net = defaults['net'] if net is None else net
         gnet = defaults.get('gnet') if gnet is None else gnet
         guidance = defaults.get('guidance') if guidance is None else guidance
@@ -81,6 +81,23 @@ def resolve_options(preset: Optional[str] = None, net: Optional[str] = None, gne
     if gnet is None:
         raise ValueError('Please specify --gnet when using guidance')
     return dict(net=net, gnet=gnet, guidance=guidance)
+
+
+def _lookup(preset: str) -> dict:
+    if preset in config_presets:
+        return config_presets[preset]
+    if preset in edm1_presets:
+        return edm1_presets[preset]
+    raise ValueError(f'Invalid configuration preset "{preset}"; valid presets: {", ".join(config_presets)}, '
+                     f'and for EDM v1 networks {", ".join(edm1_presets)}')
+
+
+def preset_sampler_options(preset: Optional[str]) -> dict:
+    """The sampler options a preset recommends (EDM v1 presets: num_steps and churn), to apply where the command
+    line leaves them unset; {} for EDM2 presets and no preset."""
+    if preset is None:
+        return {}
+    return {key: value for key, value in _lookup(preset).items() if key not in ('net', 'gnet', 'guidance')}
 
 
 def ignored_gnet_warning(gnet: Any, guidance: Optional[float]) -> Optional[str]:

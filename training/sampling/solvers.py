@@ -17,8 +17,8 @@ through the noise levels t_steps[1:] (the last one 0), calling the (guided) deno
 Time steps (`discretization`): 'edm' (Karras et al. 2022, eq. 5: rho-spaced, the default) or 'logsnr'
 (uniform in lambda = -log(sigma), i.e. in log-SNR, as in Lu et al. 2022, "DPM-Solver").
 
-`check_sampler_options()` validates the options (one-line ValueErrors naming the command-line option);
-`count_evaluations()` and `describe_sampler()` give the number of network evaluations per image.
+`check_sampler_options()` validates the options (one-line ValueErrors naming the command-line option).
+Which sampler a network gets, and the number of network evaluations per image: `training.sampling.families`.
 """
 
 import math
@@ -175,35 +175,3 @@ def sample(net: Callable, noise: torch.Tensor, labels: Optional[torch.Tensor] = 
         churn = dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, randn_like=randn_like)
         return SOLVERS[solver](denoise, x, t_steps, **churn)
     return SOLVERS[solver](denoise, x, t_steps)
-
-#----------------------------------------------------------------------------
-# Network evaluations per image.
-
-
-class _CallCounter:
-    """A stand-in network that counts its calls and returns zeros."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.calls += 1
-        return torch.zeros_like(x)
-
-
-def count_evaluations(**sampler_kwargs) -> dict:
-    """dict(main=, guide=): network evaluations per image of `sample(**sampler_kwargs)`, found by running it
-    on a one-pixel stand-in (the noise levels a solver visits do not depend on the images)."""
-    main, guide = _CallCounter(), _CallCounter()
-    sample(main, torch.zeros([1, 1, 1, 1]), gnet=guide, randn_like=torch.zeros_like, **sampler_kwargs)
-    return dict(main=main.calls, guide=guide.calls)
-
-
-def describe_sampler(solver: str = 'heun', num_steps: int = 32, discretization: str = 'edm',
-                     **sampler_kwargs) -> str:
-    """One line for the log, e.g. 'Sampler: dpm++3m, 16 steps, edm time steps; network evaluations per image:
-    16 main + 10 guide'. Validates the options (ValueError)."""
-    nfe = count_evaluations(solver=solver, num_steps=num_steps, discretization=discretization, **sampler_kwargs)
-    guide = f' + {nfe["guide"]} guide' if nfe['guide'] else ''
-    return (f'Sampler: {solver}, {num_steps} steps, {discretization} time steps; '
-            f'network evaluations per image: {nfe["main"]} main{guide}')

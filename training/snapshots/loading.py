@@ -65,9 +65,14 @@ def network_module(net: torch.nn.Module) -> str:
     return persistence.safe_class_modules.get(type(net).__name__, type(net).__module__)
 
 
+def is_edm1_network(net: torch.nn.Module) -> bool:
+    """Whether `net` is an EDM v1 network (a class of `training.networks`)."""
+    return network_module(net) == EDM1_NETWORK_MODULE
+
+
 def is_edm1_snapshot(data: dict) -> bool:
     """Whether a snapshot (load_snapshot's dict) holds an EDM v1 network."""
-    return network_module(data['ema']) == EDM1_NETWORK_MODULE
+    return is_edm1_network(data['ema'])
 
 
 def check_power_function_snapshot(data: dict, src: Union[str, os.PathLike], option: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.tiny import make_tiny_precond
-from training.sampling import sampler, solvers
+from training.sampling import families, sampler, solvers
 
 #----------------------------------------------------------------------------
 # Gaussian data N(mu, diag(s^2)): the ideal denoiser is D(x, sigma) = mu + (x - mu) s^2 / (s^2 + sigma^2), and
@@ -130,15 +130,15 @@ def test_counted_evaluations_match_the_calls_of_a_run(solver, discretization):
     solvers.sample(net, NOISE, gnet=gnet, **kwargs)
     assert len(net.sigmas) == (19 if solver == 'heun' else 10)
     assert 0 < len(gnet.sigmas) < len(net.sigmas) and all(interval[0] <= s <= interval[1] for s in gnet.sigmas)
-    assert solvers.count_evaluations(**kwargs) == dict(main=len(net.sigmas), guide=len(gnet.sigmas))
-    line = solvers.describe_sampler(**kwargs)
+    assert families.count_evaluations(**kwargs) == dict(main=len(net.sigmas), guide=len(gnet.sigmas))
+    line = families.describe_sampler(**kwargs)
     assert line == (f'Sampler: {solver}, 10 steps, {discretization} time steps; network evaluations per image: '
                     f'{len(net.sigmas)} main + {len(gnet.sigmas)} guide')
 
 
 def test_default_run_takes_63_evaluations():
-    assert solvers.count_evaluations() == dict(main=63, guide=0)
-    assert solvers.describe_sampler().endswith('network evaluations per image: 63 main')
+    assert families.count_evaluations() == dict(main=63, guide=0)
+    assert families.describe_sampler().endswith('network evaluations per image: 63 main')
 
 
 @pytest.mark.parametrize('solver', list(solvers.SOLVERS))
