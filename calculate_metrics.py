@@ -14,6 +14,8 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from training.cli.options import solver_options
+from training.sampling.families import ALL_DISCRETIZATIONS
+from training.sampling.solvers import SOLVERS
 from training.evaluation import detectors
 from training.evaluation import calculate_metrics as metrics_lib
 from training.evaluation import precision_recall as pr_lib
@@ -85,6 +87,16 @@ def _parse_int_list(value: str) -> list:
     if any(v != int(v) or v < 1 for v in values):
         raise ValueError(f'expected positive integers, got "{value}"')
     return [int(v) for v in values]
+
+
+def _parse_names(choices: tuple) -> Callable[[str], list]:
+    def parse(value: str) -> list:
+        names = [name.strip() for name in value.split(',') if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            raise ValueError(f'unknown "{",".join(unknown) or value}"; choose from {", ".join(choices)}')
+        return names
+    return parse
 
 
 def _parse_intervals(ctx: click.Context, param: click.Parameter, value: tuple) -> list:
@@ -355,6 +367,8 @@ def _start_sweep(cfg: sweep_lib.SweepConfig, refs: tuple) -> dict:
 @click.option('--guidance', help='Guidance weights (1 = no guidance): a,b,c or a,b,...,z', metavar='LIST', type=str, default='1', show_default=True, callback=_parse_list(parse_float_list))
 @click.option('--guidance-interval', 'intervals', help='Guide only for sigma in [LO,HI] ("none": every sigma); repeatable, each one more grid value', metavar='LO,HI|none', type=str, multiple=True, callback=_parse_intervals)
 @click.option('--steps', 'num_steps', help='Numbers of sampling steps', metavar='LIST', type=str, default='32', show_default=True, callback=_parse_list(_parse_int_list))
+@click.option('--solver', 'solvers', help='ODE solvers, each one more grid value (as for gen)  [default: heun; EDM v1 networks: their EDM sampler]', metavar='LIST', type=str, default=None, callback=_parse_list(_parse_names(tuple(SOLVERS))))
+@click.option('--disc', 'discretizations', help='Time-step discretizations, each one more grid value (as for gen)  [default: edm]', metavar='LIST', type=str, default=None, callback=_parse_list(_parse_names(ALL_DISCRETIZATIONS)))
 @_ref_option
 @click.option('--metrics', help='Metrics: fid, fd_dinov2, nima, ascore, and pr (precision/recall in the fid/fd_dinov2 feature spaces; needs references made with ref --features)', metavar='LIST', type=str, default='fid,fd_dinov2', show_default=True, callback=_parse_sweep_metrics)
 @click.option('--num', help='Images per evaluation', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
@@ -365,7 +379,8 @@ def _start_sweep(cfg: sweep_lib.SweepConfig, refs: tuple) -> dict:
 @click.option('--save-nets', help='Also save the reconstructed networks here as pickles', metavar='DIR', type=str, default=None)
 @click.option('--out', help='Results: BASE.jsonl (one line per finished evaluation; a rerun resumes) and plots BASE-<metric>-*.png', metavar='BASE', type=str, required=True)
 @click.option('--report', 'report_only', help='Only print the table of the results so far and write the plots (safe while a sweep runs)', is_flag=True)
-def sweep(out: str, refs: tuple, report_only: bool, num_steps: list, **options: Any) -> None:
+def sweep(out: str, refs: tuple, report_only: bool, num_steps: list, solvers: Optional[list],
+          discretizations: Optional[list], **options: Any) -> None:
     """Evaluate every combination of EMA lengths, guides, guidance and sampler settings.
 
     \b
@@ -377,7 +392,9 @@ def sweep(out: str, refs: tuple, report_only: bool, num_steps: list, **options: 
         _collective(lambda: sweep_lib.report(out))
         return
     device = _setup()
-    cfg = _collective(lambda: _sweep_config(out, sampler_axes=dict(num_steps=num_steps), **options), rank0_only=False)
+    sampler_axes = dict(num_steps=num_steps, solver=solvers, discretization=discretizations)
+    sampler_axes = {name: values for name, values in sampler_axes.items() if values is not None}  # unset: not an axis
+    cfg = _collective(lambda: _sweep_config(out, sampler_axes=sampler_axes, **options), rank0_only=False)
     ref_stats = _collective(lambda: _start_sweep(cfg, refs))
     _collective(lambda: sweep_lib.run_sweep(cfg, ref_stats, device), rank0_only=False)
     _collective(lambda: sweep_lib.report(out))

@@ -60,6 +60,7 @@ from torch_utils import distributed as dist  # noqa: E402
 from torch_utils import misc  # noqa: E402
 from training.encoders import StandardRGBEncoder  # noqa: E402
 from training.loop import step as train_step  # noqa: E402
+from training.sampling import solvers  # noqa: E402
 from training.sampling.sampler import edm_sampler  # noqa: E402
 from training.training_loop import EDM2Loss  # noqa: E402
 
@@ -67,8 +68,11 @@ from training.training_loop import EDM2Loss  # noqa: E402
 # Solvers timed by the sampling check: (name, sampler_fn for generate_images, sampler kwargs).
 # One line per solver; with --quick, num_steps is replaced by the quick step count.
 
-SOLVERS = [
+SOLVERS = [   # the official sampler and the low-NFE settings of bench/solver_quality.py that match its quality
     ('heun-32', edm_sampler, dict(num_steps=32)),
+    ('dpm++2m-logsnr-12', solvers.sample, dict(solver='dpm++2m', discretization='logsnr', num_steps=12)),
+    ('dpm++3m-logsnr-16', solvers.sample, dict(solver='dpm++3m', discretization='logsnr', num_steps=16)),
+    ('ipndm-16', solvers.sample, dict(solver='ipndm', num_steps=16)),
 ]
 
 #----------------------------------------------------------------------------

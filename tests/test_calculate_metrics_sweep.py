@@ -172,6 +172,28 @@ def test_repeats_use_disjoint_seed_sets(cache, data, tmp_path):
     assert 'report the minimum' in report
 
 
+def test_solvers_and_discretizations_are_grid_axes(cache, data, tmp_path):
+    snapshot = str(tmp_path / 'net.pkl')
+    write_tiny_snapshot(snapshot, net=make_tiny_precond())
+    base = tmp_path / 'solvers'
+    common = ('--ref', data['ref'], '--metrics', 'fid', '--num', 4, '--steps', 3)
+    result = run(calculate_metrics.cmdline, 'sweep', '--net', snapshot, '--solver', 'heun,dpm++2m', '--disc',
+                 'edm,logsnr', '--out', base, *common)
+    assert result.exit_code == 0, result.output
+    lines = read_lines(base)
+    assert [(line['point']['sampler']['solver'], line['point']['sampler']['discretization']) for line in lines] == \
+        [('heun', 'edm'), ('heun', 'logsnr'), ('dpm++2m', 'edm'), ('dpm++2m', 'logsnr')]
+    line = lines[3]
+    result = run(calculate_metrics.cmdline, 'gen', '--net', snapshot, '--solver', 'dpm++2m', '--disc', 'logsnr',
+                 '--out', tmp_path / 'gen', *common)
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / 'gen.json') as f:
+        assert json.load(f)['fid'] == line['results']['fid']
+    assert len({line['results']['fid']['ref'] for line in lines}) == 4
+    assert '--solver' in error_line(run(calculate_metrics.cmdline, 'sweep', '--net', snapshot, '--solver', 'rk4',
+                                        '--out', base, *common))
+
+
 def test_ref_features(cache, data, tmp_path):
     with open(data['ref'], 'rb') as f:
         stats = pickle.load(f)  # the official loader's way: the features are one more array
