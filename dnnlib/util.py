@@ -570,7 +570,7 @@ def _client_error_status(err: Optional[BaseException]) -> Optional[int]:
 
 def first_line(err: BaseException, with_type: bool = False) -> str:
     """One readable line for an error message: the first non-empty line of str(err), whitespace collapsed,
-    cut to 200 characters. A first line ending in ':' only announces the detail (e.g. torch's
+    cut to 400 characters (room for two long paths). A first line ending in ':' only announces the detail (e.g. torch's
     'Error(s) in loading state_dict for X:'), so the next line is used. Without text, the exception type
     name; `with_type` prefixes it anyway ('KeyError: ...')."""
     lines = [' '.join(line.split()) for line in str(err).splitlines() if line.strip()]
@@ -579,7 +579,7 @@ def first_line(err: BaseException, with_type: bool = False) -> str:
     if not lines:
         return type(err).__name__
     text = f'{type(err).__name__}: {lines[0]}' if with_type else lines[0]
-    return text if len(text) <= 200 else text[:197] + '...'
+    return text if len(text) <= 400 else text[:397] + '...'
 
 
 def count_of(n: int, noun: str, plural: Optional[str] = None) -> str:

@@ -8,6 +8,9 @@ import torch
 
 from torch_utils import training_stats
 
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)  # one pytest worker per core: more threads per worker only contend
+
 _DIST_VARS = ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE')
 
 

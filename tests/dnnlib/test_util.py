@@ -360,8 +360,8 @@ def test_first_line():
     header = RuntimeError('Error(s) in loading state_dict for Linear:\n\tsize mismatch for weight: ...')
     assert util.first_line(header) == 'size mismatch for weight: ...'
     assert util.first_line(ValueError('only a header:')) == 'only a header:'
-    long = util.first_line(OSError('x' * 500))
-    assert len(long) == 200 and long.endswith('...')
+    long = util.first_line(OSError('x' * 900))
+    assert len(long) == 400 and long.endswith('...')
 
 #----------------------------------------------------------------------------
 # Injected faults (docs/reliability.md): fuzzed integer lists, a full disk under the download cache.
