@@ -81,7 +81,7 @@ def _run(opts: dict, grid: str, skip_existing: bool) -> None:
 @click.command(context_settings=dict(show_default=True))
 # Main options.
 @click.option('--preset', help=f'Configuration preset, e.g. edm2-img512-s-guid-dino, or for EDM v1 edm-cifar10-32x32-cond-vp ({len(config_presets) + len(edm1_presets)} presets; an unknown name lists them)', metavar='STR', type=str, default=None)
-@click.option('--net', help='Network pickle filename or URL', metavar='PATH|URL', type=str, default=None)
+@click.option('--net', '--network', 'net', help="Network pickle filename or URL (--network: the name in EDM v1's generate.py)", metavar='PATH|URL', type=str, default=None)
 @click.option('--gnet', help='Reference network for guidance', metavar='PATH|URL', type=str, default=None)
 @click.option('--outdir', help='Where to save the output images', metavar='DIR', type=str, required=True)
 @click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)

@@ -319,7 +319,7 @@ def _png_array(path):
 def test_edm1_pickle_samples_like_edm1_generate(tmp_path):
     from training.sampling import edm1_sampler
     pkl = _edm1_pickle(tmp_path, 'VPPrecond')
-    common = ['--net', pkl, '--seeds=3-5', '--device=cpu', '--plain']
+    common = ['--network', pkl, '--seeds=3-5', '--device=cpu', '--plain']   # EDM v1's name of --net
     result = _invoke(*common, '--outdir', tmp_path / 'edm', '--S_churn=5')
     assert result.exit_code == 0, result.output
     assert 'Sampler: EDM v1 EDM sampler (Alg. 2), 18 steps; network evaluations per image: 35 main' in result.output
