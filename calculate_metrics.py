@@ -366,7 +366,7 @@ def _start_sweep(cfg: sweep_lib.SweepConfig, refs: tuple) -> dict:
 @click.option('--gnet', 'guide_nets', help='Guiding network pickle; repeatable  [default without guides: the main network called without labels]', metavar='PATH|URL', type=str, multiple=True)
 @click.option('--guidance', help='Guidance weights (1 = no guidance): a,b,c or a,b,...,z', metavar='LIST', type=str, default='1', show_default=True, callback=_parse_list(parse_float_list))
 @click.option('--guidance-interval', 'intervals', help='Guide only for sigma in [LO,HI] ("none": every sigma); repeatable, each one more grid value', metavar='LO,HI|none', type=str, multiple=True, callback=_parse_intervals)
-@click.option('--steps', 'num_steps', help='Numbers of sampling steps', metavar='LIST', type=str, default='32', show_default=True, callback=_parse_list(_parse_int_list))
+@click.option('--steps', 'num_steps', help='Numbers of sampling steps (EDM v1 networks: EDM v1 samples with 18)', metavar='LIST', type=str, default='32', show_default=True, callback=_parse_list(_parse_int_list))
 @click.option('--solver', 'solvers', help='ODE solvers, each one more grid value (as for gen)  [default: heun; EDM v1 networks: their EDM sampler]', metavar='LIST', type=str, default=None, callback=_parse_list(_parse_names(tuple(SOLVERS))))
 @click.option('--disc', 'discretizations', help='Time-step discretizations, each one more grid value (as for gen)  [default: edm]', metavar='LIST', type=str, default=None, callback=_parse_list(_parse_names(ALL_DISCRETIZATIONS)))
 @_ref_option
