@@ -28,7 +28,7 @@ EDM1_DEFAULT_STEPS = 18
 # EDM v1 samplers behind the signature of solvers.sample.
 
 
-def edm1_sample(net: Callable, noise: torch.Tensor, labels: torch.Tensor = None, gnet: Callable = None,
+def edm1_sample(net: Callable, noise: torch.Tensor, labels: Optional[torch.Tensor] = None, gnet: Optional[Callable] = None,
                 randn_like: Callable = torch.randn_like, **options) -> torch.Tensor:
     """EDM v1 generate.py: `choose_sampler`'s rule picks edm1_sampler or ablation_sampler; returns float64."""
     sampler, kwargs = edm1.choose_sampler(**options)
@@ -38,8 +38,8 @@ def edm1_sample(net: Callable, noise: torch.Tensor, labels: torch.Tensor = None,
 # Checks.
 
 
-def check_option_names(solver: str = None, discretization: str = None, num_steps: int = None,
-                       S_churn: float = None, **_) -> None:
+def check_option_names(solver: Optional[str] = None, discretization: Optional[str] = None,
+                       num_steps: Optional[int] = None, S_churn: Optional[float] = None, **_) -> None:
     """What holds for every network (run before any network is loaded): known names, at least one step,
     churn only for heun and euler. One-line ValueErrors naming the option."""
     check_sampler_options(solver or 'heun', 'edm' if discretization in EDM1_DISCRETIZATIONS else discretization or 'edm',
@@ -76,7 +76,8 @@ def resolve_sampler(net: torch.nn.Module, **options) -> Tuple[Callable, dict]:
         given['sigma_min'] = max(given.get('sigma_min', 0.002), net_min)
         given['sigma_max'] = min(given.get('sigma_max', 80), net_max)
         return sample, _ode_kwargs(given)
-    _refuse(given, ('dtype',), 'does not apply to the EDM v1 samplers (they compute in float64)')
+    if 'dtype' in given:
+        raise ValueError("dtype: the EDM v1 samplers compute in float64 (a network's compute dtype is set with --dtype)")
     return edm1_sample, given
 
 
