@@ -18,9 +18,9 @@ from training.sampling import edm1_sampler as edm1
 from training.sampling.solvers import DISCRETIZATIONS, SOLVERS, check_sampler_options, sample
 from training.snapshots.loading import is_edm1_network
 
-EDM1_DISCRETIZATIONS = ('vp', 've', 'iddpm')      # the ablation sampler's, besides edm
+EDM1_DISCRETIZATIONS = tuple(name for name in edm1.DISCRETIZATION_CHOICES if name not in DISCRETIZATIONS)  # vp, ve, iddpm
 ALL_DISCRETIZATIONS = DISCRETIZATIONS + EDM1_DISCRETIZATIONS
-ABLATION_ONLY = ('schedule', 'scaling', 'alpha')   # options of the EDM v1 ablation sampler only
+ABLATION_ONLY = tuple(key for key in edm1.ABLATION_KEYS if key not in ('solver', 'discretization'))  # schedule, scaling, alpha
 ODE_ONLY_SOLVERS = tuple(name for name in SOLVERS if name not in edm1.SOLVER_CHOICES)
 EDM1_DEFAULT_STEPS = 18
 
@@ -41,23 +41,20 @@ def edm1_sample(net: Callable, noise: torch.Tensor, labels: Optional[torch.Tenso
 def check_option_names(solver: Optional[str] = None, discretization: Optional[str] = None,
                        num_steps: Optional[int] = None, S_churn: Optional[float] = None, **_) -> None:
     """What holds for every network (run before any network is loaded): known names, at least one step,
-    churn only for heun and euler. One-line ValueErrors naming the option."""
+    churn only for heun and euler. One-line ValueErrors naming the option. The ablation sampler's time steps
+    are checked as 'edm' here; whether the network's family has them is resolve_sampler's concern."""
     check_sampler_options(solver or 'heun', 'edm' if discretization in EDM1_DISCRETIZATIONS else discretization or 'edm',
                           1 if num_steps is None else num_steps, S_churn or 0)
 
 
-def _refuse(given: dict, names: tuple, reason: str) -> None:
-    for name in names:
-        if name in given:
-            raise ValueError(f'--{name} {reason}')
-
-
 def _ode_kwargs(given: dict) -> dict:
-    _refuse(given, ABLATION_ONLY, 'belongs to the EDM v1 ablation sampler (EDM v1 networks with --solver euler or heun)')
+    """Refuse the ablation sampler's options for the ODE solvers; `sample` itself checks the rest."""
+    for name in ABLATION_ONLY:
+        if name in given:
+            raise ValueError(f'--{name} belongs to the EDM v1 ablation sampler (EDM v1 networks with --solver euler or heun)')
     if given.get('discretization') in EDM1_DISCRETIZATIONS:
         raise ValueError(f'--disc={given["discretization"]} belongs to the EDM v1 ablation sampler (EDM v1 networks with '
                          f'--solver euler or heun); here choose from {", ".join(DISCRETIZATIONS)}')
-    check_sampler_options(**{key: given[key] for key in ('solver', 'discretization', 'num_steps', 'S_churn') if key in given})
     return given
 
 #----------------------------------------------------------------------------
